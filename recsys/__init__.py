@@ -1,0 +1,1 @@
+"""Shared package: contract stubs, settings, serving bootstrap, metrics, artifacts and the CLI."""

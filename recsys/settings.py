@@ -1,0 +1,89 @@
+"""The one settings object per process: every port, address and limit, from flags or RECSYS_* env."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Device = Literal["auto", "cpu", "cuda"]
+
+
+class Settings(BaseSettings):
+    """Runtime settings; each field reads RECSYS_<NAME> (e.g. RECSYS_GATEWAY_PORT)."""
+
+    model_config = SettingsConfigDict(env_prefix="RECSYS_", extra="ignore", frozen=True)
+
+    # Artifacts
+    bundle: Path | None = Field(None, description="Bundle root (the directory holding CURRENT).")
+    state_dir: Path | None = Field(
+        None, description="Where retrieval journals upserts/deletes (default BUNDLE/state)."
+    )
+    device: Device = Field("auto", description="Model/index device: auto, cpu or cuda.")
+
+    # Network
+    host: str = Field("0.0.0.0", description="Address every server binds.")
+    gateway_port: int = 50051
+    retrieval_port: int = 50052
+    ranking_port: int = 50053
+    gateway_metrics_port: int = 9091
+    retrieval_metrics_port: int = 9092
+    ranking_metrics_port: int = 9093
+    retrieval_address: str = Field("localhost:50052", description="Gateway → retrieval target.")
+    ranking_address: str = Field("localhost:50053", description="Gateway → ranking target.")
+
+    # Server limits
+    max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
+    max_concurrent_rpcs: int = Field(64, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
+    grace_period_s: float = Field(10.0, ge=0, description="Drain time after SIGTERM/SIGINT.")
+    max_connection_age_s: float = Field(
+        300.0, ge=0, description="Clients reconnect after this, so new pods get traffic."
+    )
+
+    # Request limits
+    max_k: int = Field(1000, ge=1)
+    default_k: int = Field(10, ge=1)
+    max_candidate_pool: int = Field(1000, ge=1)
+    default_candidate_pool: int = Field(100, ge=1)
+    max_text_chars: int = Field(2000, ge=1)
+    max_history_items: int = Field(100, ge=1)
+    max_upsert_items: int = Field(1000, ge=1)
+
+    # Retrieval
+    history_half_life: float = Field(
+        5.0, gt=0, description="Recency weighting of history: weight halves every N items."
+    )
+    history_weight: float = Field(
+        1.0, ge=0, description="Weight of the history vector when mixed with a text query."
+    )
+
+    # Ranking (dynamic batching)
+    rank_max_batch_pairs: int = Field(64, ge=1)
+    rank_max_wait_ms: float = Field(5.0, ge=0)
+    rank_max_queue_pairs: int = Field(8192, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
+    ce_max_length: int = Field(256, ge=16, description="Cross-encoder max tokens per pair.")
+
+    # Gateway
+    default_budget_ms: float = Field(
+        2000.0, gt=0, description="Deadline applied when the caller sets none."
+    )
+    ranking_budget_fraction: float = Field(
+        0.8, gt=0, le=1, description="Share of the remaining budget ranking may use."
+    )
+
+    log_level: str = "INFO"
+
+    def state_path(self) -> Path:
+        """Directory of retrieval's durable journal."""
+        if self.state_dir is not None:
+            return self.state_dir
+        if self.bundle is None:
+            raise ValueError("bundle is not set")
+        return self.bundle / "state"
+
+    def limits(self) -> dict[str, object]:
+        """The enforced limits, for the start-up log line."""
+        names = [n for n in type(self).model_fields if n.startswith(("max_", "default_", "rank_"))]
+        return {n: getattr(self, n) for n in names}

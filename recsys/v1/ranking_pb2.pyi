@@ -1,0 +1,62 @@
+from recsys.v1 import common_pb2 as _common_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HistoryItem(_message.Message):
+    __slots__ = ("item_id", "text")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
+
+class RankContext(_message.Message):
+    __slots__ = ("query", "user_id", "history")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    query: str
+    user_id: str
+    history: _containers.RepeatedCompositeFieldContainer[HistoryItem]
+    def __init__(self, query: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[HistoryItem, _Mapping]]] = ...) -> None: ...
+
+class Candidate(_message.Message):
+    __slots__ = ("item_id", "text", "retrieval_score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    text: str
+    retrieval_score: float
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+
+class RankRequest(_message.Message):
+    __slots__ = ("context", "candidates")
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    context: RankContext
+    candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
+    def __init__(self, context: _Optional[_Union[RankContext, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+
+class ScoredCandidate(_message.Message):
+    __slots__ = ("item_id", "scores")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    scores: _common_pb2.ScoreBreakdown
+    def __init__(self, item_id: _Optional[str] = ..., scores: _Optional[_Union[_common_pb2.ScoreBreakdown, _Mapping]] = ...) -> None: ...
+
+class RankResponse(_message.Message):
+    __slots__ = ("candidates", "versions", "cf_folded_in")
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CF_FOLDED_IN_FIELD_NUMBER: _ClassVar[int]
+    candidates: _containers.RepeatedCompositeFieldContainer[ScoredCandidate]
+    versions: _common_pb2.ModelVersions
+    cf_folded_in: bool
+    def __init__(self, candidates: _Optional[_Iterable[_Union[ScoredCandidate, _Mapping]]] = ..., versions: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., cf_folded_in: _Optional[bool] = ...) -> None: ...
