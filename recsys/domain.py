@@ -1,0 +1,89 @@
+"""Plain data that crosses service boundaries, independent of protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Item:
+    """A catalog item; `text()` is what the encoder and the cross-encoder read."""
+
+    item_id: str
+    title: str
+    description: str = ""
+    category: str = ""
+    attributes: dict[str, str] = field(default_factory=dict)
+
+    def text(self) -> str:
+        return item_text(self.title, self.category, self.description)
+
+
+def item_text(title: str, category: str = "", description: str = "") -> str:
+    """The canonical item text: title, then category, then description, skipping blanks."""
+    parts = [p.strip() for p in (title, category, description) if p and p.strip()]
+    return ". ".join(parts)
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    """A retrieval request after validation."""
+
+    top_k: int
+    text: str = ""
+    vector: np.ndarray | None = None
+    history_item_ids: tuple[str, ...] = ()
+    categories: frozenset[str] = frozenset()
+    exclude_item_ids: frozenset[str] = frozenset()
+    include_text: bool = False
+    include_vectors: bool = False
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One retrieved item."""
+
+    item_id: str
+    score: float
+    item: Item | None = None
+    vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class HistoryItem:
+    item_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class RankContext:
+    """Who and what the ranking is for; history is most recent first."""
+
+    query: str = ""
+    user_id: str = ""
+    history: tuple[HistoryItem, ...] = ()
+
+
+@dataclass(frozen=True)
+class Candidate:
+    item_id: str
+    text: str
+    retrieval_score: float | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Per-stage scores of one candidate; None marks a stage that did not score it."""
+
+    fused: float
+    cross_encoder: float | None = None
+    cf: float | None = None
+    retrieval: float | None = None
+
+
+@dataclass(frozen=True)
+class Scored:
+    item_id: str
+    scores: Scores
