@@ -1,0 +1,227 @@
+"""gRPC server bootstrap shared by the three services: health, reflection, metrics, limits, drain.
+
+Domain errors are mapped to status codes here and nowhere else (ErrorAndMetricsInterceptor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined]
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import start_http_server
+
+from recsys import metrics
+from recsys.errors import RecsysError, status_code
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class Service(Protocol):
+    """What a service package hands to `serve`: its servicer and how to load its bundle."""
+
+    name: str  # short name: retrieval, ranking, gateway
+    full_name: str  # proto service name, e.g. recsys.v1.RetrievalService
+
+    def add_to_server(self, server: grpc.aio.Server) -> None: ...
+
+    async def load(self) -> str:
+        """Loads models/index (off the event loop) and returns the bundle version."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Maps exceptions to status codes, enforces the concurrency limit, records grpc_server_*."""
+
+    def __init__(self, max_concurrent_rpcs: int) -> None:
+        self._limit = max_concurrent_rpcs
+        self._in_flight = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        method = handler_call_details.method
+        # Health and reflection (streaming) pass through untouched.
+        if handler is None or handler.unary_unary is None or not method.startswith("/recsys."):
+            return handler
+        inner: Any = handler.unary_unary
+
+        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            finish = metrics.observe_rpc(
+                metrics.SERVER_STARTED, metrics.SERVER_HANDLED, metrics.SERVER_HANDLING, method
+            )
+            if self._in_flight >= self._limit:
+                finish(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                await context.abort(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"server overloaded: {self._limit} concurrent RPCs in flight; retry with backoff",
+                )
+            self._in_flight += 1
+            code = grpc.StatusCode.OK
+            try:
+                return await inner(request, context)
+            except RecsysError as exc:
+                code = status_code(exc)
+                await context.abort(code, str(exc))
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                if isinstance(exc, grpc.aio.AbortError):
+                    code = context.code() or grpc.StatusCode.UNKNOWN
+                    raise
+                code = grpc.StatusCode.INTERNAL
+                log.exception("unhandled error in %s", method)
+                await context.abort(code, f"internal error in {method}; see the server log")
+            finally:
+                self._in_flight -= 1
+                finish(code)
+
+        return grpc.unary_unary_rpc_method_handler(
+            behavior,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
+    """Records grpc_client_* for every unary call made through the channel."""
+
+    async def intercept_unary_unary(
+        self,
+        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
+        client_call_details: grpc.aio.ClientCallDetails,
+        request: Any,
+    ) -> Any:
+        method = client_call_details.method
+        name = method.decode() if isinstance(method, bytes) else method
+        finish = metrics.observe_rpc(
+            metrics.CLIENT_STARTED, metrics.CLIENT_HANDLED, metrics.CLIENT_HANDLING, name
+        )
+        try:
+            call = await continuation(client_call_details, request)
+            code = await call.code()
+        except asyncio.CancelledError:
+            finish(grpc.StatusCode.CANCELLED)
+            raise
+        except grpc.aio.AioRpcError as exc:
+            finish(exc.code())
+            raise
+        finish(code)
+        return call
+
+
+def server_options(settings: Settings) -> list[tuple[str, int]]:
+    """Channel arguments every server uses: message limits and a max connection age."""
+    options = [
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ]
+    if settings.max_connection_age_s > 0:
+        # Clients reconnect periodically, so pods added by a scale-up get traffic.
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
+        ]
+    return options
+
+
+def client_channel(target: str, settings: Settings) -> grpc.aio.Channel:
+    """An insecure aio channel with client metrics and the same message limits."""
+    return grpc.aio.insecure_channel(
+        target,
+        options=[
+            ("grpc.max_receive_message_length", settings.max_message_bytes),
+            ("grpc.max_send_message_length", settings.max_message_bytes),
+            ("grpc.lb_policy_name", "round_robin"),
+        ],
+        interceptors=[ClientMetricsInterceptor()],  # type: ignore[list-item]
+    )
+
+
+def _set_health(servicer: health_aio.HealthServicer, names: list[str], serving: bool) -> Any:
+    status = (
+        health_pb2.HealthCheckResponse.SERVING
+        if serving
+        else health_pb2.HealthCheckResponse.NOT_SERVING
+    )
+    return asyncio.gather(*(servicer.set(name, status) for name in names))
+
+
+async def serve(
+    service: Service, settings: Settings, port: int, metrics_port: int, stop: asyncio.Event
+) -> None:
+    """Runs one service until `stop` is set, then drains for the grace period."""
+    server = grpc.aio.server(
+        interceptors=[ErrorAndMetricsInterceptor(settings.max_concurrent_rpcs)],
+        options=server_options(settings),
+    )
+    service.add_to_server(server)
+    health_servicer = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = ["", service.full_name]
+    await _set_health(health_servicer, names, serving=False)
+    reflection.enable_server_reflection(
+        [service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+    )
+    address = f"{settings.host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"{service.name}: cannot bind {address}")
+    await server.start()
+    if metrics_port:
+        start_http_server(metrics_port, addr=settings.host)
+    log.info(
+        "%s listening on %s, metrics on :%s/metrics, limits %s",
+        service.name,
+        address,
+        metrics_port,
+        settings.limits() | {"max_message_bytes": settings.max_message_bytes},
+    )
+    metrics.SERVING.labels(service=service.name).set(0)
+    load = asyncio.create_task(service.load())
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if load in done:
+        version = load.result()  # a failed load raises here and the process exits non-zero
+        metrics.BUNDLE_INFO.labels(service=service.name, version=version).set(1)
+        await _set_health(health_servicer, names, serving=True)
+        metrics.SERVING.labels(service=service.name).set(1)
+        log.info("%s serving bundle %s", service.name, version)
+        await stop.wait()
+    else:
+        load.cancel()
+    log.info("%s draining for up to %.1fs", service.name, settings.grace_period_s)
+    await _set_health(health_servicer, names, serving=False)
+    metrics.SERVING.labels(service=service.name).set(0)
+    await server.stop(settings.grace_period_s)
+    await service.close()
+    log.info("%s stopped", service.name)
+
+
+def run(service: Service, settings: Settings, port: int, metrics_port: int) -> None:
+    """Entry point of a service process: serves until SIGTERM/SIGINT, then drains."""
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await serve(service, settings, port, metrics_port, stop)
+
+    asyncio.run(main())
