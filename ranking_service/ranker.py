@@ -1,0 +1,153 @@
+"""Scores candidates for a context: cross-encoder (batched) + CF (with fold-in) + fusion."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from ranking_service.batching import DynamicBatcher
+from ranking_service.cf import CFModel
+from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+from ranking_service.fusion import Fusion, load_fusion
+from recsys import bundle as bundle_files
+from recsys.bundle import Bundle
+from recsys.domain import Candidate, RankContext, Scored, Scores
+from recsys.errors import InvalidInput
+from recsys.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RankOutcome:
+    """Candidates best first, and whether CF folded the user in from the request's history."""
+
+    scored: list[Scored]
+    cf_folded_in: bool
+
+
+class Ranker:
+    """Owns the ranking models of one bundle version; `rank` is safe to call concurrently."""
+
+    def __init__(
+        self,
+        cf: CFModel,
+        fusion: Fusion,
+        batcher: DynamicBatcher | None,
+        versions: dict[str, str],
+        max_text_chars: int = 2000,
+    ) -> None:
+        self.cf = cf
+        self.fusion = fusion
+        self.batcher = batcher
+        self.versions = versions
+        self.max_text_chars = max_text_chars
+
+    @classmethod
+    def load(cls, bundle: Bundle, settings: Settings) -> Ranker:
+        """Loads CF, fusion and (when the bundle has one) the cross-encoder; blocking."""
+        manifest = bundle.manifest
+        cf = CFModel.load(bundle.file(bundle_files.CF_DIR))
+        fusion = load_fusion(bundle.file(bundle_files.FUSION))
+        batcher = None
+        ce_name = ""
+        if manifest.get("cross_encoder"):
+            scorer = CrossEncoderScorer.load(
+                bundle.file(bundle_files.CROSS_ENCODER_DIR),
+                device=settings.device,
+                max_length=settings.ce_max_length,
+            )
+            ce_name = f"{bundle.version}/cross_encoder"
+            batcher = DynamicBatcher(
+                lambda pairs: scorer.score(pairs, batch_size=settings.rank_max_batch_pairs),
+                max_batch_pairs=settings.rank_max_batch_pairs,
+                max_wait_s=settings.rank_max_wait_ms / 1000,
+                max_queue_pairs=settings.rank_max_queue_pairs,
+            )
+        versions = {
+            "bundle_version": bundle.version,
+            "cross_encoder": ce_name,
+            "cf": f"als-{manifest['cf']['factors']}",
+            "fusion": fusion.kind,
+        }
+        return cls(cf, fusion, batcher, versions, settings.max_text_chars)
+
+    def start(self) -> None:
+        """Starts the batcher's worker on the running event loop."""
+        if self.batcher is not None:
+            self.batcher.start()
+
+    async def close(self) -> None:
+        if self.batcher is not None:
+            await self.batcher.close()
+
+    def validate(self, context: RankContext, candidates: Sequence[Candidate]) -> None:
+        """InvalidInput naming the field for texts over the limit, empty or duplicate ids."""
+        if len(context.query) > self.max_text_chars:
+            raise InvalidInput(
+                f"context.query: {len(context.query)} chars, limit {self.max_text_chars}"
+            )
+        seen: set[str] = set()
+        for i, cand in enumerate(candidates):
+            if not cand.item_id:
+                raise InvalidInput(f"candidates[{i}].item_id: empty")
+            if cand.item_id in seen:
+                raise InvalidInput(f"candidates[{i}].item_id: duplicate {cand.item_id!r}")
+            if len(cand.text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"candidates[{i}].text: {len(cand.text)} chars, limit {self.max_text_chars}"
+                )
+            seen.add(cand.item_id)
+        for i, hist in enumerate(context.history):
+            if len(hist.text) > self.max_text_chars:
+                raise InvalidInput(f"context.history[{i}].text: over {self.max_text_chars} chars")
+
+    async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> RankOutcome:
+        """Scores every candidate; stages that cannot score (no model, no context) stay missing."""
+        self.validate(context, candidates)
+        if not candidates:
+            return RankOutcome([], cf_folded_in=False)
+        ce = await self._cross_encoder(context, candidates)
+        cf, folded = self._cf(context, candidates)
+        retrieval = np.array(
+            [np.nan if c.retrieval_score is None else c.retrieval_score for c in candidates],
+            dtype=np.float32,
+        )
+        has_retrieval = not np.isnan(retrieval).all()
+        fused = self.fusion.fuse(ce, cf, retrieval if has_retrieval else None)
+        order = np.argsort(-fused, kind="stable")
+        scored = [
+            Scored(
+                item_id=candidates[i].item_id,
+                scores=Scores(
+                    fused=float(fused[i]),
+                    cross_encoder=None if ce is None else float(ce[i]),
+                    cf=None if np.isnan(cf[i]) else float(cf[i]),
+                    retrieval=None if np.isnan(retrieval[i]) else float(retrieval[i]),
+                ),
+            )
+            for i in order
+        ]
+        return RankOutcome(scored, cf_folded_in=folded)
+
+    async def _cross_encoder(
+        self, context: RankContext, candidates: Sequence[Candidate]
+    ) -> np.ndarray | None:
+        text = build_context(context.query, [h.text for h in context.history if h.text])
+        if self.batcher is None or not text:
+            return None
+        return await self.batcher.submit([(text, c.text) for c in candidates])
+
+    def _cf(self, context: RankContext, candidates: Sequence[Candidate]) -> tuple[np.ndarray, bool]:
+        """CF scores (NaN where missing) and whether the user was folded in from history."""
+        user = self.cf.user_vector(context.user_id) if context.user_id else None
+        folded = False
+        if user is None and context.history:
+            user = self.cf.fold_in([h.item_id for h in context.history])
+            folded = user is not None
+        if user is None:
+            return np.full(len(candidates), np.nan, np.float32), False
+        return self.cf.scores(user, [c.item_id for c in candidates]), folded

@@ -1,0 +1,74 @@
+"""The ranking gRPC edge: validate protos, call the Ranker, build replies."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+
+from ranking_service.ranker import Ranker
+from recsys import convert
+from recsys.bundle import Bundle
+from recsys.errors import InvalidInput, NotReady
+from recsys.settings import Settings
+from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    """Proto in → domain context and candidates → Ranker → proto out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ranker: Ranker | None = None
+
+    async def Rank(
+        self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RankResponse:
+        ranker = self.ranker
+        if ranker is None:
+            raise NotReady("ranking is loading its models; retry shortly")
+        if len(request.candidates) > self.settings.max_candidate_pool:
+            raise InvalidInput(
+                f"candidates: {len(request.candidates)}, limit {self.settings.max_candidate_pool}"
+            )
+        if len(request.context.history) > self.settings.max_history_items:
+            raise InvalidInput(
+                f"context.history: {len(request.context.history)} items, limit {self.settings.max_history_items}"
+            )
+        outcome = await ranker.rank(
+            convert.rank_context_from_proto(request.context),
+            convert.candidates_from_proto(request.candidates),
+        )
+        return ranking_pb2.RankResponse(
+            candidates=[convert.scored_to_proto(s) for s in outcome.scored],
+            versions=common_pb2.ModelVersions(**ranker.versions),
+            cf_folded_in=outcome.cf_folded_in,
+        )
+
+
+class RankingService:
+    """The ranking process: servicer plus model loading (see recsys.serving.Service)."""
+
+    name = "ranking"
+    full_name = "recsys.v1.RankingService"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servicer = RankingServicer(settings)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> str:
+        if self.settings.bundle is None:
+            raise InvalidInput("--bundle (RECSYS_BUNDLE) is required")
+        bundle = Bundle.open(self.settings.bundle)
+        ranker = await asyncio.to_thread(Ranker.load, bundle, self.settings)
+        ranker.start()
+        self.servicer.ranker = ranker
+        return bundle.version
+
+    async def close(self) -> None:
+        if self.servicer.ranker is not None:
+            await self.servicer.ranker.close()
+            self.servicer.ranker = None

