@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, so nothing else pulls a multi-GB CUDA build in its place.
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q -e ".[cpu,dev]"
 	touch $@
 
 setup: $(VENV)/.installed

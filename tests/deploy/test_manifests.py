@@ -431,8 +431,11 @@ def test_dockerfiles(name: str) -> None:
     assert 'ENTRYPOINT ["recsys"]' in text
     for package in ("recsys", "retrieval_service", "ranking_service", "gateway"):
         assert f"COPY {package} ./{package}" in text
-    if name.endswith(".cuda"):
-        assert "faiss-cpu" in text and "optional-dependencies']['gpu']" in text
+    # Exactly one FAISS build per image: the cpu extra or the gpu extra, never both.
+    extra = "gpu" if name.endswith(".cuda") else "cpu"
+    other = "cpu" if extra == "gpu" else "gpu"
+    assert f"optional-dependencies']['{extra}']" in text
+    assert f"optional-dependencies']['{other}']" not in text
 
 
 def test_dockerignore() -> None:
