@@ -122,7 +122,7 @@ def build_bundle(
                 "cf": cf_section,
                 "cross_encoder": ranker_section,
                 "fusion": fusion.to_dict(),
-                "timings": timings,
+                "timings": {**retrieval.manifest.get("timings", {}), **timings},
                 "software": _software(),
             },
         )

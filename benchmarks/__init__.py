@@ -1,0 +1,1 @@
+"""Side-by-side benchmarks that write reports under benchmarks/reports/."""

@@ -1,0 +1,145 @@
+"""The offline half of retrieval: catalog → embeddings, ANN index and a self-contained encoder copy."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recsys import bundle as bundle_files
+from recsys.domain import item_text
+from recsys.errors import InvalidInput
+from retrieval_service.encoder import ENCODER_INFO, Pooling, TextEncoder
+from retrieval_service.index import VectorIndex, check_factory
+
+log = logging.getLogger(__name__)
+
+# Top-level files of a model directory that the encoder needs at load time.
+_MODEL_FILE_SUFFIXES = (".json", ".safetensors", ".txt", ".model", ".tiktoken")
+# Metadata that ships with hub repositories but is never read when loading.
+_SKIPPED_FILES = {"data_config.json", "README.md", ".gitattributes"}
+
+
+@dataclass(frozen=True)
+class RetrievalBuild:
+    """What the build wrote (as manifest sections) and the loaded parts, for reuse by later steps."""
+
+    manifest: dict[str, Any]
+    encoder: TextEncoder
+    index: VectorIndex
+
+
+def build_retrieval(
+    catalog: pd.DataFrame,
+    out_dir: Path,
+    encoder_dir: Path,
+    pooling: Pooling = "mean",
+    factory: str = "Flat",
+    device: str = "auto",
+    batch_size: int = 64,
+) -> RetrievalBuild:
+    """Encodes every catalog item and writes embeddings.npy, index.faiss and encoder/ into out_dir."""
+    texts = catalog_texts(catalog)
+    encoder = TextEncoder.load(encoder_dir, pooling=pooling, device=device)
+    # Reject a bad factory before the (long) encoding pass, not after it.
+    check_factory(factory, encoder.dimension, len(texts))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    log.info("encoding %d items with %s on %s", len(texts), encoder.name, encoder.device)
+    t0 = time.perf_counter()
+    vectors = encoder.encode(texts, batch_size=batch_size, progress=True)
+    encode_seconds = time.perf_counter() - t0
+    np.save(out_dir / bundle_files.EMBEDDINGS, vectors)
+
+    log.info("building FAISS index %r over %d vectors", factory, len(vectors))
+    t0 = time.perf_counter()
+    index = VectorIndex.build(vectors, factory=factory, device=device)
+    index_seconds = time.perf_counter() - t0
+    index.save(out_dir / bundle_files.INDEX)
+
+    copy_encoder(Path(encoder_dir), out_dir / bundle_files.ENCODER_DIR, encoder.name)
+    manifest = {
+        "encoder": {
+            "name": encoder.name,
+            "source": str(Path(encoder_dir).resolve()),
+            "pooling": encoder.pooling,
+            "dimension": encoder.dimension,
+            "max_length": encoder.max_length,
+        },
+        "index": index.describe(),
+        "timings": {
+            "encode_seconds": round(encode_seconds, 3),
+            "items_per_second": round(len(texts) / encode_seconds, 1) if encode_seconds else None,
+            "index_seconds": round(index_seconds, 3),
+        },
+    }
+    return RetrievalBuild(manifest=manifest, encoder=encoder, index=index)
+
+
+def catalog_texts(catalog: pd.DataFrame) -> list[str]:
+    """The encoder's input for each catalog row, in row order (missing fields count as blank)."""
+    missing = {"item_id", "title"} - set(catalog.columns)
+    if missing:
+        raise InvalidInput(f"catalog: missing column(s) {', '.join(sorted(missing))}")
+
+    def column(name: str) -> list[str]:
+        if name not in catalog.columns:
+            return [""] * len(catalog)
+        return catalog[name].fillna("").astype(str).tolist()
+
+    return [
+        item_text(title, category, description)
+        for title, category, description in zip(
+            column("title"), column("category"), column("description"), strict=True
+        )
+    ]
+
+
+def copy_encoder(source: Path, target: Path, name: str) -> None:
+    """Copies only what loading needs (configs, tokenizer, weights, module configs) and records the
+    model's name, so a bundle works without the original directory."""
+    target.mkdir(parents=True, exist_ok=True)
+    for path in _model_files(source):
+        destination = target / path.relative_to(source)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, destination)
+    (target / ENCODER_INFO).write_text(json.dumps({"name": name}, indent=2) + "\n")
+    log.info("copied encoder %s into %s", source, target)
+
+
+def _model_files(source: Path) -> list[Path]:
+    """Top-level model files plus the sentence-transformers module folders named in modules.json."""
+    files = [
+        p
+        for p in sorted(source.iterdir())
+        if p.is_file() and p.suffix in _MODEL_FILE_SUFFIXES and p.name not in _SKIPPED_FILES
+    ]
+    # Legacy .bin weights only when there are no safetensors, so weights are never copied twice.
+    if not any(p.suffix == ".safetensors" for p in files):
+        files += sorted(source.glob("pytorch_model*.bin"))
+    for folder in _module_folders(source):
+        files += sorted(
+            p for p in folder.rglob("*") if p.is_file() and p.name not in _SKIPPED_FILES
+        )
+    return files
+
+
+def _module_folders(source: Path) -> list[Path]:
+    """Folders such as 1_Pooling/ that sentence-transformers' modules.json points at."""
+    modules = source / "modules.json"
+    if not modules.is_file():
+        return []
+    try:
+        entries = json.loads(modules.read_text())
+    except ValueError:
+        return []
+    folders = [source / str(e.get("path", "")) for e in entries if isinstance(e, dict)]
+    return [f for f in folders if f != source and f.is_dir()]
