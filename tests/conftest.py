@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.stack import SERVICES, Stack
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -45,3 +48,17 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
         )
     )
     return root
+
+
+@pytest.fixture(scope="module")
+def stack(sample_bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """All three services running over the sample bundle, with a fresh retrieval journal."""
+    stack = Stack(bundle=sample_bundle_root, workdir=tmp_path_factory.mktemp("stack"))
+    try:
+        for name in SERVICES:
+            stack.start(name, wait=False)
+        for name in SERVICES:
+            stack.wait_serving(name)
+        yield stack
+    finally:
+        stack.close()

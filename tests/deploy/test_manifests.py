@@ -13,7 +13,9 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
-from conftest import (
+
+from recsys.settings import Settings
+from tests.deploy.conftest import (
     DASHBOARD,
     DEPLOY,
     K8S_VERSION,
@@ -30,8 +32,6 @@ from conftest import (
     selector_labels,
     split_threshold,
 )
-
-from recsys.settings import Settings
 
 Objects = tuple[dict[str, Any], ...]
 MONITORING_GROUP = "monitoring.coreos.com/"

@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from recsys.codegen import PROTO_ROOT, proto_files
-from tests.integration.conftest import FULL_NAMES, Stack
+from tests.stack import FULL_NAMES, Stack
 
 # One valid JSON request per RPC, as a caller in any language would write it.
 REQUESTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -21,7 +21,10 @@ REQUESTS: dict[str, dict[str, dict[str, Any]]] = {
     "ranking": {
         "Rank": {
             "context": {"query": "headphones"},
-            "candidates": [{"itemId": "a", "text": "wireless headphones"}, {"itemId": "b", "text": "socks"}],
+            "candidates": [
+                {"itemId": "a", "text": "wireless headphones"},
+                {"itemId": "b", "text": "socks"},
+            ],
         }
     },
     "retrieval": {
@@ -40,9 +43,18 @@ def pool_from_protos(tmp_path: Path) -> descriptor_pool.DescriptorPool:
 
     out = tmp_path / "recsys.desc"
     files = [str(p.relative_to(PROTO_ROOT)) for p in proto_files()]
-    assert protoc.main(
-        ["protoc", f"--proto_path={PROTO_ROOT}", f"--descriptor_set_out={out}", "--include_imports", *files]
-    ) == 0
+    assert (
+        protoc.main(
+            [
+                "protoc",
+                f"--proto_path={PROTO_ROOT}",
+                f"--descriptor_set_out={out}",
+                "--include_imports",
+                *files,
+            ]
+        )
+        == 0
+    )
     file_set = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     pool = descriptor_pool.DescriptorPool()
     for proto in file_set.file:

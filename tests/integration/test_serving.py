@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import urllib.request
 
 import grpc
@@ -12,6 +11,7 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from recsys.sample import sample_paths
 from recsys.v1 import (
@@ -21,7 +21,7 @@ from recsys.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from tests.integration.conftest import FULL_NAMES, SERVICES, Stack
+from tests.stack import FULL_NAMES, SERVICES, Stack
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -57,7 +57,9 @@ def test_recommend_returns_ranked_items_with_breakdowns(
     stack: Stack, catalog: pd.DataFrame, user_history: tuple[str, list[str]]
 ) -> None:
     user, history = user_history
-    reply = recommend(stack, user_id=user, query=catalog.iloc[0]["title"], history_item_ids=history, k=5)
+    reply = recommend(
+        stack, user_id=user, query=catalog.iloc[0]["title"], history_item_ids=history, k=5
+    )
     assert not reply.degraded, reply.degraded_reasons
     assert len(reply.items) == 5
     fused = [item.scores.fused for item in reply.items]
@@ -69,7 +71,11 @@ def test_recommend_returns_ranked_items_with_breakdowns(
     assert any(item.scores.HasField("cf") for item in reply.items)
     assert reply.versions.bundle_version
     stages = {t.stage for t in reply.timings}
-    assert {gateway_pb2.STAGE_RETRIEVAL, gateway_pb2.STAGE_RANKING, gateway_pb2.STAGE_TOTAL} <= stages
+    assert {
+        gateway_pb2.STAGE_RETRIEVAL,
+        gateway_pb2.STAGE_RANKING,
+        gateway_pb2.STAGE_TOTAL,
+    } <= stages
 
 
 def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> None:
@@ -121,7 +127,9 @@ def test_get_items_reports_unknown_ids(stack: Stack, catalog: pd.DataFrame) -> N
     known = catalog.iloc[0]["item_id"]
     with stack.channel("retrieval") as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-        reply = stub.GetItems(retrieval_pb2.GetItemsRequest(item_ids=[known, "nope-404"]), timeout=10)
+        reply = stub.GetItems(
+            retrieval_pb2.GetItemsRequest(item_ids=[known, "nope-404"]), timeout=10
+        )
     assert [r.item.item_id for r in reply.items] == [known]
     assert list(reply.missing_item_ids) == ["nope-404"]
 
@@ -183,10 +191,22 @@ def test_bad_retrieval_requests_are_invalid_argument_and_change_nothing(stack: S
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         size = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
         cases = [
-            (stub.Search, retrieval_pb2.SearchRequest(query_vector=[0.1, 0.2], top_k=3), "query_vector"),
+            (
+                stub.Search,
+                retrieval_pb2.SearchRequest(query_vector=[0.1, 0.2], top_k=3),
+                "query_vector",
+            ),
             (stub.Search, retrieval_pb2.SearchRequest(query_text="x", top_k=5000), "top_k"),
-            (stub.UpsertItems, retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(title="t")]), "item_id"),
-            (stub.UpsertItems, retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(item_id="a")]), "title"),
+            (
+                stub.UpsertItems,
+                retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(title="t")]),
+                "item_id",
+            ),
+            (
+                stub.UpsertItems,
+                retrieval_pb2.UpsertItemsRequest(items=[common_pb2.Item(item_id="a")]),
+                "title",
+            ),
             (stub.DeleteItems, retrieval_pb2.DeleteItemsRequest(), "item_ids"),
         ]
         for method, request, field_name in cases:
@@ -204,12 +224,18 @@ def scrape(stack: Stack, name: str) -> str:
 
 
 def handled(text: str, service: str, method: str, code: str) -> float:
-    pattern = (
-        r"grpc_server_handled_total\{(?=[^}]*grpc_code=\"%s\")(?=[^}]*grpc_method=\"%s\")"
-        r"(?=[^}]*grpc_service=\"%s\")[^}]*\} ([0-9.e+]+)" % (code, method, re.escape(service))
-    )
-    match = re.search(pattern, text)
-    return float(match.group(1)) if match else 0.0
+    """grpc_server_handled_total for one service, method and code, parsed from /metrics text."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = sample.labels
+            if (
+                sample.name == "grpc_server_handled_total"
+                and labels.get("grpc_service") == service
+                and labels.get("grpc_method") == method
+                and labels.get("grpc_code") == code
+            ):
+                return float(sample.value)
+    return 0.0
 
 
 def test_metrics_show_each_called_method_with_its_codes(stack: Stack) -> None:

@@ -1,4 +1,4 @@
-"""Starts the three real servers as child processes on free loopback ports."""
+"""The three real servers as child processes on free loopback ports (used by several test packages)."""
 
 from __future__ import annotations
 
@@ -8,12 +8,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 SERVICES = ("retrieval", "ranking", "gateway")
@@ -118,17 +116,3 @@ class Stack:
     def close(self) -> None:
         for name in list(self.procs):
             self.stop(name)
-
-
-@pytest.fixture(scope="module")
-def stack(sample_bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    """All three services running over the sample bundle, with a fresh retrieval journal."""
-    stack = Stack(bundle=sample_bundle_root, workdir=tmp_path_factory.mktemp("stack"))
-    try:
-        for name in SERVICES:
-            stack.start(name, wait=False)
-        for name in SERVICES:
-            stack.wait_serving(name)
-        yield stack
-    finally:
-        stack.close()

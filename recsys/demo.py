@@ -1,0 +1,145 @@
+"""`recsys demo`: the whole system on the embedded sample catalog, with a readable table."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pandas as pd
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsys.bundle import CURRENT
+from recsys.processes import START_ORDER, spawn
+from recsys.settings import Settings
+from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+
+STAGE_NAMES = {
+    gateway_pb2.STAGE_RETRIEVAL: "retrieval",
+    gateway_pb2.STAGE_RANKING: "ranking",
+    gateway_pb2.STAGE_DIVERSITY: "diversity",
+    gateway_pb2.STAGE_TOTAL: "total",
+}
+
+
+@dataclass(frozen=True)
+class DemoCall:
+    title: str
+    request: gateway_pb2.RecommendRequest
+
+
+def ensure_sample_bundle(root: Path, ranker_steps: int) -> None:
+    """Builds the sample bundle into root unless a complete one is already there."""
+    if (root / CURRENT).is_file():
+        print(f"using the sample bundle in {root}")
+        return
+    from recsys.build import BuildOptions, build_bundle
+    from recsys.sample import sample_paths
+
+    catalog, interactions = sample_paths()
+    print(f"building the sample bundle into {root} (first run only; a minute or two on a CPU)")
+    build_bundle(
+        BuildOptions(
+            catalog=catalog, interactions=interactions, out=root, ranker_steps=ranker_steps
+        )
+    )
+
+
+def demo_calls() -> list[DemoCall]:
+    """A query alone, a known user with their recent items, and a query with a history."""
+    from recsys.sample import sample_paths
+
+    log = pd.read_csv(sample_paths()[1], dtype={"user_id": str, "item_id": str})
+    user = str(log["user_id"].value_counts().index[0])
+    recent = log[log["user_id"] == user].sort_values("timestamp", ascending=False)
+    history = [str(i) for i in recent["item_id"].head(5)]
+    other = log[log["query"].fillna("") != ""].iloc[0]
+    return [
+        DemoCall(
+            "query 'wireless headphones'",
+            gateway_pb2.RecommendRequest(query="wireless headphones", k=5),
+        ),
+        DemoCall(
+            f"known user {user} with their 5 most recent items",
+            gateway_pb2.RecommendRequest(user_id=user, history_item_ids=history, k=5),
+        ),
+        DemoCall(
+            f"query {other['query']!r} with a history, diversity 0.3",
+            gateway_pb2.RecommendRequest(
+                query=str(other["query"]), history_item_ids=history[:2], k=5, diversity=0.3
+            ),
+        ),
+    ]
+
+
+def _fmt(msg: object, field: str) -> str:
+    return f"{getattr(msg, field):7.3f}" if msg.HasField(field) else "      -"  # type: ignore[attr-defined]
+
+
+def format_reply(call: DemoCall, reply: gateway_pb2.RecommendResponse) -> str:
+    """A table of items with their score breakdown, then timings and versions."""
+    lines = [f"\n== {call.title}"]
+    if reply.degraded:
+        lines.append(f"   DEGRADED: {', '.join(reply.degraded_reasons)}")
+    lines.append(f"   {'#':>2}  {'item':<8} {'title':<46} {'score':>7} {'x-enc':>7} {'cf':>7} {'retr':>7}")
+    for rank, item in enumerate(reply.items, start=1):
+        s = item.scores
+        lines.append(
+            f"   {rank:>2}  {item.item_id:<8} {item.title[:46]:<46} {item.score:7.3f} "
+            f"{_fmt(s, 'cross_encoder')} {_fmt(s, 'cf')} {_fmt(s, 'retrieval')}"
+        )
+    timings = ", ".join(f"{STAGE_NAMES.get(t.stage, t.stage)} {t.seconds * 1000:.1f} ms" for t in reply.timings)
+    lines.append(f"   timings: {timings}")
+    lines.append(f"   answered by bundle {reply.versions.bundle_version}")
+    return "\n".join(lines)
+
+
+def wait_serving(address: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.5)
+    raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f}s")
+
+
+def run_demo(root: Path, once: bool, ranker_steps: int) -> int:
+    """Builds if needed, starts the three services, prints answers, serves until interrupted."""
+    ensure_sample_bundle(root, ranker_steps)
+    settings = Settings(bundle=root, host="127.0.0.1")
+    children = {name: spawn(name, settings) for name in START_ORDER}
+    try:
+        for name in START_ORDER:
+            wait_serving(f"127.0.0.1:{getattr(settings, f'{name}_port')}", timeout=300)
+        gateway = f"127.0.0.1:{settings.gateway_port}"
+        with grpc.insecure_channel(gateway) as channel:
+            stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            for call in demo_calls():
+                print(format_reply(call, stub.Recommend(call.request, timeout=30)))
+        print(
+            f"\ngateway   {gateway}  (recsys.v1.GatewayService/Recommend; reflection on)\n"
+            f"retrieval 127.0.0.1:{settings.retrieval_port}   ranking 127.0.0.1:{settings.ranking_port}\n"
+            f"metrics   http://127.0.0.1:{settings.gateway_metrics_port}/metrics "
+            f"(:{settings.retrieval_metrics_port}, :{settings.ranking_metrics_port})"
+        )
+        if once:
+            return 0
+        print("serving until Ctrl-C")
+        stop_signals = {signal.SIGINT, signal.SIGTERM}
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # sigwait needs them blocked
+        signal.sigwait(stop_signals)
+        return 0
+    finally:
+        for child in children.values():
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children.values():
+            child.wait(timeout=60)

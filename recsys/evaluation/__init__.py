@@ -1,0 +1,1 @@
+"""Offline evaluation under the protocol of ../shared/data/README.md (splits, baselines, report)."""

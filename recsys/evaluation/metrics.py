@@ -1,0 +1,50 @@
+"""Ranking metrics at 10 through ranx (a maintained library), plus coverage and intra-list diversity."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+
+import numpy as np
+
+K = 10
+ACCURACY_METRICS = (f"ndcg@{K}", f"recall@{K}", f"mrr@{K}")
+
+
+def accuracy(
+    relevant: Mapping[str, set[str]], answers: Mapping[str, Sequence[str]]
+) -> dict[str, float]:
+    """Mean NDCG, Recall and MRR at 10 over every query in `relevant` (a missing answer scores 0)."""
+    from ranx import Qrels, Run, evaluate  # numba-compiled; imported only when evaluating
+
+    qrels = Qrels({q: dict.fromkeys(items, 1) for q, items in relevant.items()})
+    run_dict: dict[str, dict[str, float]] = {}
+    for query in relevant:
+        ranked = list(answers.get(query, ()))[:K]
+        # ranx ranks by score: give strictly decreasing scores in answer order.
+        run_dict[query] = {item: float(K - i) for i, item in enumerate(ranked)}
+    # ranx refuses empty rankings; an unmatched placeholder scores 0 on every metric, like no answer.
+    for query, ranked_scores in run_dict.items():
+        if not ranked_scores:
+            ranked_scores["\0no-answer"] = 0.0
+    scores = evaluate(qrels, Run(run_dict), list(ACCURACY_METRICS), make_comparable=True)
+    return {name: float(scores[name]) for name in ACCURACY_METRICS}
+
+
+def coverage(answers: Mapping[str, Sequence[str]], catalog_size: int) -> float:
+    """Share of the catalog that appears in at least one top-10 answer."""
+    shown = {item for ranked in answers.values() for item in list(ranked)[:K]}
+    return len(shown) / catalog_size if catalog_size else 0.0
+
+
+def mean_intra_list_diversity(
+    answers: Mapping[str, Sequence[str]], vector_of: Callable[[str], np.ndarray | None]
+) -> float:
+    """Mean over answers of 1 − mean pairwise cosine of the top-10 items' vectors."""
+    from gateway.diversity import intra_list_diversity
+
+    values = []
+    for ranked in answers.values():
+        vectors = [v for v in (vector_of(i) for i in list(ranked)[:K]) if v is not None]
+        if len(vectors) >= 2:
+            values.append(intra_list_diversity(np.stack(vectors)))
+    return float(np.mean(values)) if values else 0.0

@@ -1,0 +1,77 @@
+"""The protocol's splits and metric plumbing on small hand-made data."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+
+from recsys.evaluation.metrics import accuracy, coverage
+from recsys.evaluation.splits import histories, relevant_items, temporal_split
+
+
+def interactions(users: int = 3, per_user: int = 25) -> pd.DataFrame:
+    rows = []
+    for u in range(users):
+        for t in range(per_user):
+            # Timestamps deliberately out of file order to prove the split sorts by time.
+            ts = (t * 7919) % per_user
+            rows.append(
+                {
+                    "user_id": f"u{u}",
+                    "item_id": f"i{u}-{ts}",
+                    "timestamp": ts,
+                    "weight": 4.0 if ts % 2 else 3.0,
+                    "query": "",
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def test_temporal_split_takes_last_ten_as_test_and_ten_before_as_validation() -> None:
+    split = temporal_split(interactions())
+    for user in ("u0", "u1", "u2"):
+        train = split.train[split.train.user_id == user].timestamp
+        val = split.validation[split.validation.user_id == user].timestamp
+        test = split.test[split.test.user_id == user].timestamp
+        assert sorted(test) == list(range(15, 25))
+        assert sorted(val) == list(range(5, 15))
+        assert sorted(train) == list(range(0, 5))
+        # No leakage: everything in train precedes validation, which precedes test.
+        assert train.max() < val.min() and val.max() < test.min()
+    total = len(split.train) + len(split.validation) + len(split.test)
+    assert total == len(interactions())
+
+
+def test_short_histories_go_to_test_first() -> None:
+    split = temporal_split(interactions(users=1, per_user=12))
+    assert len(split.test) == 10 and len(split.validation) == 2 and split.train.empty
+
+
+def test_relevant_items_keep_ratings_of_four_and_up_and_drop_users_without_any() -> None:
+    part = pd.DataFrame(
+        {"user_id": ["a", "a", "b"], "item_id": ["x", "y", "z"], "weight": [4.0, 3.5, 2.0]}
+    )
+    assert relevant_items(part) == {"a": {"x"}}
+
+
+def test_histories_are_most_recent_first() -> None:
+    seen = pd.DataFrame(
+        {"user_id": ["a", "a", "a"], "item_id": ["old", "new", "mid"], "timestamp": [1, 3, 2]}
+    )
+    assert histories(seen) == {"a": ["new", "mid", "old"]}
+
+
+def test_accuracy_matches_hand_computed_values() -> None:
+    relevant = {"q1": {"a"}, "q2": {"b", "c"}, "q3": {"z"}}
+    answers = {"q1": ["a", "x"], "q2": ["x", "b", "y", "c"], "q3": []}
+    scores = accuracy(relevant, answers)
+    ndcg_q2 = (1 / math.log2(3) + 1 / math.log2(5)) / (1 + 1 / math.log2(3))
+    assert scores["ndcg@10"] == pytest.approx((1.0 + ndcg_q2 + 0.0) / 3)
+    assert scores["recall@10"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
+    assert scores["mrr@10"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+
+
+def test_coverage_counts_distinct_items_in_top_ten() -> None:
+    assert coverage({"a": ["x", "y"], "b": ["y", "z"]}, catalog_size=10) == pytest.approx(0.3)

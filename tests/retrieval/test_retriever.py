@@ -1,0 +1,111 @@
+"""Retriever over a real encoder and FAISS index: filters, history vectors, durable upserts/deletes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recsys.domain import Item, SearchQuery
+from recsys.errors import InvalidInput
+from retrieval_service.catalog import ItemStore, Journal
+from retrieval_service.encoder import TextEncoder
+from retrieval_service.index import VectorIndex
+from retrieval_service.retriever import HistoryWeights, Retriever
+
+
+def make_retriever(
+    encoder: TextEncoder, catalog: pd.DataFrame, journal: Journal | None
+) -> Retriever:
+    items = [
+        Item(r.item_id, r.title, r.description, r.category) for r in catalog.itertuples(index=False)
+    ]
+    vectors = encoder.encode([i.text() for i in items])
+    index = VectorIndex.build(vectors, "Flat", device="cpu")
+    retriever = Retriever(encoder, index, ItemStore(items, vectors), journal, "v-test")
+    retriever._replay()
+    return retriever
+
+
+def ids(retriever: Retriever, **query: object) -> list[str]:
+    hits, _ = retriever.search(SearchQuery(**query))  # type: ignore[arg-type]
+    return [h.item_id for h in hits]
+
+
+def test_text_search_finds_the_item_and_filters_apply(
+    encoder: TextEncoder, catalog: pd.DataFrame
+) -> None:
+    retriever = make_retriever(encoder, catalog, None)
+    assert ids(retriever, top_k=3, text="Espresso machine")[0] == "item-004"
+    kitchen = ids(retriever, top_k=3, text="Espresso machine", categories=frozenset({"Books"}))
+    assert all(catalog.set_index("item_id").loc[i, "category"] == "Books" for i in kitchen)
+    excluded = ids(
+        retriever, top_k=3, text="Espresso machine", exclude_item_ids=frozenset({"item-004"})
+    )
+    assert "item-004" not in excluded and len(excluded) == 3
+
+
+def test_history_vector_is_recency_weighted_and_unknown_ids_are_reported(
+    encoder: TextEncoder, catalog: pd.DataFrame
+) -> None:
+    retriever = make_retriever(encoder, catalog, None)
+    retriever.history = HistoryWeights(half_life=1.0)
+    history = ("item-005", "item-006", "item-013", "item-014")  # knife, skillet, two books
+    categories = catalog.set_index("item_id")["category"]
+
+    def top_category(order: tuple[str, ...]) -> str:
+        hits, unknown = retriever.search(
+            SearchQuery(
+                top_k=1, history_item_ids=(*order, "nope"), exclude_item_ids=frozenset(order)
+            )
+        )
+        assert unknown == ["nope"]
+        return str(categories[hits[0].item_id])
+
+    # Most recent first: whichever pair is most recent decides.
+    assert top_category(history) == "Kitchen"
+    assert top_category(tuple(reversed(history))) == "Books"
+
+
+def test_query_needs_something_and_vectors_need_the_right_dimension(
+    encoder: TextEncoder, catalog: pd.DataFrame
+) -> None:
+    retriever = make_retriever(encoder, catalog, None)
+    with pytest.raises(InvalidInput, match="query"):
+        retriever.search(SearchQuery(top_k=3, history_item_ids=("unknown",)))
+    with pytest.raises(InvalidInput, match="query_vector"):
+        retriever.search(SearchQuery(top_k=3, vector=np.ones(3, np.float32)))
+    vector = encoder.encode(["Desk lamp"])[0]
+    assert ids(retriever, top_k=1, vector=vector) == ["item-018"]
+
+
+def test_upserts_and_deletes_survive_a_reload_through_the_journal(
+    encoder: TextEncoder, catalog: pd.DataFrame, tmp_path: Path
+) -> None:
+    journal_path = tmp_path / "v.journal.jsonl"
+    retriever = make_retriever(encoder, catalog, Journal(journal_path))
+    new = Item("new-1", "Telescope for stargazing", "Refractor, 70 mm aperture.", "Outdoors")
+    replaced = Item("item-018", "Floor lamp", "Tall arc lamp.", "Home")
+    size = retriever.upsert([new, replaced])
+    assert size == len(catalog) + 1
+    retriever.delete(["item-019"])
+    assert ids(retriever, top_k=1, text="Telescope for stargazing") == ["new-1"]
+
+    reloaded = make_retriever(encoder, catalog, Journal(journal_path))
+    assert len(reloaded.store) == len(catalog)  # +1 new, -1 deleted, replaced in place
+    assert ids(reloaded, top_k=1, text="Telescope for stargazing") == ["new-1"]
+    assert reloaded.store.get("item-018") == replaced
+    assert "item-019" not in ids(reloaded, top_k=len(catalog), text="Scented candle")
+    found, missing = reloaded.get_items(["item-018", "item-019"])
+    assert [i.item_id for i, _ in found] == ["item-018"] and missing == ["item-019"]
+
+
+def test_a_torn_journal_tail_is_dropped_not_fatal(tmp_path: Path) -> None:
+    path = tmp_path / "j.jsonl"
+    journal = Journal(path)
+    journal.append_delete(["a"])
+    with path.open("a") as fh:
+        fh.write('{"op": "delete", "item_')  # crash mid-write: never acknowledged
+    assert [r["item_ids"] for r in Journal(path).records()] == [["a"]]
