@@ -21,13 +21,11 @@ def accuracy(
     for query in relevant:
         ranked = list(answers.get(query, ()))[:K]
         # ranx ranks by score: give strictly decreasing scores in answer order.
-        run_dict[query] = {item: float(K - i) for i, item in enumerate(ranked)}
-    # ranx refuses empty rankings; an unmatched placeholder scores 0 on every metric, like no answer.
-    for query, ranked_scores in run_dict.items():
-        if not ranked_scores:
-            ranked_scores["\0no-answer"] = 0.0
-    scores = evaluate(qrels, Run(run_dict), list(ACCURACY_METRICS), make_comparable=True)
-    return {name: float(scores[name]) for name in ACCURACY_METRICS}
+        scores = {item: float(K - i) for i, item in enumerate(ranked)}
+        # ranx refuses empty rankings; an unmatched placeholder scores 0, like no answer.
+        run_dict[query] = scores or {"\0no-answer": 0.0}
+    means = evaluate(qrels, Run(run_dict), list(ACCURACY_METRICS), make_comparable=True)
+    return {name: float(means[name]) for name in ACCURACY_METRICS}
 
 
 def coverage(answers: Mapping[str, Sequence[str]], catalog_size: int) -> float:
