@@ -58,7 +58,7 @@ class Ranker:
             scorer = CrossEncoderScorer.load(
                 bundle.file(bundle_files.CROSS_ENCODER_DIR),
                 device=settings.device,
-                max_length=settings.ce_max_length,
+                max_length=manifest["cross_encoder"].get("max_length", 128),
             )
             ce_name = f"{bundle.version}/cross_encoder"
             batcher = DynamicBatcher(
@@ -110,7 +110,12 @@ class Ranker:
         self.validate(context, candidates)
         if not candidates:
             return RankOutcome([], cf_folded_in=False)
-        ce = await self._cross_encoder(context, candidates)
+        return self.combine(context, candidates, await self._cross_encoder(context, candidates))
+
+    def combine(
+        self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
+    ) -> RankOutcome:
+        """Adds CF and retrieval to the cross-encoder scores, fuses, and sorts best first."""
         cf, folded = self._cf(context, candidates)
         retrieval = np.array(
             [np.nan if c.retrieval_score is None else c.retrieval_score for c in candidates],

@@ -6,7 +6,7 @@ import logging
 import platform
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ranking_service.train import RankerTrainConfig
 from recsys import bundle as bundle_files
 from recsys.bundle import Bundle, publish, staged_version, write_manifest
 from recsys.ingest import IngestReport, load_catalog, load_interactions
@@ -31,13 +32,14 @@ class BuildOptions:
     encoder: Path | None = None
     pooling: str = "mean"
     index_factory: str = "Flat"
-    ranker_steps: int = 400
-    ranker: bool = True
+    # None builds no cross-encoder (--no-ranker); ranking then fuses CF and retrieval.
+    ranker: RankerTrainConfig | None = field(default_factory=RankerTrainConfig)
     device: str = "auto"
     strict: bool = False
     cf_factors: int = 64
     fusion_alpha: float = 0.7
     seed: int = 0
+    split: str | None = None  # set when built from an evaluation protocol's train split
 
 
 @dataclass(frozen=True)
@@ -96,7 +98,7 @@ def build_bundle(
         timings["cf_seconds"] = time.perf_counter() - t0
 
         ranker_section: dict[str, Any] | None = None
-        if options.ranker:
+        if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
                 options, inputs, retrieval, encoder_dir, stage, train_queries
@@ -140,7 +142,7 @@ def _train_ranker(
     stage: Path,
     train_queries: Sequence[tuple[str, Sequence[str]]],
 ) -> dict[str, Any]:
-    from ranking_service.train import RankerTrainConfig, train_cross_encoder
+    from ranking_service.train import train_cross_encoder
 
     item_ids = inputs.catalog["item_id"].to_numpy()
 
@@ -150,7 +152,8 @@ def _train_ranker(
         _, rows = retrieval.index.search(np.ascontiguousarray(vectors), n)
         return [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
 
-    config = RankerTrainConfig(steps=options.ranker_steps, device=options.device, seed=options.seed)
+    assert options.ranker is not None
+    config = replace(options.ranker, device=options.device, seed=options.seed)
     return train_cross_encoder(
         base_dir=encoder_dir,
         catalog=inputs.catalog,

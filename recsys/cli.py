@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_datasets(sub)
     _add_serve(sub)
     _add_demo(sub)
+    _add_evaluate(sub)
     return parser
 
 
@@ -125,6 +126,7 @@ def _add_build(sub: Any) -> None:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    from ranking_service.train import RankerTrainConfig
     from recsys.build import BuildOptions, build_bundle
 
     if args.ranker_steps < 1:
@@ -138,8 +140,7 @@ def _run_build(args: argparse.Namespace) -> int:
             encoder=args.encoder,
             pooling=args.pooling,
             index_factory=args.index_factory,
-            ranker_steps=args.ranker_steps,
-            ranker=not args.no_ranker,
+            ranker=None if args.no_ranker else RankerTrainConfig(steps=args.ranker_steps),
             device=args.device,
             strict=args.strict,
             seed=args.seed,
@@ -387,6 +388,64 @@ def _run_demo(args: argparse.Namespace) -> int:
     from recsys.demo import run_demo
 
     return run_demo(args.bundle, once=args.once, ranker_steps=args.ranker_steps)
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+
+
+def _add_evaluate(sub: Any) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="offline metrics of every stage and the full pipeline against baselines",
+        description="Evaluate under the protocol of ../shared/data/README.md. DIR comes from "
+        "`recsys datasets movielens`. When ROOT holds no bundle, one is built there from the "
+        "train split only (validation fits fusion and early stopping); a bundle not built that "
+        "way is refused. Writes report.json, report.md and PNG charts to REPORT_DIR.",
+    )
+    p.add_argument("--data", type=Path, required=True, metavar="DIR")
+    p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
+    p.add_argument("--protocol", choices=("recommend", "search", "all"), default="all")
+    p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
+    p.add_argument(
+        "--ranker-steps",
+        type=int,
+        default=400,
+        metavar="N",
+        help="fine-tuning steps when building (default 400)",
+    )
+    p.add_argument(
+        "--index-factory", default="Flat", help="FAISS factory string when building (default Flat)"
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.set_defaults(handler=_run_evaluate)
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from ranking_service.train import RankerTrainConfig
+    from recsys.build import BuildOptions
+    from recsys.evaluation.runner import SPLIT_MARK, run_evaluation
+
+    options = BuildOptions(
+        catalog=args.data / "catalog.csv",
+        interactions=args.data / "interactions.csv",
+        out=args.bundle,
+        index_factory=args.index_factory,
+        ranker=RankerTrainConfig(steps=args.ranker_steps),
+        device=args.device,
+        split=SPLIT_MARK,
+    )
+    report = run_evaluation(args.data, args.bundle, args.protocol, args.out, options)
+    for protocol in ("recommend", "search"):
+        if protocol in report:
+            print(
+                f"{protocol}: "
+                + ", ".join(
+                    f"{m} ndcg@10={v['ndcg@10']:.4f}"
+                    for m, v in report[protocol]["methods"].items()
+                )
+            )
+    print(f"report: {args.out / 'report.md'}")
+    return 0
 
 
 if __name__ == "__main__":

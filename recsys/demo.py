@@ -11,6 +11,7 @@ import grpc
 import pandas as pd
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from ranking_service.train import RankerTrainConfig
 from recsys.bundle import CURRENT
 from recsys.processes import START_ORDER, spawn
 from recsys.settings import Settings
@@ -30,6 +31,11 @@ class DemoCall:
     request: gateway_pb2.RecommendRequest
 
 
+def demo_ranker_config(steps: int) -> RankerTrainConfig:
+    """A short fine-tune that still clearly beats the untrained head on the sample (CPU minutes)."""
+    return RankerTrainConfig(steps=steps, batch_size=8, max_length=96, validation_users=40)
+
+
 def ensure_sample_bundle(root: Path, ranker_steps: int) -> None:
     """Builds the sample bundle into root unless a complete one is already there."""
     if (root / CURRENT).is_file():
@@ -42,7 +48,10 @@ def ensure_sample_bundle(root: Path, ranker_steps: int) -> None:
     print(f"building the sample bundle into {root} (first run only; a minute or two on a CPU)")
     build_bundle(
         BuildOptions(
-            catalog=catalog, interactions=interactions, out=root, ranker_steps=ranker_steps
+            catalog=catalog,
+            interactions=interactions,
+            out=root,
+            ranker=demo_ranker_config(ranker_steps),
         )
     )
 
@@ -83,14 +92,18 @@ def format_reply(call: DemoCall, reply: gateway_pb2.RecommendResponse) -> str:
     lines = [f"\n== {call.title}"]
     if reply.degraded:
         lines.append(f"   DEGRADED: {', '.join(reply.degraded_reasons)}")
-    lines.append(f"   {'#':>2}  {'item':<8} {'title':<46} {'score':>7} {'x-enc':>7} {'cf':>7} {'retr':>7}")
+    lines.append(
+        f"   {'#':>2}  {'item':<8} {'title':<46} {'score':>7} {'x-enc':>7} {'cf':>7} {'retr':>7}"
+    )
     for rank, item in enumerate(reply.items, start=1):
         s = item.scores
         lines.append(
             f"   {rank:>2}  {item.item_id:<8} {item.title[:46]:<46} {item.score:7.3f} "
             f"{_fmt(s, 'cross_encoder')} {_fmt(s, 'cf')} {_fmt(s, 'retrieval')}"
         )
-    timings = ", ".join(f"{STAGE_NAMES.get(t.stage, t.stage)} {t.seconds * 1000:.1f} ms" for t in reply.timings)
+    timings = ", ".join(
+        f"{STAGE_NAMES.get(t.stage, t.stage)} {t.seconds * 1000:.1f} ms" for t in reply.timings
+    )
     lines.append(f"   timings: {timings}")
     lines.append(f"   answered by bundle {reply.versions.bundle_version}")
     return "\n".join(lines)

@@ -63,7 +63,6 @@ class Settings(BaseSettings):
     rank_max_batch_pairs: int = Field(64, ge=1)
     rank_max_wait_ms: float = Field(5.0, ge=0)
     rank_max_queue_pairs: int = Field(8192, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
-    ce_max_length: int = Field(256, ge=16, description="Cross-encoder max tokens per pair.")
 
     # Gateway
     default_budget_ms: float = Field(

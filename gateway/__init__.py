@@ -1,0 +1,1 @@
+"""Gateway: the caller-facing flow — retrieval, ranking, diversity — with deadlines and fallbacks."""

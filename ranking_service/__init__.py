@@ -1,0 +1,1 @@
+"""Ranking service: fine-tuned cross-encoder, collaborative filtering, fusion and dynamic batching."""

@@ -1,0 +1,170 @@
+"""Implicit-feedback ALS (the `implicit` library) with exact fold-in for users unseen at training."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CFModel:
+    """User and item factors with their id maps; confidence = alpha × summed interaction weight."""
+
+    user_ids: list[str]
+    item_ids: list[str]
+    user_factors: np.ndarray
+    item_factors: np.ndarray
+    regularization: float
+    alpha: float
+    iterations: int
+
+    def __post_init__(self) -> None:
+        self._user_row = {u: i for i, u in enumerate(self.user_ids)}
+        self._item_row = {it: i for i, it in enumerate(self.item_ids)}
+        # Shared by every fold-in: YᵀY is the same for all users.
+        self._gram = self.item_factors.T.astype(np.float64) @ self.item_factors.astype(np.float64)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def factors(self) -> int:
+        return int(self.item_factors.shape[1])
+
+    @classmethod
+    def train(
+        cls,
+        interactions: pd.DataFrame,
+        factors: int = 64,
+        iterations: int = 15,
+        regularization: float = 0.05,
+        alpha: float = 2.0,
+        seed: int = 0,
+    ) -> CFModel:
+        """Fits ALS on the (user, item) matrix of summed weights."""
+        from implicit.cpu.als import AlternatingLeastSquares
+
+        grouped = (
+            interactions.groupby(["user_id", "item_id"], sort=True)["weight"].sum().reset_index()
+        )
+        user_ids = sorted(grouped["user_id"].unique().tolist())
+        item_ids = sorted(grouped["item_id"].unique().tolist())
+        rows = pd.Categorical(grouped["user_id"], categories=user_ids).codes
+        cols = pd.Categorical(grouped["item_id"], categories=item_ids).codes
+        matrix = sp.csr_matrix(
+            (grouped["weight"].to_numpy(np.float32), (rows, cols)),
+            shape=(len(user_ids), len(item_ids)),
+        )
+        model = AlternatingLeastSquares(
+            factors=factors,
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            random_state=seed,
+            num_threads=0,
+        )
+        model.fit(matrix, show_progress=False)
+        return cls(
+            user_ids=[str(u) for u in user_ids],
+            item_ids=[str(i) for i in item_ids],
+            user_factors=np.asarray(model.user_factors, np.float32),
+            item_factors=np.asarray(model.item_factors, np.float32),
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+        )
+
+    def save(self, out_dir: Path) -> dict[str, Any]:
+        """Writes factors, id maps and parameters; returns the manifest section."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / "user_factors.npy", self.user_factors)
+        np.save(out_dir / "item_factors.npy", self.item_factors)
+        (out_dir / "users.json").write_text(json.dumps(self.user_ids))
+        (out_dir / "items.json").write_text(json.dumps(self.item_ids))
+        params = {
+            "factors": self.factors,
+            "iterations": self.iterations,
+            "regularization": self.regularization,
+            "alpha": self.alpha,
+        }
+        (out_dir / "params.json").write_text(json.dumps(params))
+        return {**params, "users": self.n_users, "items": self.n_items}
+
+    @classmethod
+    def load(cls, in_dir: Path) -> CFModel:
+        params = json.loads((in_dir / "params.json").read_text())
+        return cls(
+            user_ids=json.loads((in_dir / "users.json").read_text()),
+            item_ids=json.loads((in_dir / "items.json").read_text()),
+            user_factors=np.load(in_dir / "user_factors.npy"),
+            item_factors=np.load(in_dir / "item_factors.npy"),
+            regularization=params["regularization"],
+            alpha=params["alpha"],
+            iterations=params["iterations"],
+        )
+
+    def user_vector(self, user_id: str) -> np.ndarray | None:
+        row = self._user_row.get(user_id)
+        return None if row is None else self.user_factors[row]
+
+    def fold_in(
+        self, item_ids: Sequence[str], weights: Sequence[float] | None = None
+    ) -> np.ndarray | None:
+        """The ALS solution for a new user from their items (None when CF knows none of them).
+
+        Solves (YᵀY + Σ (c−1) y yᵀ + λI) x = Σ c y with c = alpha × weight, as one ALS user step.
+        """
+        confidence: dict[int, float] = {}
+        for k, item_id in enumerate(item_ids):
+            row = self._item_row.get(item_id)
+            if row is not None:
+                w = 1.0 if weights is None else float(weights[k])
+                confidence[row] = confidence.get(row, 0.0) + self.alpha * w
+        if not confidence:
+            return None
+        rows = np.fromiter(confidence, dtype=np.int64)
+        c = np.fromiter(confidence.values(), dtype=np.float64)
+        y = self.item_factors[rows].astype(np.float64)
+        a = self._gram + (y.T * (c - 1.0)) @ y + self.regularization * np.eye(self.factors)
+        b = y.T @ c
+        return np.linalg.solve(a, b).astype(np.float32)
+
+    def scores(self, user_vector: np.ndarray, item_ids: Sequence[str]) -> np.ndarray:
+        """Dot products with the items' factors; NaN for items CF never saw."""
+        out = np.full(len(item_ids), np.nan, np.float32)
+        pairs = [(k, self._item_row.get(i)) for k, i in enumerate(item_ids)]
+        known = [(k, r) for k, r in pairs if r is not None]
+        if known:
+            positions, rows = zip(*known, strict=True)
+            out[list(positions)] = self.item_factors[list(rows)] @ user_vector
+        return out
+
+    def recommend(
+        self, user_vector: np.ndarray, k: int, exclude: Collection[str] = ()
+    ) -> list[tuple[str, float]]:
+        """Top-k items by CF score, skipping `exclude`."""
+        scores = self.item_factors @ user_vector
+        order = np.argsort(-scores, kind="stable")
+        out: list[tuple[str, float]] = []
+        for row in order:
+            item_id = self.item_ids[row]
+            if item_id not in exclude:
+                out.append((item_id, float(scores[row])))
+                if len(out) == k:
+                    break
+        return out

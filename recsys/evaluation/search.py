@@ -1,0 +1,58 @@
+"""The search protocol: tag queries (test half) against BM25, dense, dense + base CE, and full."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from recsys.domain import SearchQuery
+from recsys.evaluation.metrics import K
+from recsys.evaluation.models import EvalModels, score_lists
+from recsys.movielens import TagQuery
+
+METHODS = ("bm25", "dense", "dense+ce_base", "dense+ce", "full")
+POOL = 100
+
+Run = dict[str, list[str]]
+
+
+def bm25_run(item_ids: Sequence[str], texts: Sequence[str], queries: Sequence[str]) -> Run:
+    """BM25 (the bm25s library) over item text, English stop words removed."""
+    import bm25s
+
+    retriever = bm25s.BM25()
+    retriever.index(
+        bm25s.tokenize(list(texts), stopwords="en", show_progress=False), show_progress=False
+    )
+    tokens = bm25s.tokenize(list(queries), stopwords="en", show_progress=False)
+    docs, _ = retriever.retrieve(tokens, k=K, show_progress=False)
+    return {q: [item_ids[int(d)] for d in row] for q, row in zip(queries, docs, strict=True)}
+
+
+def run_search(
+    models: EvalModels, queries: Sequence[TagQuery], pool: int = POOL, progress: bool = True
+) -> dict[str, Run]:
+    """Top-10 answers of every method for each test query."""
+    items = [models.retriever.store.item_at(r) for r in range(models.retriever.store.rows)]
+    live = [i for i in items if i is not None]
+    texts = [i.text() for i in live]
+    ids = [i.item_id for i in live]
+    runs: dict[str, Run] = {"bm25": bm25_run(ids, texts, [q.query for q in queries])}
+    runs.update({m: {} for m in METHODS if m != "bm25"})
+    contexts, pools = [], []
+    for q in tqdm(queries, desc="search: dense", disable=not progress):
+        hits, _ = models.retriever.search(SearchQuery(top_k=pool, text=q.query))
+        runs["dense"][q.query] = [h.item_id for h in hits[:K]]
+        contexts.append(models.context(q.query, []))
+        pools.append(models.candidates(hits))
+    for name, scorer in (("dense+ce", models.tuned), ("dense+ce_base", models.base)):
+        scores = score_lists(scorer, contexts, pools, desc=f"search: {name}", progress=progress)
+        for q, context, candidates, ce in zip(queries, contexts, pools, scores, strict=True):
+            order = np.argsort(-ce, kind="stable")[:K]
+            runs[name][q.query] = [candidates[i].item_id for i in order]
+            if name == "dense+ce":
+                outcome = models.ranker.combine(context, candidates, ce)
+                runs["full"][q.query] = [s.item_id for s in outcome.scored[:K]]
+    return runs
