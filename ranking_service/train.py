@@ -17,9 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from ranking_service.cross_encoder import build_context
+from ranking_service.fusion import LogisticFusion, features
 from recsys.devices import resolve_device
 from recsys.domain import item_text
 
@@ -239,3 +241,20 @@ def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:
         "ndcg@10": round(float(metrics["validation_ndcg@10"]), 4),
         "mrr@10": round(float(metrics["validation_mrr@10"]), 4),
     }
+
+
+@dataclass(frozen=True)
+class FusionList:
+    """One validation request: stage scores of its candidates and which ones were relevant."""
+
+    ce: np.ndarray | None
+    cf: np.ndarray
+    retrieval: np.ndarray
+    labels: np.ndarray
+
+
+def fit_fusion(lists: Sequence[FusionList], **meta: Any) -> LogisticFusion:
+    """Fits the learned fusion on validation lists (features are standardised per list)."""
+    x = np.vstack([features(f.ce, f.cf, f.retrieval) for f in lists])
+    y = np.concatenate([f.labels for f in lists]).astype(np.float64)
+    return LogisticFusion.fit(x, y, lists=len(lists), positives=int(y.sum()), **meta)

@@ -64,8 +64,13 @@ def build_bundle(
     options: BuildOptions,
     inputs: BuildInputs | None = None,
     train_queries: Sequence[tuple[str, Sequence[str]]] = (),
+    validation: pd.DataFrame | None = None,
 ) -> Bundle:
-    """Builds a complete version under options.out and switches CURRENT to it only at the end."""
+    """Builds a complete version under options.out and switches CURRENT to it only at the end.
+
+    With `validation` interactions (later than the training ones), fusion is learned on them;
+    otherwise the convex default is stored.
+    """
     # Imported here: the CLI starts fast and `bundle info` never loads torch.
     from ranking_service.cf import CFModel
     from ranking_service.fusion import ConvexFusion, save_fusion
@@ -105,7 +110,11 @@ def build_bundle(
             )
             timings["ranker_seconds"] = time.perf_counter() - t0
 
-        fusion = ConvexFusion(alpha=options.fusion_alpha)
+        fusion: Any = ConvexFusion(alpha=options.fusion_alpha)
+        if validation is not None and options.ranker is not None:
+            t0 = time.perf_counter()
+            fusion = _fit_fusion(options, inputs, validation, retrieval, cf, stage, fusion)
+            timings["fusion_seconds"] = time.perf_counter() - t0
         save_fusion(fusion, stage / bundle_files.FUSION)
         timings["total_seconds"] = time.perf_counter() - started
 
@@ -163,6 +172,72 @@ def _train_ranker(
         config=config,
         train_queries=train_queries,
     )
+
+
+FUSION_USERS = 150
+FUSION_POOL = 50
+
+
+def _fit_fusion(
+    options: BuildOptions,
+    inputs: BuildInputs,
+    validation: pd.DataFrame,
+    retrieval: Any,
+    cf: Any,
+    stage: Path,
+    default: Any,
+) -> Any:
+    """Learns fusion weights on validation users: their train history → pool → stage scores."""
+    import random
+
+    from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+    from ranking_service.train import FusionList, fit_fusion
+    from recsys.domain import SearchQuery
+    from recsys.evaluation.splits import histories, relevant_items
+    from recsys.ingest import catalog_items
+    from retrieval_service.catalog import ItemStore
+    from retrieval_service.retriever import Retriever
+
+    assert options.ranker is not None
+    items = catalog_items(inputs.catalog)
+    text = {i.item_id: i.text() for i in items}
+    vectors = np.load(stage / bundle_files.EMBEDDINGS)
+    retriever = Retriever(
+        retrieval.encoder, retrieval.index, ItemStore(items, vectors), None, "staging"
+    )
+    scorer = CrossEncoderScorer.load(
+        stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
+    )
+    seen = histories(inputs.interactions)
+    relevant = relevant_items(validation)
+    users = sorted(u for u in relevant if seen.get(u))
+    users = random.Random(options.seed).sample(users, min(FUSION_USERS, len(users)))
+    lists = []
+    for user in users:
+        history = seen[user][:100]
+        hits, _ = retriever.search(
+            SearchQuery(
+                top_k=FUSION_POOL,
+                history_item_ids=tuple(history),
+                exclude_item_ids=frozenset(history),
+            )
+        )
+        ids = [h.item_id for h in hits]
+        labels = np.array([i in relevant[user] for i in ids], dtype=np.float64)
+        if not labels.any():
+            continue  # a list without a positive teaches the ranking nothing
+        context = build_context("", [text[i] for i in history])
+        ce = scorer.score([(context, text[i]) for i in ids])
+        vector = cf.fold_in(history)
+        cf_scores = cf.scores(vector, ids) if vector is not None else np.full(len(ids), np.nan)
+        lists.append(FusionList(ce, cf_scores, np.array([h.score for h in hits]), labels))
+    if not lists:
+        log.warning(
+            "no validation user has a relevant item in the pool; keeping %s", default.to_dict()
+        )
+        return default
+    log.info("fitting fusion on %d validation lists", len(lists))
+    return fit_fusion(lists, replaces=default.to_dict(), pool=FUSION_POOL)
 
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:

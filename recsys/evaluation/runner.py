@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from recsys.build import BuildInputs, BuildOptions, build_bundle
 from recsys.bundle import CURRENT, Bundle
 from recsys.errors import InvalidInput
@@ -90,15 +92,16 @@ def evaluate_recommend(models: EvalModels, split: Split, progress: bool) -> dict
         methods[name] = scores
     sweep = []
     for setting in DIVERSITY_SETTINGS:
-        answers = {}
+        answers: dict[str, list[str]] = {}
         for case, (_, scored) in zip(cases, pools["full"], strict=True):
-            ids = [s.item_id for s in scored]
-            vectors = [models.vector(i) for i in ids]
-            import numpy as np
-
-            rel = np.array([s.scores.fused for s in scored], dtype=np.float32)
-            picks = mmr(rel, np.stack(vectors), 10, setting) if ids else []
-            answers[case.user_id] = [ids[i] for i in picks]
+            ids = [s.item_id for s in scored if models.vector(s.item_id) is not None]
+            if not ids:
+                answers[case.user_id] = []
+                continue
+            vectors = np.stack([models.vector(i) for i in ids])  # type: ignore[misc]
+            fused = {s.item_id: s.scores.fused for s in scored}
+            rel = np.array([fused[i] for i in ids], dtype=np.float32)
+            answers[case.user_id] = [ids[i] for i in mmr(rel, vectors, 10, setting)]
         sweep.append(
             {
                 "diversity": setting,
