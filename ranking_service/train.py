@@ -35,7 +35,7 @@ CHUNK = 256  # contexts per retrieval call: bounds memory on large logs
 
 @dataclass(frozen=True)
 class RankerTrainConfig:
-    steps: int = 400
+    steps: int = 150
     batch_size: int = 16
     negatives_per_positive: int = 3
     learning_rate: float = 5e-5
