@@ -3,30 +3,52 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
+import logging
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, TypeVar
 
 import grpc
 
 from recsys import convert
 from recsys.domain import Candidate, Hit, Item, RankContext, Scored, SearchQuery
-from recsys.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, RecsysError
+from recsys.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RecsysError,
+)
 from recsys.serving import client_channel
 from recsys.settings import Settings
 from recsys.v1 import ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# The ModelVersions fields retrieval can tell (its bundle version comes with every answer).
+RETRIEVAL_VERSION_FIELDS = ("encoder", "index_factory")
+
 
 @dataclass(frozen=True)
 class SearchResult:
+    """Retrieval's candidates, best first, and the versions of the index that answered."""
+
     hits: list[Hit]
     bundle_version: str
+    # encoder / index_factory when known for this bundle version, else absent.
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
 class RankResult:
+    """Ranking's candidates, best (fused) first, and the model versions that scored them."""
+
     scored: list[Scored]
     versions: dict[str, str]
+    cf_folded_in: bool = False
 
 
 class RetrievalStage(Protocol):
@@ -34,7 +56,9 @@ class RetrievalStage(Protocol):
 
     async def get_items(
         self, item_ids: Sequence[str], timeout: float
-    ) -> tuple[list[Item], list[str]]: ...
+    ) -> tuple[list[Item], list[str]]:
+        """Known items in request order, and the ids retrieval does not know."""
+        ...
 
     async def close(self) -> None: ...
 
@@ -48,18 +72,20 @@ class RankingStage(Protocol):
 
 
 class StageError(RecsysError):
-    """Any other failure of a stage, carrying the gRPC code it answered with."""
+    """A stage failed with a status that has no domain error of its own (INTERNAL, UNKNOWN, …)."""
 
     def __init__(self, stage: str, code: grpc.StatusCode, details: str) -> None:
         super().__init__(f"{stage} failed with {code.name}: {details}")
         self.stage_code = code
 
 
-def _domain_error(stage: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysError:
-    """Maps a stage's status to the domain error the pipeline decides on."""
+def domain_error(stage: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysError:
+    """Maps a stage's gRPC status to the domain error the pipeline decides on."""
     code, details = exc.code(), exc.details() or ""
     if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(details)
+        return InvalidInput(details)  # the stage's message already names the field
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"{stage} did not answer within the deadline")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
@@ -69,18 +95,31 @@ def _domain_error(stage: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysE
     return StageError(stage, code, details)
 
 
+async def within(call: Awaitable[T], timeout: float, stage: str) -> T:
+    """Awaits `call` for at most `timeout` seconds; running out is DeadlineExceeded."""
+    try:
+        return await asyncio.wait_for(call, timeout)
+    except TimeoutError:
+        raise DeadlineExceeded(f"{stage} did not answer within {timeout:.3f}s") from None
+
+
 class GrpcRetrievalStage:
+    """RetrievalService over a client channel; remembers the index info for the versions."""
+
     def __init__(self, settings: Settings) -> None:
         self.target = settings.retrieval_address
         self._channel = client_channel(self.target, settings)
         self._stub = retrieval_pb2_grpc.RetrievalServiceStub(self._channel)
+        self._info: retrieval_pb2.GetIndexInfoResponse | None = None
+        self._refresh: asyncio.Task[None] | None = None
 
     async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
         try:
             reply = await self._stub.Search(convert.search_request(query), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error("retrieval", self.target, exc) from None
-        return SearchResult([convert.hit_from_proto(h) for h in reply.hits], reply.bundle_version)
+            raise domain_error("retrieval", self.target, exc) from None
+        hits = [convert.hit_from_proto(h) for h in reply.hits]
+        return SearchResult(hits, reply.bundle_version, self._versions(reply.bundle_version))
 
     async def get_items(
         self, item_ids: Sequence[str], timeout: float
@@ -90,17 +129,41 @@ class GrpcRetrievalStage:
                 retrieval_pb2.GetItemsRequest(item_ids=list(item_ids)), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error("retrieval", self.target, exc) from None
+            raise domain_error("retrieval", self.target, exc) from None
         return [convert.item_from_proto(r.item) for r in reply.items], list(reply.missing_item_ids)
 
-    async def index_info(self, timeout: float) -> Any:
-        return await self._stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=timeout)
+    async def index_info(self, timeout: float) -> retrieval_pb2.GetIndexInfoResponse:
+        """GetIndexInfo (raises grpc.aio.AioRpcError); the answer is kept for `versions`."""
+        self._info = await self._stub.GetIndexInfo(
+            retrieval_pb2.GetIndexInfoRequest(), timeout=timeout
+        )
+        return self._info
+
+    def _versions(self, bundle_version: str) -> dict[str, str]:
+        """Encoder and index factory, but only when known for the bundle that answered."""
+        info = self._info
+        if info is not None and info.bundle_version == bundle_version:
+            return {name: getattr(info, name) for name in RETRIEVAL_VERSION_FIELDS}
+        # Retrieval switched bundles since we asked: learn the new info in the background.
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.create_task(self._refresh_info())
+        return {}
+
+    async def _refresh_info(self) -> None:
+        try:
+            await self.index_info(timeout=5.0)
+        except grpc.aio.AioRpcError as exc:
+            log.info("could not refresh retrieval index info: %s", exc.code().name)
 
     async def close(self) -> None:
+        if self._refresh is not None:
+            self._refresh.cancel()
         await self._channel.close(None)
 
 
 class GrpcRankingStage:
+    """RankingService over a client channel."""
+
     def __init__(self, settings: Settings) -> None:
         self.target = settings.ranking_address
         self._channel = client_channel(self.target, settings)
@@ -114,40 +177,49 @@ class GrpcRankingStage:
                 convert.rank_request(context, candidates), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise _domain_error("ranking", self.target, exc) from None
+            raise domain_error("ranking", self.target, exc) from None
         versions = {
             f.name: getattr(reply.versions, f.name) for f in reply.versions.DESCRIPTOR.fields
         }
-        return RankResult([convert.scored_from_proto(s) for s in reply.candidates], versions)
+        return RankResult(
+            [convert.scored_from_proto(s) for s in reply.candidates],
+            {name: value for name, value in versions.items() if value},
+            reply.cf_folded_in,
+        )
 
     async def close(self) -> None:
         await self._channel.close(None)
 
 
 class LocalRetrievalStage:
-    """The Retriever in this process (no gRPC); work runs in threads, as the servicer does."""
+    """A retrieval_service Retriever in this process (no gRPC); its work runs in threads."""
 
     def __init__(self, retriever: Any) -> None:
         self.retriever = retriever
+        # A Retriever serves one bundle version for its whole life.
+        info = retriever.info()
+        self._versions = {name: str(info[name]) for name in RETRIEVAL_VERSION_FIELDS}
 
     async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
-        hits, _ = await asyncio.wait_for(asyncio.to_thread(self.retriever.search, query), timeout)
-        return SearchResult(hits, self.retriever.version)
+        hits, _ = await within(
+            asyncio.to_thread(self.retriever.search, query), timeout, "retrieval"
+        )
+        return SearchResult(hits, self.retriever.version, dict(self._versions))
 
     async def get_items(
         self, item_ids: Sequence[str], timeout: float
     ) -> tuple[list[Item], list[str]]:
-        found, missing = await asyncio.wait_for(
-            asyncio.to_thread(self.retriever.get_items, item_ids), timeout
+        found, missing = await within(
+            asyncio.to_thread(self.retriever.get_items, item_ids), timeout, "retrieval"
         )
-        return [item for item, _ in found], missing
+        return [item for item, _ in found], list(missing)
 
     async def close(self) -> None:
         return None
 
 
 class LocalRankingStage:
-    """The Ranker in this process (no gRPC)."""
+    """A ranking_service Ranker in this process (no gRPC); it batches on the event loop."""
 
     def __init__(self, ranker: Any) -> None:
         self.ranker = ranker
@@ -155,11 +227,9 @@ class LocalRankingStage:
     async def rank(
         self, context: RankContext, candidates: Sequence[Candidate], timeout: float
     ) -> RankResult:
-        try:
-            outcome = await asyncio.wait_for(self.ranker.rank(context, candidates), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded("ranking did not answer within the deadline") from None
-        return RankResult(outcome.scored, dict(self.ranker.versions))
+        outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
+        versions = {name: value for name, value in self.ranker.versions.items() if value}
+        return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
 
     async def close(self) -> None:
         return None

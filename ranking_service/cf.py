@@ -12,6 +12,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from threadpoolctl import threadpool_limits
+
+from recsys.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +59,7 @@ class CFModel:
         alpha: float = 2.0,
         seed: int = 0,
     ) -> CFModel:
-        """Fits ALS on the (user, item) matrix of summed weights."""
-        from implicit.cpu.als import AlternatingLeastSquares
-
+        """Fits ALS on the (user, item) matrix of summed weights; on a GPU when implicit has CUDA."""
         grouped = (
             interactions.groupby(["user_id", "item_id"], sort=True)["weight"].sum().reset_index()
         )
@@ -70,20 +71,24 @@ class CFModel:
             (grouped["weight"].to_numpy(np.float32), (rows, cols)),
             shape=(len(user_ids), len(item_ids)),
         )
-        model = AlternatingLeastSquares(
-            factors=factors,
-            regularization=regularization,
-            alpha=alpha,
-            iterations=iterations,
-            random_state=seed,
-            num_threads=0,
+        if matrix.nnz and matrix.data.min() <= 0:
+            # implicit reads a non-positive confidence as a negative preference; we never mean that.
+            raise InvalidInput("interactions: summed weight per (user, item) must be > 0 for CF")
+        user_factors, item_factors = _fit_als(
+            matrix, factors, iterations, regularization, alpha, seed
         )
-        model.fit(matrix, show_progress=False)
+        log.info(
+            "ALS: %d users x %d items, %d factors, %d iterations",
+            len(user_ids),
+            len(item_ids),
+            factors,
+            iterations,
+        )
         return cls(
             user_ids=[str(u) for u in user_ids],
             item_ids=[str(i) for i in item_ids],
-            user_factors=np.asarray(model.user_factors, np.float32),
-            item_factors=np.asarray(model.item_factors, np.float32),
+            user_factors=user_factors,
+            item_factors=item_factors,
             regularization=regularization,
             alpha=alpha,
             iterations=iterations,
@@ -119,8 +124,9 @@ class CFModel:
         )
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
+        """The trained vector of a known user (a copy), None for a user unseen at training."""
         row = self._user_row.get(user_id)
-        return None if row is None else self.user_factors[row]
+        return None if row is None else self.user_factors[row].copy()
 
     def fold_in(
         self, item_ids: Sequence[str], weights: Sequence[float] | None = None
@@ -128,7 +134,12 @@ class CFModel:
         """The ALS solution for a new user from their items (None when CF knows none of them).
 
         Solves (YᵀY + Σ (c−1) y yᵀ + λI) x = Σ c y with c = alpha × weight, as one ALS user step.
+        Repeated items sum their weights, as training does.
         """
+        if weights is not None and len(weights) != len(item_ids):
+            raise InvalidInput(
+                f"fold_in: {len(weights)} weights for {len(item_ids)} items (must match)"
+            )
         confidence: dict[int, float] = {}
         for k, item_id in enumerate(item_ids):
             row = self._item_row.get(item_id)
@@ -168,3 +179,40 @@ class CFModel:
                 if len(out) == k:
                     break
         return out
+
+
+def _fit_als(
+    matrix: sp.csr_matrix,
+    factors: int,
+    iterations: int,
+    regularization: float,
+    alpha: float,
+    seed: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Runs implicit's ALS (GPU build when CUDA is usable) and returns float32 CPU factors."""
+    import implicit.gpu
+
+    params: dict[str, Any] = {
+        "factors": factors,
+        "regularization": regularization,
+        "alpha": alpha,
+        "iterations": iterations,
+        "random_state": seed,
+    }
+    if implicit.gpu.HAS_CUDA:
+        from implicit.gpu.als import AlternatingLeastSquares as GpuALS
+
+        gpu_model = GpuALS(**params)
+        gpu_model.fit(matrix, show_progress=False)
+        model = gpu_model.to_cpu()
+    else:
+        from implicit.cpu.als import AlternatingLeastSquares as CpuALS
+
+        # implicit parallelises over users itself; a BLAS thread pool inside that only contends.
+        with threadpool_limits(1, "blas"):
+            model = CpuALS(**params, num_threads=0)
+            model.fit(matrix, show_progress=False)
+    return (
+        np.ascontiguousarray(model.user_factors, np.float32),
+        np.ascontiguousarray(model.item_factors, np.float32),
+    )

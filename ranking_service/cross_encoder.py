@@ -69,9 +69,13 @@ class CrossEncoderScorer:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
             # A backbone that was never a classifier gets one logit, as sentence-transformers does.
             kwargs = {} if _is_classifier(config) else {"num_labels": 1}
-            model = AutoModelForSequenceClassification.from_pretrained(
-                model_dir, local_files_only=True, **kwargs
-            )
+            # Seeded without touching the caller's RNG, so a fresh head scores the same every load.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                # fp32 whatever the checkpoint's dtype; CUDA halves it below.
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    model_dir, local_files_only=True, dtype=torch.float32, **kwargs
+                )
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -9,6 +9,7 @@ present; the learned model sees it as 0 plus an explicit "missing" indicator it 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -31,7 +32,11 @@ class Fusion(Protocol):
 
 
 def normalise(scores: np.ndarray) -> np.ndarray:
-    """Z-score over the request's candidates; NaN stays NaN; a constant list becomes 0."""
+    """Z-score over the request's candidates; NaN stays NaN; a constant list becomes 0.
+
+    Cross-encoder logits, ALS dot products and cosines have unrelated, per-model and per-user
+    scales, so only their order and spread within one request are comparable.
+    """
     scores = np.asarray(scores, dtype=np.float64)
     present = ~np.isnan(scores)
     out = np.full(scores.shape, np.nan)
@@ -47,39 +52,44 @@ def normalise(scores: np.ndarray) -> np.ndarray:
 class ConvexFusion:
     """alpha × z(ce) + (1 − alpha) × z(cf); per item, weights re-normalise over the parts present.
 
-    When CF scores no candidate at all (no user, no known history), retrieval's score takes CF's
-    place, so a query-only request still blends the cross-encoder with retrieval.
+    Retrieval stands in for a stage that scored nothing: for the cross-encoder when it did not run
+    (so a query still counts), for CF when it knows neither the user nor any candidate.
     """
 
     alpha: float = 0.7
     kind: str = field(default="convex", init=False)
 
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.alpha <= 1.0:
+            raise InvalidInput(f"convex fusion alpha {self.alpha}: must be within [0, 1]")
+
     def fuse(
         self, ce: np.ndarray | None, cf: np.ndarray, retrieval: np.ndarray | None
     ) -> np.ndarray:
         n = len(cf)
-        second = normalise(cf)
-        if np.isnan(second).all() and retrieval is not None:
-            second = normalise(retrieval)
-        parts = [
-            (self.alpha, normalise(ce) if ce is not None else np.full(n, np.nan)),
-            (1.0 - self.alpha, second),
-        ]
+        z_ret = normalise(retrieval) if retrieval is not None else np.full(n, np.nan)
+        z_ce = normalise(ce) if ce is not None else z_ret
+        z_cf = normalise(cf)
+        if np.isnan(z_cf).all() and ce is not None:
+            z_cf = z_ret
         total = np.zeros(n)
         weight = np.zeros(n)
-        for w, z in parts:
+        for w, z in ((self.alpha, z_ce), (1.0 - self.alpha, z_cf)):
             present = ~np.isnan(z)
             total[present] += w * z[present]
             weight[present] += w
         fused = np.divide(total, weight, out=np.zeros(n), where=weight > 0)
-        if retrieval is not None:
-            # Items no model scored keep retrieval's order, below nothing else by construction.
-            unscored = weight == 0
-            fused[unscored] = np.nan_to_num(normalise(retrieval)[unscored])
+        # Items no part scored (or only a zero-weight part) fall back to retrieval's order.
+        unscored = weight == 0
+        fused[unscored] = np.nan_to_num(z_ret[unscored])
         return fused.astype(np.float32)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "alpha": self.alpha}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> ConvexFusion:
+        return cls(alpha=float(spec.get("alpha", 0.7)))
 
 
 FEATURES = ("ce", "cf", "retrieval", "cf_missing", "ce_missing")
@@ -138,22 +148,41 @@ class LogisticFusion:
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "features": list(FEATURES), **asdict(self)}
 
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> LogisticFusion:
+        if spec.get("features", list(FEATURES)) != list(FEATURES):
+            raise ValueError(f"features {spec['features']} differ from {list(FEATURES)}")
+        return cls(
+            weights=[float(w) for w in spec["weights"]],
+            bias=float(spec["bias"]),
+            fitted_on=spec.get("fitted_on", {}),
+        )
+
+
+# kind → reader of its to_dict(); a new fusion model registers here and save/load just work.
+FUSION_KINDS: dict[str, Callable[[dict[str, Any]], Fusion]] = {
+    "convex": ConvexFusion.from_dict,
+    "logistic": LogisticFusion.from_dict,
+}
+
 
 def save_fusion(fusion: Fusion, path: Path) -> None:
+    """Writes fusion.json: {"kind": ..., plus the kind's own parameters}."""
     path.write_text(json.dumps(fusion.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 def load_fusion(path: Path) -> Fusion:
-    """Reads fusion.json; an unknown kind is an InvalidInput naming the file."""
+    """Reads fusion.json; an unreadable file or unknown kind is an InvalidInput naming the file."""
     try:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"{path}: unreadable fusion file ({exc})") from None
-    kind = spec.get("kind")
-    if kind == "convex":
-        return ConvexFusion(alpha=float(spec["alpha"]))
-    if kind == "logistic":
-        return LogisticFusion(
-            weights=spec["weights"], bias=spec["bias"], fitted_on=spec.get("fitted_on", {})
-        )
-    raise InvalidInput(f"{path}: unknown fusion kind {kind!r} (expected convex or logistic)")
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    reader = FUSION_KINDS.get(str(kind))
+    if reader is None:
+        known = ", ".join(sorted(FUSION_KINDS))
+        raise InvalidInput(f"{path}: unknown fusion kind {kind!r} (expected one of: {known})")
+    try:
+        return reader(spec)
+    except (KeyError, TypeError, ValueError, InvalidInput) as exc:
+        raise InvalidInput(f"{path}: invalid {kind} fusion ({exc})") from None

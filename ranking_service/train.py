@@ -12,7 +12,7 @@ import logging
 import random
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,11 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ranking_service.cross_encoder import build_context
+from ranking_service.cross_encoder import HISTORY_IN_CONTEXT, build_context
 from ranking_service.fusion import LogisticFusion, features
 from recsys.devices import resolve_device
 from recsys.domain import item_text
+from recsys.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
@@ -35,15 +36,30 @@ CHUNK = 256  # contexts per retrieval call: bounds memory on large logs
 
 @dataclass(frozen=True)
 class RankerTrainConfig:
+    """Fine-tuning knobs; `steps` counts optimizer steps of `batch_size` lists (1 + negatives)."""
+
     steps: int = 150
     batch_size: int = 16
     negatives_per_positive: int = 3
     learning_rate: float = 5e-5
     max_length: int = 128
     validation_users: int = 100
-    validation_candidates: int = 10  # the positive among retrieved negatives
+    validation_candidates: int = 20  # the positive among retrieved hard negatives
     seed: int = 0
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        minimums = {
+            "steps": 1,
+            "batch_size": 1,
+            "negatives_per_positive": 1,
+            "max_length": 8,
+            "validation_users": 0,
+            "validation_candidates": 2,
+        }
+        for name, least in minimums.items():
+            if getattr(self, name) < least:
+                raise InvalidInput(f"ranker {name}={getattr(self, name)}: must be >= {least}")
 
 
 @dataclass(frozen=True)
@@ -63,20 +79,25 @@ def mine_examples(
 ) -> tuple[list[Example], list[Example]]:
     """(train, validation) examples: each interaction after a user's first, or with a query.
 
-    Validation is the last interaction of a random subset of users, never trained on.
+    Validation is the last example of a random subset of users, never trained on. Items missing
+    from the catalog have no text: they are neither positives nor part of a context.
     """
     text = _texts(catalog)
     ordered = interactions.sort_values(["user_id", "timestamp"], kind="stable")
     per_user: dict[str, list[Example]] = {}
     for user, group in ordered.groupby("user_id", sort=True):
-        history: list[str] = []
+        items = [str(i) for i in group["item_id"] if str(i) in text]
+        # Anything the user ever touched is no negative for them, earlier or later.
+        known = frozenset(items)
+        history: list[str] = []  # most recent first
         examples = []
         for item, query in zip(group["item_id"], group["query"], strict=True):
+            item, query = str(item), str(query).strip()
+            if item not in text:
+                continue
             if query or history:
-                recent = [text[i] for i in history[:5]]
-                examples.append(
-                    Example(build_context(str(query), recent), item, frozenset(history))
-                )
+                recent = [text[i] for i in history[:HISTORY_IN_CONTEXT]]
+                examples.append(Example(build_context(query, recent), item, known))
             history.insert(0, item)
         per_user[str(user)] = examples
     users = sorted(u for u, ex in per_user.items() if len(ex) >= 2)
@@ -106,15 +127,24 @@ def _texts(catalog: pd.DataFrame) -> dict[str, str]:
 
 
 def hard_negatives(
-    examples: Sequence[Example], negatives: NegativesFn, count: int, rng: random.Random
+    examples: Sequence[Example],
+    negatives: NegativesFn,
+    count: int,
+    rng: random.Random,
+    allowed: Container[str],
 ) -> list[list[str]]:
-    """`count` retrieved items per example that are neither its positive nor already known."""
+    """`count` retrieved `allowed` items per example that are neither its positive nor known."""
     out: list[list[str]] = []
+    # Chunks bound what the caller's retrieval holds at once on a large log.
     for start in range(0, len(examples), CHUNK):
         chunk = examples[start : start + CHUNK]
         retrieved = negatives([e.context for e in chunk], NEGATIVE_DEPTH + 1)
         for example, items in zip(chunk, retrieved, strict=True):
-            pool = [i for i in items if i != example.positive and i not in example.known]
+            pool = [
+                i
+                for i in items
+                if i != example.positive and i not in example.known and i in allowed
+            ]
             out.append(rng.sample(pool, min(count, len(pool))))
     return out
 
@@ -130,13 +160,7 @@ def train_cross_encoder(
 ) -> dict[str, Any]:
     """Fine-tunes from `base_dir`, saves the best checkpoint to out_dir, returns the manifest part."""
     import torch
-    from datasets import Dataset
-    from sentence_transformers.cross_encoder import (
-        CrossEncoder,
-        CrossEncoderTrainer,
-        CrossEncoderTrainingArguments,
-    )
-    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+    from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer
     from sentence_transformers.cross_encoder.losses import LambdaLoss
     from transformers import EarlyStoppingCallback
 
@@ -145,38 +169,23 @@ def train_cross_encoder(
     device = resolve_device(config.device)
     text = _texts(catalog)
     train, validation = mine_examples(catalog, interactions, config.validation_users, rng)
-    train += query_examples(train_queries, per_query=3, rng=rng)
+    train += [e for e in query_examples(train_queries, per_query=3, rng=rng) if e.positive in text]
     # Only as many examples as the steps will see: mining negatives for the rest is wasted work.
-    budget = config.steps * config.batch_size
-    train = rng.sample(train, min(budget, len(train)))
-    log.info("cross-encoder: %d training contexts, %d validation", len(train), len(validation))
-    train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng)
-    val_negs = hard_negatives(validation, negatives, config.validation_candidates - 1, rng)
+    train = rng.sample(train, min(config.steps * config.batch_size, len(train)))
+    train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng, text)
+    val_negs = hard_negatives(validation, negatives, config.validation_candidates - 1, rng, text)
+    # LambdaLoss needs lists of one length: contexts short of hard negatives are left out.
     keep = [k for k, n in enumerate(train_negs) if len(n) == config.negatives_per_positive]
-    labels = [1] + [0] * config.negatives_per_positive
-    dataset = Dataset.from_dict(
-        {
-            "query": [train[k].context for k in keep],
-            "docs": [[text[train[k].positive], *(text[i] for i in train_negs[k])] for k in keep],
-            "labels": [labels for _ in keep],
-        }
-    )
-    evaluator = CrossEncoderRerankingEvaluator(
-        samples=[
-            {
-                "query": e.context,
-                "positive": [text[e.positive]],
-                "negative": [text[i] for i in negs],
-            }
-            for e, negs in zip(validation, val_negs, strict=True)
-        ],
-        at_k=10,
-        name="validation",
-        batch_size=64,
-        write_csv=False,
-    )
+    if not keep:
+        raise InvalidInput(
+            "cross-encoder training: no (context, item) pairs with hard negatives could be mined "
+            "(need users with 2+ interactions or queries, and a catalog larger than a user's history)"
+        )
+    dataset = _train_dataset([train[k] for k in keep], [train_negs[k] for k in keep], text)
+    evaluator = _evaluator(validation, val_negs, text) if validation else None
+    log.info("cross-encoder: %d training contexts, %d validation", len(keep), len(validation))
 
-    torch.manual_seed(config.seed)
+    torch.manual_seed(config.seed)  # the fresh 1-logit head, so "before" is reproducible
     model = CrossEncoder(
         str(base_dir),
         num_labels=1,
@@ -184,43 +193,22 @@ def train_cross_encoder(
         device=device,
         local_files_only=True,
     )
-    before = _validation_scores(evaluator(model))
+    before = _validation_scores(evaluator(model)) if evaluator else None
     log.info("cross-encoder validation before fine-tuning: %s", before)
-    eval_every = max(config.steps // 4, 1)
     with tempfile.TemporaryDirectory(prefix="ce-train-") as work:
-        args = CrossEncoderTrainingArguments(
-            output_dir=work,
-            max_steps=config.steps,
-            per_device_train_batch_size=config.batch_size,
-            learning_rate=config.learning_rate,
-            warmup_ratio=0.1,
-            eval_strategy="steps",
-            eval_steps=eval_every,
-            save_strategy="steps",
-            save_steps=eval_every,
-            save_total_limit=2,
-            load_best_model_at_end=True,
-            metric_for_best_model="eval_validation_ndcg@10",
-            greater_is_better=True,
-            logging_steps=eval_every,
-            report_to="none",
-            dataloader_num_workers=0,
-            seed=config.seed,
-            use_cpu=device == "cpu",
-            bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
-        )
         trainer = CrossEncoderTrainer(
             model=model,
-            args=args,
+            args=_training_args(config, device, Path(work), evaluate=evaluator is not None),
             train_dataset=dataset,
             loss=LambdaLoss(model),
             evaluator=evaluator,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=2)],
+            callbacks=[EarlyStoppingCallback(early_stopping_patience=2)] if evaluator else [],
         )
-        trainer.train()
+        trainer.train()  # with validation, ends holding the best checkpoint
         steps_done = trainer.state.global_step
-    after = _validation_scores(evaluator(model))
+    after = _validation_scores(evaluator(model)) if evaluator else None
     log.info("cross-encoder validation after fine-tuning: %s", after)
+    out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
     return {
         "base": str(base_dir),
@@ -228,12 +216,81 @@ def train_cross_encoder(
         "max_steps": config.steps,
         "batch_size": config.batch_size,
         "max_length": config.max_length,
-        "loss": "LambdaLoss over [positive + hard negatives from retrieval]",
+        "loss": f"LambdaLoss over [positive + {config.negatives_per_positive} hard negatives from retrieval]",
         "pairs": len(keep) * (1 + config.negatives_per_positive),
         "contexts": len(keep),
-        "validation": {"before": before, "after": after, "examples": len(validation)},
+        "validation": {
+            "before": before,
+            "after": after,
+            "examples": len(validation),
+            "candidates": config.validation_candidates,
+        },
         "train_seconds": round(time.perf_counter() - started, 1),
     }
+
+
+def _train_dataset(
+    examples: Sequence[Example], negs: Sequence[Sequence[str]], text: dict[str, str]
+) -> Any:
+    """A datasets.Dataset of (query, [positive, *negatives], [1, 0, ...]) lists for LambdaLoss."""
+    from datasets import Dataset
+
+    return Dataset.from_dict(
+        {
+            "query": [e.context for e in examples],
+            "docs": [
+                [text[e.positive], *(text[i] for i in n)]
+                for e, n in zip(examples, negs, strict=True)
+            ],
+            "labels": [[1] + [0] * len(n) for n in negs],
+        }
+    )
+
+
+def _evaluator(
+    validation: Sequence[Example], negs: Sequence[Sequence[str]], text: dict[str, str]
+) -> Any:
+    """MRR@10 and NDCG@10 of each held-out positive among its retrieved hard negatives."""
+    from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    samples: list[dict[str, str | list[str]]] = [
+        {"query": e.context, "positive": [text[e.positive]], "negative": [text[i] for i in n]}
+        for e, n in zip(validation, negs, strict=True)
+    ]
+    return CrossEncoderRerankingEvaluator(
+        samples=samples, at_k=10, name="validation", batch_size=64, write_csv=False
+    )
+
+
+def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate: bool) -> Any:
+    """Trainer arguments: seeded, no reporting, no dataloader workers, best checkpoint kept."""
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
+
+    every = max(config.steps // 4, 1)
+    return CrossEncoderTrainingArguments(
+        output_dir=str(work),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        warmup_steps=max(config.steps // 10, 1),
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=every,
+        save_strategy="steps" if evaluate else "no",
+        save_steps=every,
+        save_total_limit=2,
+        save_only_model=True,  # checkpoints only serve best-model selection: no optimizer state
+        load_best_model_at_end=evaluate,
+        metric_for_best_model="eval_validation_ndcg@10",
+        greater_is_better=True,
+        logging_steps=every,
+        report_to="none",
+        dataloader_num_workers=0,
+        seed=config.seed,
+        data_seed=config.seed,
+        use_cpu=device == "cpu",
+        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+    )
 
 
 def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:

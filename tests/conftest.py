@@ -32,7 +32,7 @@ def movielens_zip() -> Path:
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""
     from recsys.build import BuildOptions, build_bundle
-    from recsys.demo import demo_ranker_config
+    from ranking_service.train import RankerTrainConfig
     from recsys.sample import sample_paths
 
     catalog, interactions = sample_paths()
@@ -42,7 +42,7 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             catalog=catalog,
             interactions=interactions,
             out=root,
-            ranker=demo_ranker_config(steps=12),
+            ranker=RankerTrainConfig(steps=8, batch_size=8, max_length=64, validation_users=24),
             device="cpu",
         )
     )

@@ -17,10 +17,20 @@ def test_diversity_skips_near_duplicates() -> None:
     rel = np.array([1.0, 0.95, 0.5])
     assert mmr(rel, vectors, k=2, diversity=0.0) == [0, 1]
     assert mmr(rel, vectors, k=2, diversity=0.7) == [0, 2]
+    assert mmr(rel, vectors, k=3, diversity=1.0) == [0, 2, 1]
+
+
+def test_relevance_scale_does_not_change_the_picks() -> None:
+    vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.2, 1.0], [0.0, 1.0]])
+    rel = np.array([0.9, 0.8, 0.6, 0.1])
+    picks = mmr(rel, vectors, k=4, diversity=0.5)
+    assert mmr(100 * rel - 7, vectors, k=4, diversity=0.5) == picks
 
 
 def test_k_larger_than_the_list() -> None:
     assert sorted(mmr(np.array([0.1, 0.2]), np.eye(2), k=5, diversity=0.5)) == [0, 1]
+    assert mmr(np.array([0.1, 0.2]), np.eye(2), k=5, diversity=0.0) == [1, 0]
+    assert mmr(np.array([]), np.zeros((0, 2)), k=3, diversity=0.5) == []
 
 
 def test_intra_list_diversity() -> None:

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from ranking_service.cf import CFModel
+from recsys.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")
@@ -71,3 +72,55 @@ def test_save_load_round_trip(model: CFModel, tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         loaded.scores(vector, ["b3", "a3"]), model.scores(vector, ["b3", "a3"])
     )
+
+
+def test_fold_in_is_implicits_own_user_step(model: CFModel) -> None:
+    """fold_in equals implicit's exact (Cholesky) recalculate_user for the same factors."""
+    import scipy.sparse as sp
+    from implicit.cpu.als import AlternatingLeastSquares
+
+    reference = AlternatingLeastSquares(
+        factors=model.factors, regularization=model.regularization, alpha=model.alpha
+    )
+    reference.item_factors = model.item_factors.copy()
+    reference.user_factors = model.user_factors.copy()
+    items, weights = ["a1", "a4", "b2"], [1.0, 3.0, 0.5]
+    row = sp.csr_matrix(
+        (weights, ([0, 0, 0], [model.item_ids.index(i) for i in items])),
+        shape=(1, model.n_items),
+        dtype=np.float32,
+    )
+    expected = np.asarray(reference.recalculate_user(0, row)).ravel()
+    folded = model.fold_in(items, weights)
+    assert folded is not None
+    np.testing.assert_allclose(folded, expected, rtol=1e-3, atol=1e-4)
+
+
+def test_fold_in_ranks_held_out_items_and_leaves_the_model_alone(log: pd.DataFrame) -> None:
+    held_out = log.groupby("user_id").tail(2)  # the last two items of every user
+    # Two taste groups are a rank-2 structure: more factors on 40 users only fit noise.
+    model = CFModel.train(log.drop(held_out.index), factors=2, iterations=20, seed=0)
+    before = model.item_factors.copy()
+    ranks = []
+    for user in log.user_id.unique():
+        seen = log[(log.user_id == user) & ~log.index.isin(held_out.index)].item_id.tolist()
+        vector = model.fold_in(seen)
+        assert vector is not None
+        top = [i for i, _ in model.recommend(vector, model.n_items, exclude=set(seen))]
+        assert not set(seen) & set(top)
+        ranks += [top.index(i) for i in held_out[held_out.user_id == user].item_id]
+    # 15 items a group, 6 seen: 9 same-group items compete; random ranks would average ~11.
+    assert max(ranks) < 9
+    np.testing.assert_array_equal(model.item_factors, before)
+
+
+def test_bad_fold_in_weights_and_non_positive_weights() -> None:
+    frame = pd.DataFrame(
+        {"user_id": ["u", "u"], "item_id": ["x", "y"], "timestamp": [0, 1], "weight": [1.0, 0.0]}
+    )
+    with pytest.raises(InvalidInput, match="> 0"):
+        CFModel.train(frame, factors=2, iterations=1)
+    frame["weight"] = [1.0, 1.0]
+    model = CFModel.train(frame, factors=2, iterations=1)
+    with pytest.raises(InvalidInput, match="weights"):
+        model.fold_in(["x", "y"], [1.0])

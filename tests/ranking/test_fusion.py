@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from ranking_service.fusion import (
+    FUSION_KINDS,
     ConvexFusion,
     LogisticFusion,
     features,
@@ -63,5 +64,37 @@ def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
     args = (np.array([0.1, 0.9]), np.array([np.nan, 1.0]), np.array([0.3, 0.2]))
     np.testing.assert_allclose(loaded.fuse(*args), model.fuse(*args))
     path.write_text('{"kind": "magic"}')
+    with pytest.raises(InvalidInput, match=r"fusion\.json"):
+        load_fusion(path)
+
+
+def test_missing_cf_is_not_ranked_below_an_average_cf_item() -> None:
+    ce = np.array([2.0, 2.0, 0.0, -1.0])
+    cf = np.array([np.nan, 0.5, 0.9, 0.1])  # item 0 is cold; item 1 has the average CF score
+    fused = ConvexFusion().fuse(ce, cf, None)
+    assert normalise(cf)[1] == pytest.approx(0.0)
+    assert fused[0] >= fused[1]
+
+
+def test_without_the_cross_encoder_retrieval_stands_in_for_it() -> None:
+    cf = np.array([0.2, 0.2, 0.2])  # CF cannot tell them apart
+    retrieval = np.array([0.1, 0.9, 0.5])
+    fused = ConvexFusion().fuse(None, cf, retrieval)
+    assert list(np.argsort(-fused)) == [1, 2, 0]
+    # Nothing but retrieval: its order, and without retrieval either, zeros rather than NaN.
+    only = ConvexFusion().fuse(None, np.full(3, np.nan), retrieval)
+    assert list(np.argsort(-only)) == [1, 2, 0]
+    assert (ConvexFusion().fuse(None, np.full(2, np.nan), None) == 0).all()
+
+
+def test_convex_round_trip_and_registry(tmp_path: Path) -> None:
+    path = tmp_path / "fusion.json"
+    save_fusion(ConvexFusion(alpha=0.4), path)
+    loaded = load_fusion(path)
+    assert isinstance(loaded, ConvexFusion) and loaded.alpha == 0.4
+    assert {"convex", "logistic"} <= set(FUSION_KINDS)
+    with pytest.raises(InvalidInput, match="alpha"):
+        ConvexFusion(alpha=1.5)
+    path.write_text('{"kind": "logistic", "weights": [1.0]}')  # no bias
     with pytest.raises(InvalidInput, match=r"fusion\.json"):
         load_fusion(path)

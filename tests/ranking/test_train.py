@@ -1,0 +1,111 @@
+"""Cross-encoder fine-tuning on a small shop: mining, a loadable model, and a validation gain."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ranking_service.cross_encoder import CrossEncoderScorer
+from ranking_service.train import RankerTrainConfig, mine_examples, train_cross_encoder
+from recsys.errors import InvalidInput
+from tests.ranking.conftest import EmbeddingRetrieval
+
+
+@pytest.fixture(scope="module")
+def trained(
+    base_model_dir: Path,
+    shop_catalog: pd.DataFrame,
+    shop_interactions: pd.DataFrame,
+    shop_retrieval: EmbeddingRetrieval,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> tuple[Path, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("ce") / "cross_encoder"
+    config = RankerTrainConfig(
+        steps=12,
+        batch_size=8,
+        learning_rate=1e-4,
+        max_length=48,
+        validation_users=16,
+        validation_candidates=8,
+        device="cpu",
+    )
+    section = train_cross_encoder(
+        base_model_dir,
+        shop_catalog,
+        shop_interactions,
+        shop_retrieval,
+        out,
+        config,
+        train_queries=[("coffee beans", ["D1I3"]), ("kids toys", ["D4I0", "D4I1"])],
+    )
+    return out, section
+
+
+def test_mining_follows_time_and_holds_out_last_items(
+    shop_catalog: pd.DataFrame, shop_interactions: pd.DataFrame
+) -> None:
+    train, validation = mine_examples(shop_catalog, shop_interactions, 10, random.Random(0))
+    assert len(validation) == 10
+    # A user's first interaction only becomes an example when it came with a query.
+    first = shop_interactions.sort_values("timestamp").groupby("user_id").head(1)
+    queried_firsts = int((first["query"] != "").sum())
+    assert len(train) + len(validation) == len(shop_interactions) - len(first) + queried_firsts
+    assert all(e.context for e in train)
+    assert all(e.positive in e.known for e in [*train, *validation])
+    assert not {(e.context, e.positive) for e in validation} <= {
+        (e.context, e.positive) for e in train
+    }
+
+
+def test_fine_tune_writes_a_loadable_model_and_manifest(
+    trained: tuple[Path, dict[str, Any]],
+) -> None:
+    out, section = trained
+    assert (out / "config.json").is_file()
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
+    assert 1 <= section["steps"] <= 12
+    assert section["pairs"] > 0 and section["train_seconds"] > 0
+    assert section["validation"]["examples"] == 16
+    scorer = CrossEncoderScorer.load(out, device="cpu")
+    scores = scorer.score([("espresso", "Burr coffee grinder. Coffee"), ("tent", "Chef knife")])
+    assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_fine_tune_learns_the_shop(trained: tuple[Path, dict[str, Any]]) -> None:
+    validation = trained[1]["validation"]
+    before, after = validation["before"], validation["after"]
+    assert set(before) == set(after) == {"mrr@10", "ndcg@10"}
+    assert after["ndcg@10"] > before["ndcg@10"] + 0.05
+    assert after["mrr@10"] > before["mrr@10"]
+
+
+def test_nothing_to_learn_is_an_input_error(
+    base_model_dir: Path,
+    shop_catalog: pd.DataFrame,
+    shop_retrieval: EmbeddingRetrieval,
+    tmp_path: Path,
+) -> None:
+    # One interaction per user and no queries: no context precedes any item.
+    lonely = pd.DataFrame(
+        {
+            "user_id": ["a", "b"],
+            "item_id": ["D0I0", "D1I0"],
+            "timestamp": [1, 2],
+            "weight": np.ones(2, np.float32),
+            "query": ["", ""],
+        }
+    )
+    with pytest.raises(InvalidInput, match="no \\(context, item\\) pairs"):
+        train_cross_encoder(
+            base_model_dir,
+            shop_catalog,
+            lonely,
+            shop_retrieval,
+            tmp_path / "ce",
+            RankerTrainConfig(steps=2, device="cpu"),
+        )
