@@ -31,8 +31,8 @@ def movielens_zip() -> Path:
 @pytest.fixture(scope="session")
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""
-    from recsys.build import BuildOptions, build_bundle
     from ranking_service.train import RankerTrainConfig
+    from recsys.build import BuildOptions, build_bundle
     from recsys.sample import sample_paths
 
     catalog, interactions = sample_paths()
