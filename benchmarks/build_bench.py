@@ -15,7 +15,6 @@ import time
 import zipfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -244,20 +243,12 @@ def environment(device: str) -> dict[str, Any]:
     import faiss
     import torch
 
+    from recsys.build import package_versions
     from recsys.devices import resolve_device
 
-    versions = {}
-    for package in (
-        "torch",
-        "transformers",
-        "sentence-transformers",
-        "faiss-cpu",
-        "faiss-gpu-cu12",
-    ):
-        try:
-            versions[package] = metadata.version(package)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = package_versions(
+        ("torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12")
+    )
     resolved = resolve_device(device)
     return {
         "python": platform.python_version(),

@@ -244,18 +244,21 @@ def _settings_record(options: BuildOptions) -> dict[str, Any]:
     return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
 
 
-def _software() -> dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for package in (
-        "recsys",
-        "torch",
-        "transformers",
-        "sentence-transformers",
-        "faiss-cpu",
-        "implicit",
-    ):
+def package_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Installed versions of the named distributions; absent ones are left out."""
+    versions = {}
+    for package in packages:
         try:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def _software() -> dict[str, str]:
+    return {
+        "python": platform.python_version(),
+        **package_versions(
+            ("recsys", "torch", "transformers", "sentence-transformers", "faiss-cpu", "implicit")
+        ),
+    }
