@@ -1,10 +1,13 @@
-"""The Recommend flow: retrieve, rank (or degrade to retrieval order), diversify, cut to k.
+"""The Recommend flow: gather candidates, rank (or degrade), diversify, cut to k.
+
+Candidates come from retrieval's Search and, for requests without a query, also from CF
+(RankingService.RecallCandidates), concurrently; gateway.candidates says how they mix.
 
 Time budget: the caller's remaining deadline (or Settings.default_budget_ms when none was
-set) is one clock for the whole request. Retrieval (Search, with GetItems for the history
-texts alongside) may use all of it, since without candidates there is no answer; ranking
-gets at most `ranking_budget_fraction` of what is left after retrieval, so that a slow
-ranking still leaves time to answer, degraded, in retrieval order before the deadline.
+set) is one clock for the whole request. Gathering candidates (Search, CF recall, GetItems
+for texts) may use all of it, since without candidates there is no answer; ranking gets at
+most `ranking_budget_fraction` of what is left after that, so that a slow ranking still
+leaves time to answer, degraded, in retrieval order before the deadline.
 """
 
 from __future__ import annotations
@@ -12,18 +15,30 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
+from gateway.candidates import PoolItem, Recalled, merge, pool_split
 from gateway.diversity import mmr
 from gateway.stages import RankingStage, RankResult, RetrievalStage, SearchResult, within
 from recsys import metrics
-from recsys.domain import Candidate, HistoryItem, Hit, RankContext, Scores, SearchQuery
-from recsys.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, RecsysError
+from recsys.domain import HistoryItem, RankContext, Scores, SearchQuery
+from recsys.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RecsysError,
+)
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 # Ranking needs at least this much time to be worth calling; below it, degrade at once.
 MIN_RANKING_BUDGET_S = 0.001
@@ -70,8 +85,18 @@ class Recommendation:
 
 @dataclass(frozen=True)
 class _Entry:
-    hit: Hit
+    candidate: PoolItem
     scores: Scores
+
+
+@dataclass(frozen=True)
+class _Pool:
+    """What gathering found: candidates, history texts, retrieval's versions, degradations."""
+
+    items: list[PoolItem]
+    history: tuple[HistoryItem, ...]
+    versions: dict[str, str]
+    reasons: list[str]
 
 
 def degraded_reason(exc: BaseException) -> str:
@@ -104,22 +129,20 @@ class RecommendPipeline:
         end = started + budget
         timings: dict[str, float] = {}
 
-        search, history = await self._retrieve(request, end)
+        pool = await self._gather(request, end)
         timings["retrieval"] = time.perf_counter() - started
-        metrics.CANDIDATES.labels(stage="retrieved").observe(len(search.hits))
-        versions = {"bundle_version": search.bundle_version, **search.versions}
+        versions = dict(pool.versions)
 
         t0 = time.perf_counter()
-        context = RankContext(query=request.query, user_id=request.user_id, history=history)
-        ranked, reason = await self._rank(context, search.hits, end)
+        context = RankContext(query=request.query, user_id=request.user_id, history=pool.history)
+        ranked, reason = await self._rank(context, pool.items, end)
         timings["ranking"] = time.perf_counter() - t0
         if ranked is not None:
-            entries = _ranked_entries(search.hits, ranked)
+            entries = _ranked_entries(pool.items, ranked)
             versions |= {n: v for n, v in ranked.versions.items() if n in RANKING_VERSION_FIELDS}
             metrics.CANDIDATES.labels(stage="ranked").observe(len(entries))
         else:
-            # Retrieval's order and score; no field pretends ranking scored the item.
-            entries = [_Entry(h, Scores(fused=h.score, retrieval=h.score)) for h in search.hits]
+            entries = _unranked_entries(pool.items)
 
         if request.diversity > 0 and len(entries) > 1:
             t0 = time.perf_counter()
@@ -131,55 +154,108 @@ class RecommendPipeline:
         metrics.CANDIDATES.labels(stage="returned").observe(len(items))
         for stage, seconds in timings.items():
             metrics.STAGE_DURATION.labels(stage=stage).observe(seconds)
-        reasons = [reason] if reason else []
+        reasons = pool.reasons + ([reason] if reason else [])
         for r in reasons:
             metrics.DEGRADED.labels(reason=r).inc()
         return Recommendation(items, bool(reasons), reasons, timings, versions)
 
-    async def _retrieve(
-        self, request: RecommendRequest, end: float
-    ) -> tuple[SearchResult, tuple[HistoryItem, ...]]:
-        """Candidates and, concurrently, the history items' texts for the ranking context."""
-        remaining = end - time.perf_counter()
-        if remaining <= 0:
+    async def _gather(self, request: RecommendRequest, end: float) -> _Pool:
+        """Search, CF recall and the history items' texts, concurrently, within the deadline."""
+        if end - time.perf_counter() <= 0:
             raise DeadlineExceeded("the deadline expired before retrieval could start")
-        query = SearchQuery(
-            top_k=request.candidate_pool,
-            text=request.query,
-            history_item_ids=request.history_item_ids,
-            categories=request.categories,
-            # A recommender should not return what the user already has.
-            exclude_item_ids=request.exclude_item_ids | frozenset(request.history_item_ids),
-            include_text=True,
-            include_vectors=request.diversity > 0,
+        history_ids = request.history_item_ids
+        dense_k, cf_k = pool_split(
+            request.candidate_pool,
+            has_query=bool(request.query),
+            has_history=bool(history_ids),
+            cf_share=self.settings.cf_candidate_share,
         )
-        if not request.history_item_ids:
-            return await within(self.retrieval.search(query, remaining), remaining, "retrieval"), ()
-        lookup = asyncio.ensure_future(
-            within(
-                self.retrieval.get_items(request.history_item_ids, remaining),
-                remaining,
-                "retrieval",
+        # A recommender should not return what the user already has.
+        exclude = request.exclude_item_ids | frozenset(history_ids)
+        search = lookup = recall = None
+        if dense_k:
+            query = SearchQuery(
+                top_k=dense_k,
+                text=request.query,
+                history_item_ids=history_ids,
+                categories=request.categories,
+                exclude_item_ids=exclude,
+                include_text=True,
+                include_vectors=request.diversity > 0,
             )
-        )
+            search = self._start(self.retrieval.search(query, end - time.perf_counter()), end)
+        if history_ids:
+            lookup = self._start(
+                self.retrieval.get_items(history_ids, end - time.perf_counter()), end
+            )
+        if cf_k:
+            recall = self._start(self._recall(request, cf_k, exclude, end), end)
+        tasks = [t for t in (search, lookup, recall) if t is not None]
         try:
-            search = await within(self.retrieval.search(query, remaining), remaining, "retrieval")
-        except BaseException:
-            lookup.cancel()  # nobody will await it: do not leave it running or unretrieved
-            raise
-        found, _ = await lookup  # unknown history ids are simply not in the context
-        return search, tuple(HistoryItem(i.item_id, i.text()) for i in found)
+            result: SearchResult | None = await search if search is not None else None
+            found = (await lookup)[0] if lookup is not None else []
+            recalled, reasons = await self._recalled(recall, required=search is None)
+        finally:
+            for task in tasks:
+                task.cancel()  # a failure leaves the others unawaited: stop them
+        hits = result.hits if result is not None else []
+        metrics.CANDIDATES.labels(stage="retrieved").observe(len(hits))
+        metrics.CANDIDATES.labels(stage="recalled").observe(len(recalled))
+        versions = {"bundle_version": result.bundle_version, **result.versions} if result else {}
+        # Unknown history ids are simply not in the context.
+        history = tuple(HistoryItem(item.item_id, item.text()) for item, _ in found)
+        return _Pool(merge(hits, recalled), history, versions, reasons)
+
+    @staticmethod
+    def _start(call: Awaitable[T], end: float) -> asyncio.Future[T]:
+        return asyncio.ensure_future(within(call, end - time.perf_counter(), "retrieval"))
+
+    async def _recall(
+        self, request: RecommendRequest, k: int, exclude: frozenset[str], end: float
+    ) -> list[Recalled]:
+        """CF's candidates with their items from retrieval; deleted or filtered-out ones dropped."""
+        result = await self.ranking.recall(
+            request.user_id, request.history_item_ids, k, exclude, end - time.perf_counter()
+        )
+        scores = dict(result.items)
+        found, _ = await self.retrieval.get_items(
+            list(scores), end - time.perf_counter(), include_vectors=request.diversity > 0
+        )
+        return [
+            Recalled(item, scores[item.item_id], vector)
+            for item, vector in found
+            if not request.categories or item.category in request.categories
+        ]
+
+    @staticmethod
+    async def _recalled(
+        recall: asyncio.Future[list[Recalled]] | None, required: bool
+    ) -> tuple[list[Recalled], list[str]]:
+        """CF's candidates, and ["cf_unavailable"] when CF failed but retrieval answered."""
+        if recall is None:
+            return [], []
+        try:
+            return await recall, []
+        except (InvalidInput, NotFound):
+            if required:
+                raise  # CF was the only source: its answer is the request's answer
+            return [], []  # CF knows nothing of this user: no candidates of its own, no fault
+        except RecsysError as exc:
+            if required:
+                raise
+            log.warning("CF recall failed, candidates from retrieval only: %s", exc)
+            return [], ["cf_unavailable"]
 
     async def _rank(
-        self, context: RankContext, hits: list[Hit], end: float
+        self, context: RankContext, pool: list[PoolItem], end: float
     ) -> tuple[RankResult | None, str]:
         """Ranking's answer, or (None, degraded reason) when it failed or ran out of time."""
-        if not hits:
+        if not pool:
             return RankResult([], {}), ""
         budget = (end - time.perf_counter()) * self.settings.ranking_budget_fraction
         if budget < MIN_RANKING_BUDGET_S:
             return None, "ranking_timeout"
-        candidates = [Candidate(h.item_id, h.item.text() if h.item else "", h.score) for h in hits]
+        candidates = [p.candidate() for p in pool]
         try:
             # Enforced here too, so a stage that ignores its timeout cannot hold the answer.
             ranked = await within(self.ranking.rank(context, candidates, budget), budget, "ranking")
@@ -194,17 +270,30 @@ class RecommendPipeline:
         return ranked, ""
 
 
-def _ranked_entries(hits: list[Hit], ranked: RankResult) -> list[_Entry]:
-    """Hits in fused-score order (stable), keeping only ids retrieval returned."""
-    by_id = {h.item_id: h for h in hits}
+def _ranked_entries(pool: list[PoolItem], ranked: RankResult) -> list[_Entry]:
+    """Candidates in fused-score order (stable), keeping only ids the pool held."""
+    by_id = {p.item_id: p for p in pool}
     entries = [_Entry(by_id[s.item_id], s.scores) for s in ranked.scored if s.item_id in by_id]
     entries.sort(key=lambda e: -e.scores.fused)
     return entries
 
 
+def _unranked_entries(pool: list[PoolItem]) -> list[_Entry]:
+    """Without ranking: retrieval's order and score, or CF's when retrieval proposed nothing.
+
+    No field pretends ranking scored an item, and the two sources' scores are never mixed.
+    """
+    retrieved = [
+        _Entry(p, Scores(p.retrieval_score, retrieval=p.retrieval_score))
+        for p in pool
+        if p.retrieval_score is not None
+    ]
+    return retrieved or [_Entry(p, Scores(p.cf_score or 0.0, cf=p.cf_score)) for p in pool]
+
+
 def _diversify(entries: list[_Entry], k: int, diversity: float) -> list[_Entry]:
     """MMR re-rank of the first k over the whole pool; unchanged when vectors are missing."""
-    vectors = [e.hit.vector for e in entries]
+    vectors = [e.candidate.vector for e in entries]
     if any(v is None for v in vectors):
         log.warning("diversity asked for but retrieval returned no vectors; relevance order kept")
         return entries
@@ -214,12 +303,12 @@ def _diversify(entries: list[_Entry], k: int, diversity: float) -> list[_Entry]:
 
 
 def _item(entry: _Entry) -> RecommendedItem:
-    item = entry.hit.item
+    item = entry.candidate.item
     return RecommendedItem(
-        item_id=entry.hit.item_id,
+        item_id=entry.candidate.item_id,
         title=item.title if item else "",
         category=item.category if item else "",
         score=entry.scores.fused,
         scores=entry.scores,
-        vector=entry.hit.vector,
+        vector=entry.candidate.vector,
     )

@@ -32,19 +32,13 @@ STAGES = {
 def validate(msg: gateway_pb2.RecommendRequest, settings: Settings) -> RecommendRequest:
     """A RecommendRequest within the limits, or InvalidInput naming the offending field.
 
-    A user id alone is rejected: candidates come from retrieval, which searches from a query
-    or from item vectors, and no service keeps a user's history for the gateway to look up.
+    A user id alone is enough when CF knows the user (candidates then come from CF only).
     """
     query = msg.query.strip()
     user_id = msg.user_id.strip()
     history = tuple(i.strip() for i in msg.history_item_ids)
     if not (query or user_id or history):
         raise InvalidInput("query, user_id, history_item_ids: give at least one")
-    if not (query or history):
-        raise InvalidInput(
-            "user_id alone: retrieval needs something to search from; "
-            "also send the user's recent history_item_ids, or a query"
-        )
     for name, text in (("query", query), ("user_id", user_id)):
         if len(text) > settings.max_text_chars:
             raise InvalidInput(f"{name}: {len(text)} chars, limit {settings.max_text_chars}")

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
 import grpc
+import numpy as np
 
 from recsys import convert
 from recsys.domain import Candidate, Hit, Item, RankContext, Scored, SearchQuery
@@ -22,7 +23,7 @@ from recsys.errors import (
 )
 from recsys.serving import client_channel
 from recsys.settings import Settings
-from recsys.v1 import ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -51,14 +52,24 @@ class RankResult:
     cf_folded_in: bool = False
 
 
+@dataclass(frozen=True)
+class RecallResult:
+    """CF's own candidates (item id, CF score), best first."""
+
+    items: list[tuple[str, float]]
+    cf_folded_in: bool = False
+
+
+# Known items with their vectors (None unless asked for), and the ids retrieval does not know.
+ItemsResult = tuple[list[tuple[Item, np.ndarray | None]], list[str]]
+
+
 class RetrievalStage(Protocol):
     async def search(self, query: SearchQuery, timeout: float) -> SearchResult: ...
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float
-    ) -> tuple[list[Item], list[str]]:
-        """Known items in request order, and the ids retrieval does not know."""
-        ...
+        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+    ) -> ItemsResult: ...
 
     async def close(self) -> None: ...
 
@@ -67,6 +78,15 @@ class RankingStage(Protocol):
     async def rank(
         self, context: RankContext, candidates: Sequence[Candidate], timeout: float
     ) -> RankResult: ...
+
+    async def recall(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        exclude: frozenset[str],
+        timeout: float,
+    ) -> RecallResult: ...
 
     async def close(self) -> None: ...
 
@@ -122,15 +142,25 @@ class GrpcRetrievalStage:
         return SearchResult(hits, reply.bundle_version, self._versions(reply.bundle_version))
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float
-    ) -> tuple[list[Item], list[str]]:
+        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+    ) -> ItemsResult:
         try:
             reply = await self._stub.GetItems(
-                retrieval_pb2.GetItemsRequest(item_ids=list(item_ids)), timeout=timeout
+                retrieval_pb2.GetItemsRequest(
+                    item_ids=list(item_ids), include_vectors=include_vectors
+                ),
+                timeout=timeout,
             )
         except grpc.aio.AioRpcError as exc:
             raise domain_error("retrieval", self.target, exc) from None
-        return [convert.item_from_proto(r.item) for r in reply.items], list(reply.missing_item_ids)
+        found = [
+            (
+                convert.item_from_proto(r.item),
+                np.asarray(r.vector, dtype=np.float32) if len(r.vector) else None,
+            )
+            for r in reply.items
+        ]
+        return found, list(reply.missing_item_ids)
 
     async def index_info(self, timeout: float) -> retrieval_pb2.GetIndexInfoResponse:
         """GetIndexInfo (raises grpc.aio.AioRpcError); the answer is kept for `versions`."""
@@ -187,6 +217,26 @@ class GrpcRankingStage:
             reply.cf_folded_in,
         )
 
+    async def recall(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        exclude: frozenset[str],
+        timeout: float,
+    ) -> RecallResult:
+        request = ranking_pb2.RecallCandidatesRequest(
+            user_id=user_id,
+            history_item_ids=list(history),
+            top_k=k,
+            exclude_item_ids=sorted(exclude),
+        )
+        try:
+            reply = await self._stub.RecallCandidates(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise domain_error("ranking", self.target, exc) from None
+        return RecallResult([(i.item_id, i.cf_score) for i in reply.items], reply.cf_folded_in)
+
     async def close(self) -> None:
         await self._channel.close(None)
 
@@ -207,12 +257,12 @@ class LocalRetrievalStage:
         return SearchResult(hits, self.retriever.version, dict(self._versions))
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float
-    ) -> tuple[list[Item], list[str]]:
+        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+    ) -> ItemsResult:
         found, missing = await within(
             asyncio.to_thread(self.retriever.get_items, item_ids), timeout, "retrieval"
         )
-        return [item for item, _ in found], list(missing)
+        return [(item, vector if include_vectors else None) for item, vector in found], missing
 
     async def close(self) -> None:
         return None
@@ -230,6 +280,19 @@ class LocalRankingStage:
         outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
         versions = {name: value for name, value in self.ranker.versions.items() if value}
         return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
+
+    async def recall(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        exclude: frozenset[str],
+        timeout: float,
+    ) -> RecallResult:
+        recall = await within(
+            asyncio.to_thread(self.ranker.recall, user_id, history, k, exclude), timeout, "ranking"
+        )
+        return RecallResult(list(recall.items), bool(recall.cf_folded_in))
 
     async def close(self) -> None:
         return None

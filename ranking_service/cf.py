@@ -30,6 +30,8 @@ class CFModel:
     regularization: float
     alpha: float
     iterations: int
+    # Distinct users per item (item_ids order): the popularity prior; None in older bundles.
+    item_counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self._user_row = {u: i for i, u in enumerate(self.user_ids)}
@@ -92,6 +94,7 @@ class CFModel:
             regularization=regularization,
             alpha=alpha,
             iterations=iterations,
+            item_counts=np.bincount(cols, minlength=len(item_ids)).astype(np.int64),
         )
 
     def save(self, out_dir: Path) -> dict[str, Any]:
@@ -99,6 +102,8 @@ class CFModel:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.save(out_dir / "user_factors.npy", self.user_factors)
         np.save(out_dir / "item_factors.npy", self.item_factors)
+        if self.item_counts is not None:
+            np.save(out_dir / "item_counts.npy", self.item_counts)
         (out_dir / "users.json").write_text(json.dumps(self.user_ids))
         (out_dir / "items.json").write_text(json.dumps(self.item_ids))
         params = {
@@ -113,6 +118,7 @@ class CFModel:
     @classmethod
     def load(cls, in_dir: Path) -> CFModel:
         params = json.loads((in_dir / "params.json").read_text())
+        counts = in_dir / "item_counts.npy"
         return cls(
             user_ids=json.loads((in_dir / "users.json").read_text()),
             item_ids=json.loads((in_dir / "items.json").read_text()),
@@ -121,6 +127,7 @@ class CFModel:
             regularization=params["regularization"],
             alpha=params["alpha"],
             iterations=params["iterations"],
+            item_counts=np.load(counts) if counts.is_file() else None,
         )
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
@@ -164,6 +171,14 @@ class CFModel:
             positions, rows = zip(*known, strict=True)
             out[list(positions)] = self.item_factors[list(rows)] @ user_vector
         return out
+
+    def popularity(self, item_ids: Sequence[str]) -> np.ndarray | None:
+        """log(1 + users who interacted) per item, 0 for items CF never saw; None if unknown."""
+        if self.item_counts is None:
+            return None
+        rows = [self._item_row.get(i) for i in item_ids]
+        counts = np.array([0 if r is None else self.item_counts[r] for r in rows], np.float64)
+        return np.log1p(counts)
 
     def recommend(
         self, user_vector: np.ndarray, k: int, exclude: Collection[str] = ()

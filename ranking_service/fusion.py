@@ -1,4 +1,5 @@
-"""Fusion of stage scores into one: the convex default and a learned logistic model.
+"""Fusion of stage scores into one: the convex default, a learned logistic model, and a pair
+of fusions chosen by request kind (search or recommendation).
 
 Stage scores live on unrelated scales (cross-encoder logits, ALS dot products, cosines), so each
 is standardised within the request's candidate list before fusion. A missing score (cold item or
@@ -19,13 +20,27 @@ import numpy as np
 from recsys.errors import InvalidInput
 
 
+@dataclass(frozen=True)
+class StageScores:
+    """One request's scores per candidate and stage.
+
+    None: the stage did not run for this request; NaN: it could not score that candidate.
+    `popularity` is CF's item prior (log interaction count), `has_query` says which kind of
+    request this is (a search, or a recommendation from history or user).
+    """
+
+    cf: np.ndarray
+    ce: np.ndarray | None = None
+    retrieval: np.ndarray | None = None
+    popularity: np.ndarray | None = None
+    has_query: bool = False
+
+
 class Fusion(Protocol):
     kind: str
 
-    def fuse(
-        self, ce: np.ndarray | None, cf: np.ndarray, retrieval: np.ndarray | None
-    ) -> np.ndarray:
-        """One fused score per candidate; cf uses NaN for missing, ce/retrieval None when absent."""
+    def fuse(self, scores: StageScores) -> np.ndarray:
+        """One fused score per candidate."""
         ...
 
     def to_dict(self) -> dict[str, Any]: ...
@@ -63,14 +78,12 @@ class ConvexFusion:
         if not 0.0 <= self.alpha <= 1.0:
             raise InvalidInput(f"convex fusion alpha {self.alpha}: must be within [0, 1]")
 
-    def fuse(
-        self, ce: np.ndarray | None, cf: np.ndarray, retrieval: np.ndarray | None
-    ) -> np.ndarray:
-        n = len(cf)
-        z_ret = normalise(retrieval) if retrieval is not None else np.full(n, np.nan)
-        z_ce = normalise(ce) if ce is not None else z_ret
-        z_cf = normalise(cf)
-        if np.isnan(z_cf).all() and ce is not None:
+    def fuse(self, scores: StageScores) -> np.ndarray:
+        n = len(scores.cf)
+        z_ret = normalise(scores.retrieval) if scores.retrieval is not None else np.full(n, np.nan)
+        z_ce = normalise(scores.ce) if scores.ce is not None else z_ret
+        z_cf = normalise(scores.cf)
+        if np.isnan(z_cf).all() and scores.ce is not None:
             z_cf = z_ret
         total = np.zeros(n)
         weight = np.zeros(n)
@@ -92,20 +105,31 @@ class ConvexFusion:
         return cls(alpha=float(spec.get("alpha", 0.7)))
 
 
-FEATURES = ("ce", "cf", "retrieval", "cf_missing", "ce_missing")
+# Only ever appended to: a fusion file fitted on fewer features still loads (see from_dict).
+FEATURES = (
+    "ce",
+    "cf",
+    "retrieval",
+    "cf_missing",
+    "ce_missing",
+    "retrieval_missing",
+    "popularity",
+)
 
 
-def features(ce: np.ndarray | None, cf: np.ndarray, retrieval: np.ndarray | None) -> np.ndarray:
-    """Per-candidate [z_ce, z_cf, z_retrieval, cf_missing, ce_missing]; missing z's are 0."""
-    n = len(cf)
-    columns = []
-    for scores in (ce, cf, retrieval):
-        z = normalise(scores) if scores is not None else np.full(n, np.nan)
-        columns.append(z)
-    cf_missing = np.isnan(columns[1]).astype(np.float64)
-    ce_missing = np.isnan(columns[0]).astype(np.float64)
-    matrix = np.column_stack([*columns, cf_missing, ce_missing])
-    return np.nan_to_num(matrix, nan=0.0)
+def features(scores: StageScores) -> np.ndarray:
+    """Per-candidate z-scores of each stage, one missing indicator per stage (its z is then 0),
+    and the z-scored popularity prior; columns follow FEATURES.
+
+    Retrieval is missing for candidates that only CF proposed.
+    """
+    n = len(scores.cf)
+    z_ce, z_cf, z_ret, z_pop = (
+        normalise(s) if s is not None else np.full(n, np.nan)
+        for s in (scores.ce, scores.cf, scores.retrieval, scores.popularity)
+    )
+    missing = [np.isnan(z).astype(np.float64) for z in (z_cf, z_ce, z_ret)]
+    return np.nan_to_num(np.column_stack([z_ce, z_cf, z_ret, *missing, z_pop]), nan=0.0)
 
 
 @dataclass
@@ -117,10 +141,8 @@ class LogisticFusion:
     fitted_on: dict[str, Any] = field(default_factory=dict)
     kind: str = field(default="logistic", init=False)
 
-    def fuse(
-        self, ce: np.ndarray | None, cf: np.ndarray, retrieval: np.ndarray | None
-    ) -> np.ndarray:
-        logits = features(ce, cf, retrieval) @ np.asarray(self.weights) + self.bias
+    def fuse(self, scores: StageScores) -> np.ndarray:
+        logits = features(scores) @ np.asarray(self.weights) + self.bias
         return logits.astype(np.float32)
 
     @classmethod
@@ -150,20 +172,57 @@ class LogisticFusion:
 
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> LogisticFusion:
-        if spec.get("features", list(FEATURES)) != list(FEATURES):
-            raise ValueError(f"features {spec['features']} differ from {list(FEATURES)}")
+        names = list(spec.get("features", FEATURES))
+        # Features are only ever appended: an older file lacks the newest, which weigh 0.
+        if names != list(FEATURES[: len(names)]) or len(spec["weights"]) != len(names):
+            raise ValueError(f"features {names} are not a prefix of {list(FEATURES)}")
+        weights = [float(w) for w in spec["weights"]]
         return cls(
-            weights=[float(w) for w in spec["weights"]],
+            weights=weights + [0.0] * (len(FEATURES) - len(weights)),
             bias=float(spec["bias"]),
             fitted_on=spec.get("fitted_on", {}),
         )
+
+
+@dataclass
+class ContextFusion:
+    """One fusion for searches (requests with a query), another for recommendations.
+
+    The signals weigh differently in the two (CF knows nothing of a query; retrieval of a
+    history is a weaker cue than of a query), and within one request a shared weight cannot
+    adapt: every feature that tells the kinds apart is constant across the candidates.
+    """
+
+    query: Fusion
+    history: Fusion
+    kind: str = field(default="by_context", init=False)
+
+    def fuse(self, scores: StageScores) -> np.ndarray:
+        return (self.query if scores.has_query else self.history).fuse(scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "query": self.query.to_dict(), "history": self.history.to_dict()}
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> ContextFusion:
+        return cls(query=_read(spec["query"]), history=_read(spec["history"]))
 
 
 # kind → reader of its to_dict(); a new fusion model registers here and save/load just work.
 FUSION_KINDS: dict[str, Callable[[dict[str, Any]], Fusion]] = {
     "convex": ConvexFusion.from_dict,
     "logistic": LogisticFusion.from_dict,
+    "by_context": ContextFusion.from_dict,
 }
+
+
+def _read(spec: Any) -> Fusion:
+    kind = spec.get("kind") if isinstance(spec, dict) else None
+    reader = FUSION_KINDS.get(str(kind))
+    if reader is None:
+        known = ", ".join(sorted(FUSION_KINDS))
+        raise InvalidInput(f"unknown fusion kind {kind!r} (expected one of: {known})")
+    return reader(spec)
 
 
 def save_fusion(fusion: Fusion, path: Path) -> None:
@@ -177,12 +236,7 @@ def load_fusion(path: Path) -> Fusion:
         spec = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise InvalidInput(f"{path}: unreadable fusion file ({exc})") from None
-    kind = spec.get("kind") if isinstance(spec, dict) else None
-    reader = FUSION_KINDS.get(str(kind))
-    if reader is None:
-        known = ", ".join(sorted(FUSION_KINDS))
-        raise InvalidInput(f"{path}: unknown fusion kind {kind!r} (expected one of: {known})")
     try:
-        return reader(spec)
+        return _read(spec)
     except (KeyError, TypeError, ValueError, InvalidInput) as exc:
-        raise InvalidInput(f"{path}: invalid {kind} fusion ({exc})") from None
+        raise InvalidInput(f"{path}: invalid fusion ({exc})") from None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,11 +11,11 @@ import numpy as np
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-from ranking_service.fusion import Fusion, load_fusion
+from ranking_service.fusion import Fusion, StageScores, load_fusion
 from recsys import bundle as bundle_files
 from recsys.bundle import Bundle
 from recsys.domain import Candidate, RankContext, Scored, Scores
-from recsys.errors import InvalidInput
+from recsys.errors import InvalidInput, NotFound
 from recsys.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,14 @@ class RankOutcome:
     """Candidates best first, and whether CF folded the user in from the request's history."""
 
     scored: list[Scored]
+    cf_folded_in: bool
+
+
+@dataclass(frozen=True)
+class Recall:
+    """CF's own candidates, best first, and whether the user was folded in from history."""
+
+    items: list[tuple[str, float]]
     cf_folded_in: bool
 
 
@@ -116,13 +124,9 @@ class Ranker:
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
     ) -> RankOutcome:
         """Adds CF and retrieval to the cross-encoder scores, fuses, and sorts best first."""
-        cf, folded = self._cf(context, candidates)
-        retrieval = np.array(
-            [np.nan if c.retrieval_score is None else c.retrieval_score for c in candidates],
-            dtype=np.float32,
-        )
-        has_retrieval = not np.isnan(retrieval).all()
-        fused = self.fusion.fuse(ce, cf, retrieval if has_retrieval else None)
+        stages, folded = self.stage_scores(context, candidates, ce)
+        fused = self.fusion.fuse(stages)
+        cf, retrieval = stages.cf, _retrieval_scores(candidates)
         order = np.argsort(-fused, kind="stable")
         scored = [
             Scored(
@@ -138,6 +142,21 @@ class Ranker:
         ]
         return RankOutcome(scored, cf_folded_in=folded)
 
+    def stage_scores(
+        self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
+    ) -> tuple[StageScores, bool]:
+        """Every stage's scores for the candidates (what fusion reads), and whether CF folded in."""
+        cf, folded = self._cf(context, candidates)
+        retrieval = _retrieval_scores(candidates)
+        stages = StageScores(
+            cf=cf,
+            ce=ce,
+            retrieval=None if np.isnan(retrieval).all() else retrieval,
+            popularity=self.cf.popularity([c.item_id for c in candidates]),
+            has_query=bool(context.query.strip()),
+        )
+        return stages, folded
+
     async def _cross_encoder(
         self, context: RankContext, candidates: Sequence[Candidate]
     ) -> np.ndarray | None:
@@ -146,13 +165,38 @@ class Ranker:
             return None
         return await self.batcher.submit([(text, c.text) for c in candidates])
 
+    def recall(
+        self, user_id: str, history: Sequence[str], k: int, exclude: Collection[str] = ()
+    ) -> Recall:
+        """CF's top k for the user, never an item of `history` or `exclude`; blocking (numpy)."""
+        user, folded = self._user_vector(user_id, history)
+        if user is None:
+            raise NotFound(
+                f"user_id {user_id!r}: unknown to CF, and CF knows none of history_item_ids"
+                if user_id
+                else "history_item_ids: CF knows none of these items"
+            )
+        return Recall(self.cf.recommend(user, k, exclude={*exclude, *history}), folded)
+
+    def _user_vector(self, user_id: str, history: Sequence[str]) -> tuple[np.ndarray | None, bool]:
+        """The trained vector of a known user, else one folded in from history (then True)."""
+        user = self.cf.user_vector(user_id) if user_id else None
+        if user is None and history:
+            user = self.cf.fold_in(history)
+            return user, user is not None
+        return user, False
+
     def _cf(self, context: RankContext, candidates: Sequence[Candidate]) -> tuple[np.ndarray, bool]:
         """CF scores (NaN where missing) and whether the user was folded in from history."""
-        user = self.cf.user_vector(context.user_id) if context.user_id else None
-        folded = False
-        if user is None and context.history:
-            user = self.cf.fold_in([h.item_id for h in context.history])
-            folded = user is not None
+        user, folded = self._user_vector(context.user_id, [h.item_id for h in context.history])
         if user is None:
             return np.full(len(candidates), np.nan, np.float32), False
         return self.cf.scores(user, [c.item_id for c in candidates]), folded
+
+
+def _retrieval_scores(candidates: Sequence[Candidate]) -> np.ndarray:
+    """Retrieval's score per candidate, NaN for those retrieval did not propose."""
+    return np.array(
+        [np.nan if c.retrieval_score is None else c.retrieval_score for c in candidates],
+        dtype=np.float32,
+    )

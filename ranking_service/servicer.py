@@ -45,6 +45,37 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             cf_folded_in=outcome.cf_folded_in,
         )
 
+    async def RecallCandidates(
+        self, request: ranking_pb2.RecallCandidatesRequest, context: grpc.aio.ServicerContext
+    ) -> ranking_pb2.RecallCandidatesResponse:
+        ranker = self.ranker
+        if ranker is None:
+            raise NotReady("ranking is loading its models; retry shortly")
+        if not 1 <= request.top_k <= self.settings.max_candidate_pool:
+            raise InvalidInput(
+                f"top_k: {request.top_k} is outside 1..{self.settings.max_candidate_pool}"
+            )
+        history = list(request.history_item_ids)
+        if len(history) > self.settings.max_history_items:
+            raise InvalidInput(
+                f"history_item_ids: {len(history)} ids, limit {self.settings.max_history_items}"
+            )
+        if not (request.user_id or history):
+            raise InvalidInput("user_id, history_item_ids: give at least one")
+        # A scan over every item's factors: off the event loop, as all heavy compute.
+        recall = await asyncio.to_thread(
+            ranker.recall,
+            request.user_id,
+            history,
+            request.top_k,
+            frozenset(request.exclude_item_ids),
+        )
+        return ranking_pb2.RecallCandidatesResponse(
+            items=[ranking_pb2.RecalledItem(item_id=i, cf_score=s) for i, s in recall.items],
+            versions=common_pb2.ModelVersions(**ranker.versions),
+            cf_folded_in=recall.cf_folded_in,
+        )
+
 
 class RankingService:
     """The ranking process: servicer plus model loading (see recsys.serving.Service)."""

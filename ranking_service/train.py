@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from ranking_service.cross_encoder import HISTORY_IN_CONTEXT, build_context
-from ranking_service.fusion import LogisticFusion, features
+from ranking_service.fusion import LogisticFusion, StageScores, features
 from recsys.devices import resolve_device
 from recsys.domain import item_text
 from recsys.errors import InvalidInput
@@ -45,6 +45,7 @@ class RankerTrainConfig:
     max_length: int = 128
     validation_users: int = 100
     validation_candidates: int = 20  # the positive among retrieved hard negatives
+    query_share: float = 0.5  # of training contexts, when there are search queries to train on
     seed: int = 0
     device: str = "auto"
 
@@ -60,6 +61,8 @@ class RankerTrainConfig:
         for name, least in minimums.items():
             if getattr(self, name) < least:
                 raise InvalidInput(f"ranker {name}={getattr(self, name)}: must be >= {least}")
+        if not 0.0 <= self.query_share <= 1.0:
+            raise InvalidInput(f"ranker query_share={self.query_share}: must be within [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,29 @@ def query_examples(
     return out
 
 
+def _training_sample(
+    history_examples: list[Example],
+    train_queries: Sequence[tuple[str, Sequence[str]]],
+    config: RankerTrainConfig,
+    text: dict[str, str],
+    rng: random.Random,
+) -> list[Example]:
+    """As many contexts as the steps will see, `query_share` of them search queries.
+
+    Interactions outnumber queries by far: sampled together, queries would all but vanish and
+    the model would never learn to rank for a search. Mining negatives only for what the
+    steps will see also saves retrieval work.
+    """
+    budget = config.steps * config.batch_size
+    queries: list[Example] = []
+    if train_queries:
+        per_query = -(-round(budget * config.query_share) // len(train_queries))  # ceiling
+        queries = [e for e in query_examples(train_queries, per_query, rng) if e.positive in text]
+        queries = rng.sample(queries, min(len(queries), round(budget * config.query_share)))
+    rest = budget - len(queries)
+    return queries + rng.sample(history_examples, min(rest, len(history_examples)))
+
+
 def _texts(catalog: pd.DataFrame) -> dict[str, str]:
     return {
         str(r.item_id): item_text(str(r.title), str(r.category), str(r.description))
@@ -169,9 +195,7 @@ def train_cross_encoder(
     device = resolve_device(config.device)
     text = _texts(catalog)
     train, validation = mine_examples(catalog, interactions, config.validation_users, rng)
-    train += [e for e in query_examples(train_queries, per_query=3, rng=rng) if e.positive in text]
-    # Only as many examples as the steps will see: mining negatives for the rest is wasted work.
-    train = rng.sample(train, min(config.steps * config.batch_size, len(train)))
+    train = _training_sample(train, train_queries, config, text, rng)
     train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng, text)
     val_negs = hard_negatives(validation, negatives, config.validation_candidates - 1, rng, text)
     # LambdaLoss needs lists of one length: contexts short of hard negatives are left out.
@@ -302,16 +326,14 @@ def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class FusionList:
-    """One validation request: stage scores of its candidates and which ones were relevant."""
+    """One held-out request: its stages' scores and which candidates were relevant."""
 
-    ce: np.ndarray | None
-    cf: np.ndarray
-    retrieval: np.ndarray
+    scores: StageScores
     labels: np.ndarray
 
 
 def fit_fusion(lists: Sequence[FusionList], **meta: Any) -> LogisticFusion:
-    """Fits the learned fusion on validation lists (features are standardised per list)."""
-    x = np.vstack([features(f.ce, f.cf, f.retrieval) for f in lists])
+    """Fits the learned fusion on held-out lists (features are standardised per list)."""
+    x = np.vstack([features(f.scores) for f in lists])
     y = np.concatenate([f.labels for f in lists]).astype(np.float64)
     return LogisticFusion.fit(x, y, lists=len(lists), positives=int(y.sum()), **meta)

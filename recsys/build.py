@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -13,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm import tqdm
 
 from ranking_service.train import RankerTrainConfig
 from recsys import bundle as bundle_files
@@ -68,8 +70,9 @@ def build_bundle(
 ) -> Bundle:
     """Builds a complete version under options.out and switches CURRENT to it only at the end.
 
-    With `validation` interactions (later than the training ones), fusion is learned on them;
-    otherwise the convex default is stored.
+    With `validation` interactions (later than the training ones), fusion is learned on them
+    (and, for searches, on a share of `train_queries` kept out of fine-tuning); otherwise the
+    convex default is stored.
     """
     # Imported here: the CLI starts fast and `bundle info` never loads torch.
     from ranking_service.cf import CFModel
@@ -103,6 +106,9 @@ def build_bundle(
         timings["cf_seconds"] = time.perf_counter() - t0
 
         ranker_section: dict[str, Any] | None = None
+        fusion_queries: list[tuple[str, Sequence[str]]] = []
+        if validation is not None:
+            train_queries, fusion_queries = hold_out_queries(train_queries, options.seed)
         if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
@@ -113,7 +119,9 @@ def build_bundle(
         fusion: Any = ConvexFusion(alpha=options.fusion_alpha)
         if validation is not None and options.ranker is not None:
             t0 = time.perf_counter()
-            fusion = _fit_fusion(options, inputs, validation, retrieval, cf, stage, fusion)
+            fusion = _fit_fusion(
+                options, inputs, validation, fusion_queries, retrieval, cf, stage, fusion
+            )
             timings["fusion_seconds"] = time.perf_counter() - t0
         save_fusion(fusion, stage / bundle_files.FUSION)
         timings["total_seconds"] = time.perf_counter() - started
@@ -174,33 +182,47 @@ def _train_ranker(
     )
 
 
-FUSION_USERS = 150
-FUSION_POOL = 50
+FUSION_USERS = 200  # validation users whose lists fit the recommendation fusion
+FUSION_POOL = 50  # candidates per fitting list
+FUSION_QUERY_SHARE = 0.3  # of the training queries, kept out of fine-tuning to fit search fusion
+
+
+def hold_out_queries(
+    queries: Sequence[tuple[str, Sequence[str]]], seed: int
+) -> tuple[list[tuple[str, Sequence[str]]], list[tuple[str, Sequence[str]]]]:
+    """(queries to fine-tune on, queries to fit the search fusion on), disjoint.
+
+    The fusion must see the cross-encoder on queries it was not trained on, or it would learn
+    to trust it more than it deserves.
+    """
+    shuffled = sorted(queries, key=lambda q: q[0])
+    random.Random(seed).shuffle(shuffled)
+    held = round(len(shuffled) * FUSION_QUERY_SHARE)
+    return shuffled[held:], shuffled[:held]
 
 
 def _fit_fusion(
     options: BuildOptions,
     inputs: BuildInputs,
     validation: pd.DataFrame,
+    queries: Sequence[tuple[str, Sequence[str]]],
     retrieval: Any,
     cf: Any,
     stage: Path,
     default: Any,
 ) -> Any:
-    """Learns fusion weights on validation users: their train history → pool → stage scores."""
-    import random
-
-    from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-    from ranking_service.train import FusionList, fit_fusion
-    from recsys.domain import SearchQuery
-    from recsys.evaluation.splits import histories, relevant_items
+    """Learns one fusion for recommendations (validation users: train history → the pool the
+    gateway would gather → stage scores) and one for searches (held-out training queries)."""
+    from ranking_service.cross_encoder import CrossEncoderScorer
+    from ranking_service.fusion import ContextFusion
+    from ranking_service.ranker import Ranker
+    from ranking_service.train import fit_fusion
     from recsys.ingest import catalog_items
     from retrieval_service.catalog import ItemStore
     from retrieval_service.retriever import Retriever
 
     assert options.ranker is not None
     items = catalog_items(inputs.catalog)
-    text = {i.item_id: i.text() for i in items}
     vectors = np.load(stage / bundle_files.EMBEDDINGS)
     retriever = Retriever(
         retrieval.encoder, retrieval.index, ItemStore(items, vectors), None, "staging"
@@ -208,36 +230,86 @@ def _fit_fusion(
     scorer = CrossEncoderScorer.load(
         stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
     )
+    ranker = Ranker(cf, default, None, {})
+    history_lists = _history_lists(options, inputs, validation, retriever, ranker, scorer)
+    query_lists = _query_lists(queries, retriever, ranker, scorer)
+    if not history_lists:
+        log.warning("no validation list has a relevant candidate; keeping %s", default.to_dict())
+        return default
+    log.info(
+        "fitting fusion on %d validation users and %d held-out queries",
+        len(history_lists),
+        len(query_lists),
+    )
+    meta = {"replaces": default.to_dict(), "pool": FUSION_POOL}
+    history = fit_fusion(history_lists, requests="validation users", **meta)
+    query = (
+        fit_fusion(query_lists, requests="held-out train queries", **meta)
+        if query_lists
+        else default
+    )
+    return ContextFusion(query=query, history=history)
+
+
+def _history_lists(
+    options: BuildOptions,
+    inputs: BuildInputs,
+    validation: pd.DataFrame,
+    retriever: Any,
+    ranker: Any,
+    scorer: Any,
+) -> list[Any]:
+    from ranking_service.train import FusionList
+    from recsys.domain import HistoryItem, RankContext
+    from recsys.evaluation.models import history_pool
+    from recsys.evaluation.splits import histories, relevant_items
+    from recsys.settings import Settings
+
     seen = histories(inputs.interactions)
     relevant = relevant_items(validation)
     users = sorted(u for u in relevant if seen.get(u))
     users = random.Random(options.seed).sample(users, min(FUSION_USERS, len(users)))
+    share = Settings().cf_candidate_share
     lists = []
-    for user in users:
+    for user in tqdm(users, desc="fusion: validation users", unit="user"):
         history = seen[user][:100]
-        hits, _ = retriever.search(
-            SearchQuery(
-                top_k=FUSION_POOL,
-                history_item_ids=tuple(history),
-                exclude_item_ids=frozenset(history),
-            )
-        )
-        ids = [h.item_id for h in hits]
-        labels = np.array([i in relevant[user] for i in ids], dtype=np.float64)
+        pool = history_pool(retriever, ranker.cf, history, set(seen[user]), FUSION_POOL, share)
+        candidates = [p.candidate() for p in pool.full]
+        labels = np.array([c.item_id in relevant[user] for c in candidates], dtype=np.float64)
         if not labels.any():
             continue  # a list without a positive teaches the ranking nothing
-        context = build_context("", [text[i] for i in history])
-        ce = scorer.score([(context, text[i]) for i in ids])
-        vector = cf.fold_in(history)
-        cf_scores = cf.scores(vector, ids) if vector is not None else np.full(len(ids), np.nan)
-        lists.append(FusionList(ce, cf_scores, np.array([h.score for h in hits]), labels))
-    if not lists:
-        log.warning(
-            "no validation user has a relevant item in the pool; keeping %s", default.to_dict()
+        known = [retriever.store.get(i) for i in history]
+        context = RankContext(
+            history=tuple(HistoryItem(i.item_id, i.text()) for i in known if i is not None)
         )
-        return default
-    log.info("fitting fusion on %d validation lists", len(lists))
-    return fit_fusion(lists, replaces=default.to_dict(), pool=FUSION_POOL)
+        lists.append(FusionList(_stage_scores(ranker, scorer, context, candidates), labels))
+    return lists
+
+
+def _query_lists(
+    queries: Sequence[tuple[str, Sequence[str]]], retriever: Any, ranker: Any, scorer: Any
+) -> list[Any]:
+    from ranking_service.train import FusionList
+    from recsys.domain import Candidate, RankContext, SearchQuery
+
+    lists = []
+    for query, relevant in tqdm(queries, desc="fusion: held-out queries", unit="query"):
+        hits, _ = retriever.search(SearchQuery(top_k=FUSION_POOL, text=query, include_text=True))
+        candidates = [Candidate(h.item_id, h.item.text(), h.score) for h in hits]
+        labels = np.array([c.item_id in set(relevant) for c in candidates], dtype=np.float64)
+        if labels.any():
+            context = RankContext(query=query)
+            lists.append(FusionList(_stage_scores(ranker, scorer, context, candidates), labels))
+    return lists
+
+
+def _stage_scores(ranker: Any, scorer: Any, context: Any, candidates: Sequence[Any]) -> Any:
+    from ranking_service.cross_encoder import build_context
+
+    text = build_context(context.query, [h.text for h in context.history])
+    ce = scorer.score([(text, c.text) for c in candidates])
+    stages, _ = ranker.stage_scores(context, candidates, ce)
+    return stages
 
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:

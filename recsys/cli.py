@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import RecsysError
+from recsys.errors import InvalidInput, RecsysError
 from recsys.settings import Settings
 
 log = logging.getLogger("recsys")
@@ -416,6 +416,14 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string when building (default Flat)"
     )
+    p.add_argument(
+        "--pool",
+        type=int,
+        default=50,
+        metavar="N",
+        help="candidates re-ranked per user or query (default 50; the cross-encoder's cost "
+        "grows with it: ~2.5 N pairs per user)",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.set_defaults(handler=_run_evaluate)
 
@@ -434,7 +442,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         device=args.device,
         split=SPLIT_MARK,
     )
-    report = run_evaluation(args.data, args.bundle, args.protocol, args.out, options)
+    if args.pool < 10:
+        raise InvalidInput(f"--pool {args.pool}: must be >= 10 (metrics are at 10)")
+    report = run_evaluation(args.data, args.bundle, args.protocol, args.out, options, args.pool)
     for protocol in ("recommend", "search"):
         if protocol in report:
             print(

@@ -59,9 +59,17 @@ STAGE_DURATION = Histogram(
 CANDIDATES = Histogram(
     "recsys_candidates", "Items per request at each stage.", ("stage",), buckets=COUNT_BUCKETS
 )
-DEGRADED_REASONS = ("ranking_unavailable", "ranking_timeout", "ranking_overloaded", "ranking_error")
+DEGRADED_REASONS = (
+    "ranking_unavailable",
+    "ranking_timeout",
+    "ranking_overloaded",
+    "ranking_error",
+    "cf_unavailable",  # answered and ranked, but without CF's own candidates
+)
 DEGRADED = Counter(
-    "recsys_degraded_responses_total", "Answers served without ranking, by reason.", ("reason",)
+    "recsys_degraded_responses_total",
+    "Degraded answers (without ranking, or without CF candidates), by reason.",
+    ("reason",),
 )
 
 # Ranking

@@ -71,6 +71,12 @@ class Settings(BaseSettings):
     ranking_budget_fraction: float = Field(
         0.8, gt=0, le=1, description="Share of the remaining budget ranking may use."
     )
+    cf_candidate_share: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Share of the candidate pool CF fills for requests without a query.",
+    )
 
     log_level: str = "INFO"
 

@@ -7,14 +7,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
+from gateway.candidates import PoolItem, Recalled, merge, pool_split
+from ranking_service.cf import CFModel
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
 from ranking_service.ranker import Ranker
 from recsys import bundle as bundle_files
 from recsys.bundle import Bundle
-from recsys.domain import Candidate, HistoryItem, Hit, RankContext
+from recsys.domain import Candidate, HistoryItem, Hit, RankContext, SearchQuery
+from recsys.evaluation.metrics import K
 from recsys.settings import Settings
 from retrieval_service.retriever import Retriever
 
@@ -36,11 +38,14 @@ class EvalModels:
         settings = Settings(bundle=bundle.root, device=device)  # type: ignore[arg-type]
         retriever = Retriever.load(bundle, state_dir=None, device=device)
         ranker = Ranker.load(bundle, settings)
-        tuned = CrossEncoderScorer.load(bundle.file(bundle_files.CROSS_ENCODER_DIR), device=device)
-        base_dir = Path(bundle.manifest["cross_encoder"]["base"])
+        section = bundle.manifest["cross_encoder"]
+        # Both read pairs cut to the length the ranking service uses.
+        max_length = int(section.get("max_length", 128))
+        tuned = CrossEncoderScorer.load(
+            bundle.file(bundle_files.CROSS_ENCODER_DIR), device, max_length
+        )
         # The untuned baseline: the same backbone with a fresh (seeded) one-logit head.
-        torch.manual_seed(0)
-        base = CrossEncoderScorer.load(base_dir, device=device)
+        base = CrossEncoderScorer.load(Path(section["base"]), device, max_length)
         return cls(bundle, retriever, ranker, tuned, base)
 
     def text(self, item_id: str) -> str:
@@ -59,6 +64,45 @@ class EvalModels:
 
     def candidates(self, hits: Sequence[Hit]) -> list[Candidate]:
         return [Candidate(h.item_id, self.text(h.item_id), h.score) for h in hits]
+
+
+@dataclass(frozen=True)
+class HistoryPool:
+    """One user's candidates, offline, as the serving path would gather them."""
+
+    hits: list[Hit]  # retrieval's top `pool`: what the dense baselines re-rank
+    recalled: list[tuple[str, float]]  # CF's best, at least K of them
+    full: list[PoolItem]  # what the gateway sends to ranking (gateway.candidates)
+
+
+def history_pool(
+    retriever: Retriever,
+    cf: CFModel,
+    history: Sequence[str],
+    seen: set[str],
+    pool: int,
+    cf_share: float,
+) -> HistoryPool:
+    """Retrieval from the history vector and CF recall from the folded-in user, both without
+    `seen`, merged into the pool a history-only Recommend of `pool` candidates would rank."""
+    dense_k, cf_k = pool_split(pool, has_query=False, has_history=True, cf_share=cf_share)
+    vector = cf.fold_in(history)
+    recalled = cf.recommend(vector, max(K, cf_k), exclude=seen) if vector is not None else []
+    hits, _ = retriever.search(
+        SearchQuery(
+            top_k=pool,
+            history_item_ids=tuple(history),
+            exclude_item_ids=frozenset(seen),
+            include_text=True,
+        )
+    )
+    items = [retriever.store.get(i) for i, _ in recalled[:cf_k]]
+    cf_items = [
+        Recalled(item, score)
+        for item, (_, score) in zip(items, recalled, strict=False)
+        if item is not None
+    ]
+    return HistoryPool(hits, recalled, merge(hits[:dense_k], cf_items))
 
 
 def score_lists(

@@ -78,10 +78,12 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
     )
 
 
-def evaluate_recommend(models: EvalModels, split: Split, progress: bool) -> dict[str, Any]:
+def evaluate_recommend(
+    models: EvalModels, split: Split, pool: int, progress: bool
+) -> dict[str, Any]:
     from gateway.diversity import mmr
 
-    runs, cases, pools = recommend.run_recommend(models, split, progress=progress)
+    runs, cases, pools = recommend.run_recommend(models, split, pool=pool, progress=progress)
     relevant = {c.user_id: c.relevant for c in cases}
     catalog_size = len(models.retriever.store)
     methods = {}
@@ -93,7 +95,7 @@ def evaluate_recommend(models: EvalModels, split: Split, progress: bool) -> dict
     sweep = []
     for setting in DIVERSITY_SETTINGS:
         answers: dict[str, list[str]] = {}
-        for case, (_, scored) in zip(cases, pools["full"], strict=True):
+        for case, scored in zip(cases, pools, strict=True):
             ids = [s.item_id for s in scored if models.vector(s.item_id) is not None]
             if not ids:
                 answers[case.user_id] = []
@@ -112,9 +114,11 @@ def evaluate_recommend(models: EvalModels, split: Split, progress: bool) -> dict
     return {"methods": methods, "users": len(cases), "diversity_sweep": sweep}
 
 
-def evaluate_search(models: EvalModels, queries: list[TagQuery], progress: bool) -> dict[str, Any]:
+def evaluate_search(
+    models: EvalModels, queries: list[TagQuery], pool: int, progress: bool
+) -> dict[str, Any]:
     test = [q for q in queries if q.split == "test"]
-    runs = search.run_search(models, test, progress=progress)
+    runs = search.run_search(models, test, pool=pool, progress=progress)
     relevant = {q.query: set(q.item_ids) for q in test}
     return {
         "methods": {name: accuracy(relevant, runs[name]) for name in search.METHODS},
@@ -149,6 +153,7 @@ def run_evaluation(
     protocol: Protocol,
     out_dir: Path,
     options: BuildOptions,
+    pool: int = recommend.POOL,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The whole `recsys evaluate` job; returns the report it wrote."""
@@ -158,13 +163,14 @@ def run_evaluation(
     models = EvalModels.load(bundle, device=options.device)
     report: dict[str, Any] = {}
     if protocol in ("recommend", "all"):
-        report["recommend"] = evaluate_recommend(models, data.split, progress)
+        report["recommend"] = evaluate_recommend(models, data.split, pool, progress)
     if protocol in ("search", "all"):
-        report["search"] = evaluate_search(models, data.queries, progress)
+        report["search"] = evaluate_search(models, data.queries, pool, progress)
     report["goals"] = goals(report)
     report["meta"] = {
         "bundle": str(bundle.path),
         "metrics": ", ".join(ACCURACY_METRICS) + " (ranx)",
+        "candidate_pool": pool,
         "cross_encoder_validation": bundle.manifest.get("cross_encoder", {}).get("validation"),
         "fusion": bundle.manifest.get("fusion"),
         "seconds": round(time.perf_counter() - started, 1),

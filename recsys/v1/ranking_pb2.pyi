@@ -60,3 +60,33 @@ class RankResponse(_message.Message):
     versions: _common_pb2.ModelVersions
     cf_folded_in: bool
     def __init__(self, candidates: _Optional[_Iterable[_Union[ScoredCandidate, _Mapping]]] = ..., versions: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., cf_folded_in: _Optional[bool] = ...) -> None: ...
+
+class RecallCandidatesRequest(_message.Message):
+    __slots__ = ("user_id", "history_item_ids", "top_k", "exclude_item_ids")
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    history_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    top_k: int
+    exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RecalledItem(_message.Message):
+    __slots__ = ("item_id", "cf_score")
+    ITEM_ID_FIELD_NUMBER: _ClassVar[int]
+    CF_SCORE_FIELD_NUMBER: _ClassVar[int]
+    item_id: str
+    cf_score: float
+    def __init__(self, item_id: _Optional[str] = ..., cf_score: _Optional[float] = ...) -> None: ...
+
+class RecallCandidatesResponse(_message.Message):
+    __slots__ = ("items", "versions", "cf_folded_in")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    CF_FOLDED_IN_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[RecalledItem]
+    versions: _common_pb2.ModelVersions
+    cf_folded_in: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[RecalledItem, _Mapping]]] = ..., versions: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., cf_folded_in: _Optional[bool] = ...) -> None: ...

@@ -41,6 +41,11 @@ class RankingServiceStub:
                 request_serializer=recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
                 response_deserializer=recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
+        self.RecallCandidates = channel.unary_unary(
+                '/recsys.v1.RankingService/RecallCandidates',
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.RecallCandidatesRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.RecallCandidatesResponse.FromString,
+                _registered_method=True)
 
 
 class RankingServiceServicer:
@@ -54,6 +59,15 @@ class RankingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecallCandidates(self, request, context):
+        """CF's own candidates for a user: the gateway's second candidate source next to
+        retrieval, and the only one for a request that carries nothing but a user id.
+        NOT_FOUND when CF knows neither the user nor any of the history items.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -61,6 +75,11 @@ def add_RankingServiceServicer_to_server(servicer, server):
                     servicer.Rank,
                     request_deserializer=recsys_dot_v1_dot_ranking__pb2.RankRequest.FromString,
                     response_serializer=recsys_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
+            ),
+            'RecallCandidates': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecallCandidates,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.RecallCandidatesRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.RecallCandidatesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -92,6 +111,33 @@ class RankingService:
             '/recsys.v1.RankingService/Rank',
             recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
             recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecallCandidates(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.RankingService/RecallCandidates',
+            recsys_dot_v1_dot_ranking__pb2.RecallCandidatesRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.RecallCandidatesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -30,8 +30,9 @@ from gateway.stages import (
     LocalRetrievalStage,
     StageError,
 )
+from ranking_service.ranker import Recall
 from recsys.domain import Candidate, Hit, Item, RankContext, Scored, Scores, SearchQuery
-from recsys.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded
+from recsys.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
 from recsys.settings import Settings
 from recsys.v1 import gateway_pb2
 
@@ -104,8 +105,16 @@ class Outcome:
     cf_folded_in: bool
 
 
+# The stand-in CF's fixed preference, and the users it was "trained" on.
+CF_ORDER = ("b1", "c1", "t2", "r2", "t1", "r3", "r1", "r4")
+CF_USERS = frozenset({"u1"})
+
+
 class OverlapRanker:
-    """Ranker's interface: fused = 0.7 · word overlap with the context + 0.3 · retrieval score."""
+    """Ranker's interface: fused = 0.7 · word overlap with the context + 0.3 · retrieval score.
+
+    Its `recall` proposes CF_ORDER to known users and to anyone with a history.
+    """
 
     def __init__(self) -> None:
         self.versions = {
@@ -115,9 +124,22 @@ class OverlapRanker:
             "fusion": "mix",
         }
         self.contexts: list[RankContext] = []
+        self.candidates: list[list[Candidate]] = []
+        self.recalls: list[tuple[str, tuple[str, ...], int]] = []
+
+    def recall(
+        self, user_id: str, history: Sequence[str], k: int, exclude: frozenset[str]
+    ) -> Recall:
+        self.recalls.append((user_id, tuple(history), k))
+        if user_id not in CF_USERS and not history:
+            raise NotFound(f"user_id {user_id!r}: unknown to CF")
+        skip = exclude | set(history)
+        items = [(i, 1.0 - n / 10) for n, i in enumerate(CF_ORDER) if i not in skip]
+        return Recall(items[:k], cf_folded_in=user_id not in CF_USERS)
 
     async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> Outcome:
         self.contexts.append(context)
+        self.candidates.append(list(candidates))
         words = set(
             re.findall(
                 r"[a-z]+", " ".join([context.query, *(h.text for h in context.history)]).lower()
@@ -127,10 +149,8 @@ class OverlapRanker:
         for c in candidates:
             mine = set(re.findall(r"[a-z]+", c.text.lower()))
             ce = len(words & mine) / max(len(words | mine), 1)
-            retrieval = c.retrieval_score or 0.0
-            scored.append(
-                Scored(c.item_id, Scores(0.7 * ce + 0.3 * retrieval, ce, None, retrieval))
-            )
+            fused = 0.7 * ce + 0.3 * (c.retrieval_score or 0.0)
+            scored.append(Scored(c.item_id, Scores(fused, ce, None, c.retrieval_score)))
         scored.sort(key=lambda s: -s.scores.fused)
         return Outcome(scored, cf_folded_in=False)
 
@@ -140,8 +160,16 @@ class FailingRanker:
         self.versions: dict[str, str] = {}
         self.error = error
 
+    def recall(self, *args: Any) -> Recall:
+        raise self.error
+
     async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> Outcome:
         raise self.error
+
+
+class RecallFailingRanker(OverlapRanker):
+    def recall(self, *args: Any) -> Recall:
+        raise NotReady("CF is loading")
 
 
 class SlowRanker(OverlapRanker):
@@ -248,6 +276,71 @@ def test_category_filter_and_empty_result() -> None:
     assert [i.item_id for i in answer.items] == ["b1"]
     empty = recommend(pipeline(), query="running", categories=frozenset({"garden"}))
     assert empty.items == [] and not empty.degraded
+
+
+# -- CF candidates -----------------------------------------------------------------------------
+
+
+def test_without_a_query_cf_fills_its_share_of_the_pool() -> None:
+    retriever, ranker = TinyRetriever(), OverlapRanker()
+    answer = recommend(pipeline(ranker, retriever), k=8, candidate_pool=6, history_item_ids=("r1",))
+    assert retriever.queries[0].top_k == 3  # cf_candidate_share 0.5 of 6
+    assert ranker.recalls == [("", ("r1",), 3)]
+    dense = retrieval_order(history_item_ids=("r1",), top_k=3, exclude_item_ids=frozenset({"r1"}))
+    recalled = [i for i in CF_ORDER if i != "r1"][:3]
+    sent = ranker.candidates[0]
+    # Retrieval's hits first, with their scores; then CF's own, which retrieval never scored.
+    assert [c.item_id for c in sent] == dense + [i for i in recalled if i not in dense]
+    assert len(sent) > 3
+    assert [c.retrieval_score is None for c in sent] == [False] * 3 + [True] * (len(sent) - 3)
+    assert all(c.text for c in sent)  # CF's items got their texts from retrieval
+    returned = {i.item_id: i for i in answer.items}
+    assert set(returned) == {c.item_id for c in sent}
+    assert all(returned[c.item_id].scores.retrieval is None for c in sent[3:])
+
+
+def test_with_a_query_only_retrieval_proposes() -> None:
+    retriever, ranker = TinyRetriever(), OverlapRanker()
+    recommend(pipeline(ranker, retriever), query="tent", user_id="u1", history_item_ids=("t1",))
+    assert ranker.recalls == [] and retriever.queries[0].top_k == 8
+
+
+def test_user_id_alone_is_answered_from_cf() -> None:
+    retriever, ranker = TinyRetriever(), OverlapRanker()
+    answer = recommend(pipeline(ranker, retriever), k=3, candidate_pool=4, user_id="u1")
+    assert retriever.queries == [] and ranker.recalls == [("u1", (), 4)]
+    assert [c.item_id for c in ranker.candidates[0]] == list(CF_ORDER[:4])
+    assert len(answer.items) == 3 and not answer.degraded
+    with pytest.raises(NotFound, match="unknown to CF"):
+        recommend(pipeline(), user_id="stranger")
+
+
+def test_cf_candidates_respect_filters_and_deletions() -> None:
+    retriever, ranker = TinyRetriever(), OverlapRanker()
+    del retriever.items["b1"]  # CF still proposes it; retrieval no longer has it
+    answer = recommend(
+        pipeline(ranker, retriever),
+        k=8,
+        user_id="u1",
+        categories=frozenset({"outdoor", "kitchen"}),
+        exclude_item_ids=frozenset({"c1"}),
+    )
+    assert [i.item_id for i in answer.items] and {i.category for i in answer.items} == {"outdoor"}
+    assert "b1" not in {i.item_id for i in answer.items}
+
+
+def test_cf_recall_failure_keeps_retrieval_candidates_and_says_so() -> None:
+    before = degraded_count("cf_unavailable")
+    ranker = RecallFailingRanker()
+    answer = recommend(pipeline(ranker), k=3, candidate_pool=6, history_item_ids=("t1",))
+    assert answer.degraded_reasons == ["cf_unavailable"] and len(answer.items) == 3
+    assert all(c.retrieval_score is not None for c in ranker.candidates[0])
+    assert degraded_count("cf_unavailable") == before + 1
+
+
+def test_ranking_down_for_a_user_id_alone_is_unavailable() -> None:
+    with pytest.raises(NotReady):
+        recommend(pipeline(FailingRanker(NotReady("down"))), user_id="u1")
 
 
 # -- degraded answers --------------------------------------------------------------------------

@@ -18,7 +18,6 @@ SETTINGS = Settings()
     ("fields", "name"),
     [
         ({}, "query, user_id, history_item_ids"),
-        ({"user_id": "u1"}, "user_id alone"),
         ({"query": "x", "k": 1001}, "k"),
         ({"query": "x", "k": 10, "candidate_pool": 5}, "candidate_pool"),
         ({"query": "x", "candidate_pool": 5000}, "candidate_pool"),
@@ -45,6 +44,11 @@ def test_defaults_for_zero_values() -> None:
     wide = validate(gateway_pb2.RecommendRequest(query="x", k=500), SETTINGS)
     assert wide.candidate_pool == 500
     assert request.diversity == 0.0 and request.history_item_ids == ()
+
+
+def test_user_id_alone_is_a_request() -> None:
+    request = validate(gateway_pb2.RecommendRequest(user_id=" u1 "), SETTINGS)
+    assert request.user_id == "u1" and request.query == "" and request.history_item_ids == ()
 
 
 def test_default_pool_never_exceeds_the_limit() -> None:

@@ -25,7 +25,8 @@ REQUESTS: dict[str, dict[str, dict[str, Any]]] = {
                 {"itemId": "a", "text": "wireless headphones"},
                 {"itemId": "b", "text": "socks"},
             ],
-        }
+        },
+        "RecallCandidates": {"userId": "U0194", "topK": 3},
     },
     "retrieval": {
         "Search": {"queryText": "headphones", "topK": 3},

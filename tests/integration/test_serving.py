@@ -85,6 +85,35 @@ def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> No
     assert all(not item.scores.HasField("cf") for item in reply.items)
 
 
+def test_history_without_a_query_ranks_cf_candidates_too(
+    stack: Stack, user_history: tuple[str, list[str]]
+) -> None:
+    _, history = user_history
+    reply = recommend(stack, history_item_ids=history, k=20, candidate_pool=20)
+    assert not reply.degraded, reply.degraded_reasons
+    assert not {item.item_id for item in reply.items} & set(history)
+    from_cf = [item for item in reply.items if not item.scores.HasField("retrieval")]
+    # CF folded the user in from history and proposed items of its own, which were ranked.
+    assert from_cf and all(
+        item.scores.HasField("cf") and item.scores.HasField("cross_encoder") for item in from_cf
+    )
+
+
+def test_user_id_alone_is_answered_from_cf(
+    stack: Stack, user_history: tuple[str, list[str]]
+) -> None:
+    user, _ = user_history
+    reply = recommend(stack, user_id=user, k=5)
+    assert not reply.degraded and len(reply.items) == 5
+    assert all(
+        item.scores.HasField("cf") and not item.scores.HasField("retrieval") for item in reply.items
+    )
+    with pytest.raises(grpc.RpcError) as info:
+        recommend(stack, user_id="nobody-knows-me", k=5)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "nobody-knows-me" in info.value.details()
+
+
 def test_health_and_reflection_on_every_server(stack: Stack) -> None:
     for name in SERVICES:
         assert stack.health(name) == SERVING

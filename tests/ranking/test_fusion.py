@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from ranking_service.fusion import (
+    FEATURES,
     FUSION_KINDS,
+    ContextFusion,
     ConvexFusion,
     LogisticFusion,
+    StageScores,
     features,
     load_fusion,
     normalise,
@@ -29,7 +33,7 @@ def test_missing_cf_is_not_a_penalty() -> None:
     fusion = ConvexFusion(alpha=0.5)
     ce = np.array([1.0, 1.0, 0.0])
     cf = np.array([0.0, np.nan, 0.5])  # item 1 is cold: CF cannot score it
-    fused = fusion.fuse(ce, cf, None)
+    fused = fusion.fuse(StageScores(cf=cf, ce=ce))
     # Same cross-encoder score; the cold item is judged on what exists, not on a made-up 0.
     z_cf = normalise(cf)
     assert fused[1] == pytest.approx(normalise(ce)[1])
@@ -38,7 +42,7 @@ def test_missing_cf_is_not_a_penalty() -> None:
 
 def test_without_cf_retrieval_takes_its_place() -> None:
     fused = ConvexFusion(alpha=0.5).fuse(
-        np.array([0.0, 0.0]), np.full(2, np.nan), np.array([0.9, 0.1])
+        StageScores(cf=np.full(2, np.nan), ce=np.array([0.0, 0.0]), retrieval=np.array([0.9, 0.1]))
     )
     assert fused[0] > fused[1]
 
@@ -49,7 +53,7 @@ def test_logistic_fusion_learns_which_signal_matters() -> None:
     for _ in range(50):
         ce, cf, ret = rng.normal(size=(3, 20))
         y = (cf + 0.1 * rng.normal(size=20) > 1.0).astype(float)  # only CF predicts relevance
-        x_lists.append(features(ce, cf, ret))
+        x_lists.append(features(StageScores(cf=cf, ce=ce, retrieval=ret)))
         y_lists.append(y)
     model = LogisticFusion.fit(np.vstack(x_lists), np.concatenate(y_lists))
     weights = dict(zip(["ce", "cf", "retrieval"], model.weights[:3], strict=False))
@@ -58,11 +62,16 @@ def test_logistic_fusion_learns_which_signal_matters() -> None:
 
 def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
     path = tmp_path / "fusion.json"
-    model = LogisticFusion(weights=[1.0, 2.0, 0.5, -1.0, 0.0], bias=0.1)
+    model = LogisticFusion(weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7], bias=0.1)
     save_fusion(model, path)
     loaded = load_fusion(path)
-    args = (np.array([0.1, 0.9]), np.array([np.nan, 1.0]), np.array([0.3, 0.2]))
-    np.testing.assert_allclose(loaded.fuse(*args), model.fuse(*args))
+    scores = StageScores(
+        cf=np.array([np.nan, 1.0]),
+        ce=np.array([0.1, 0.9]),
+        retrieval=np.array([0.3, np.nan]),
+        popularity=np.array([2.0, 1.0]),
+    )
+    np.testing.assert_allclose(loaded.fuse(scores), model.fuse(scores))
     path.write_text('{"kind": "magic"}')
     with pytest.raises(InvalidInput, match=r"fusion\.json"):
         load_fusion(path)
@@ -71,7 +80,7 @@ def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
 def test_missing_cf_is_not_ranked_below_an_average_cf_item() -> None:
     ce = np.array([2.0, 2.0, 0.0, -1.0])
     cf = np.array([np.nan, 0.5, 0.9, 0.1])  # item 0 is cold; item 1 has the average CF score
-    fused = ConvexFusion().fuse(ce, cf, None)
+    fused = ConvexFusion().fuse(StageScores(cf=cf, ce=ce))
     assert normalise(cf)[1] == pytest.approx(0.0)
     assert fused[0] >= fused[1]
 
@@ -79,12 +88,12 @@ def test_missing_cf_is_not_ranked_below_an_average_cf_item() -> None:
 def test_without_the_cross_encoder_retrieval_stands_in_for_it() -> None:
     cf = np.array([0.2, 0.2, 0.2])  # CF cannot tell them apart
     retrieval = np.array([0.1, 0.9, 0.5])
-    fused = ConvexFusion().fuse(None, cf, retrieval)
+    fused = ConvexFusion().fuse(StageScores(cf=cf, retrieval=retrieval))
     assert list(np.argsort(-fused)) == [1, 2, 0]
     # Nothing but retrieval: its order, and without retrieval either, zeros rather than NaN.
-    only = ConvexFusion().fuse(None, np.full(3, np.nan), retrieval)
+    only = ConvexFusion().fuse(StageScores(cf=np.full(3, np.nan), retrieval=retrieval))
     assert list(np.argsort(-only)) == [1, 2, 0]
-    assert (ConvexFusion().fuse(None, np.full(2, np.nan), None) == 0).all()
+    assert (ConvexFusion().fuse(StageScores(cf=np.full(2, np.nan))) == 0).all()
 
 
 def test_convex_round_trip_and_registry(tmp_path: Path) -> None:
@@ -98,3 +107,50 @@ def test_convex_round_trip_and_registry(tmp_path: Path) -> None:
     path.write_text('{"kind": "logistic", "weights": [1.0]}')  # no bias
     with pytest.raises(InvalidInput, match=r"fusion\.json"):
         load_fusion(path)
+
+
+def test_older_fusion_files_load_with_the_new_features_weighing_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "fusion.json"
+    old = ["ce", "cf", "retrieval", "cf_missing", "ce_missing"]
+    path.write_text(
+        f'{{"kind": "logistic", "features": {json.dumps(old)}, '
+        '"weights": [1, 2, 0.5, -1, 0], "bias": 0.1}'
+    )
+    loaded = load_fusion(path)
+    assert isinstance(loaded, LogisticFusion)
+    assert loaded.weights == [1, 2, 0.5, -1, 0] + [0.0] * (len(FEATURES) - len(old))
+    path.write_text('{"kind": "logistic", "features": ["cf", "ce"], "weights": [1, 2], "bias": 0}')
+    with pytest.raises(InvalidInput, match="prefix"):
+        load_fusion(path)
+
+
+def test_features_mark_each_missing_stage() -> None:
+    scores = StageScores(
+        cf=np.array([1.0, np.nan, 3.0]),
+        ce=np.array([0.5, 0.1, 0.2]),
+        retrieval=np.array([0.9, 0.8, np.nan]),
+        popularity=np.array([1.0, 2.0, 3.0]),
+    )
+    x = dict(zip(FEATURES, features(scores).T, strict=True))
+    assert list(x["cf_missing"]) == [0, 1, 0] and list(x["retrieval_missing"]) == [0, 0, 1]
+    assert list(x["ce_missing"]) == [0, 0, 0]
+    assert x["cf"][1] == 0 and x["retrieval"][2] == 0  # a missing score adds nothing by itself
+    assert x["popularity"][2] > x["popularity"][0]
+    no_ce = features(StageScores(cf=np.ones(2)))
+    assert list(no_ce[:, FEATURES.index("ce_missing")]) == [1, 1]
+
+
+def test_context_fusion_picks_by_request_kind(tmp_path: Path) -> None:
+    # Searches follow the cross-encoder; recommendations follow CF.
+    n = len(FEATURES)
+    by_ce = LogisticFusion([1.0 if f == "ce" else 0.0 for f in FEATURES], 0.0)
+    by_cf = LogisticFusion([1.0 if f == "cf" else 0.0 for f in FEATURES], 0.0)
+    fusion = ContextFusion(query=by_ce, history=by_cf)
+    ce, cf = np.array([1.0, 0.0]), np.array([0.0, 1.0])
+    assert np.argmax(fusion.fuse(StageScores(cf=cf, ce=ce, has_query=True))) == 0
+    assert np.argmax(fusion.fuse(StageScores(cf=cf, ce=ce))) == 1
+    path = tmp_path / "fusion.json"
+    save_fusion(fusion, path)
+    loaded = load_fusion(path)
+    assert isinstance(loaded, ContextFusion) and loaded.to_dict() == fusion.to_dict()
+    assert len(loaded.to_dict()["query"]["weights"]) == n
