@@ -30,14 +30,18 @@ class CFModel:
     regularization: float
     alpha: float
     iterations: int
-    # Distinct users per item (item_ids order): the popularity prior; None in older bundles.
-    item_counts: np.ndarray | None = None
+    # Who interacted with what at training (users x items, CSR); None in older bundles.
+    user_items: sp.csr_matrix | None = None
 
     def __post_init__(self) -> None:
         self._user_row = {u: i for i, u in enumerate(self.user_ids)}
         self._item_row = {it: i for i, it in enumerate(self.item_ids)}
         # Shared by every fold-in: YᵀY is the same for all users.
         self._gram = self.item_factors.T.astype(np.float64) @ self.item_factors.astype(np.float64)
+        # Distinct users per item: the popularity prior.
+        self._item_counts = (
+            None if self.user_items is None else np.diff(self.user_items.tocsc().indptr)
+        )
 
     @property
     def n_users(self) -> int:
@@ -94,7 +98,7 @@ class CFModel:
             regularization=regularization,
             alpha=alpha,
             iterations=iterations,
-            item_counts=np.bincount(cols, minlength=len(item_ids)).astype(np.int64),
+            user_items=(matrix > 0).astype(np.int8).tocsr(),
         )
 
     def save(self, out_dir: Path) -> dict[str, Any]:
@@ -102,8 +106,8 @@ class CFModel:
         out_dir.mkdir(parents=True, exist_ok=True)
         np.save(out_dir / "user_factors.npy", self.user_factors)
         np.save(out_dir / "item_factors.npy", self.item_factors)
-        if self.item_counts is not None:
-            np.save(out_dir / "item_counts.npy", self.item_counts)
+        if self.user_items is not None:
+            sp.save_npz(out_dir / "user_items.npz", self.user_items)
         (out_dir / "users.json").write_text(json.dumps(self.user_ids))
         (out_dir / "items.json").write_text(json.dumps(self.item_ids))
         params = {
@@ -118,7 +122,7 @@ class CFModel:
     @classmethod
     def load(cls, in_dir: Path) -> CFModel:
         params = json.loads((in_dir / "params.json").read_text())
-        counts = in_dir / "item_counts.npy"
+        user_items = in_dir / "user_items.npz"
         return cls(
             user_ids=json.loads((in_dir / "users.json").read_text()),
             item_ids=json.loads((in_dir / "items.json").read_text()),
@@ -127,13 +131,21 @@ class CFModel:
             regularization=params["regularization"],
             alpha=params["alpha"],
             iterations=params["iterations"],
-            item_counts=np.load(counts) if counts.is_file() else None,
+            user_items=sp.load_npz(user_items).tocsr() if user_items.is_file() else None,
         )
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
         """The trained vector of a known user (a copy), None for a user unseen at training."""
         row = self._user_row.get(user_id)
         return None if row is None else self.user_factors[row].copy()
+
+    def items_of(self, user_id: str) -> list[str]:
+        """The items a known user interacted with at training (empty when unknown)."""
+        row = self._user_row.get(user_id)
+        if row is None or self.user_items is None:
+            return []
+        start, end = self.user_items.indptr[row], self.user_items.indptr[row + 1]
+        return [self.item_ids[i] for i in self.user_items.indices[start:end]]
 
     def fold_in(
         self, item_ids: Sequence[str], weights: Sequence[float] | None = None
@@ -174,10 +186,10 @@ class CFModel:
 
     def popularity(self, item_ids: Sequence[str]) -> np.ndarray | None:
         """log(1 + users who interacted) per item, 0 for items CF never saw; None if unknown."""
-        if self.item_counts is None:
+        if self._item_counts is None:
             return None
         rows = [self._item_row.get(i) for i in item_ids]
-        counts = np.array([0 if r is None else self.item_counts[r] for r in rows], np.float64)
+        counts = np.array([0 if r is None else self._item_counts[r] for r in rows], np.float64)
         return np.log1p(counts)
 
     def recommend(

@@ -33,6 +33,9 @@ class StageScores:
     ce: np.ndarray | None = None
     retrieval: np.ndarray | None = None
     popularity: np.ndarray | None = None
+    # CF from the most recent history items only: the user's current taste, next to `cf`'s
+    # long-term one (from the user's trained vector or the whole history).
+    cf_recent: np.ndarray | None = None
     has_query: bool = False
 
 
@@ -114,22 +117,24 @@ FEATURES = (
     "ce_missing",
     "retrieval_missing",
     "popularity",
+    "cf_recent",
 )
 
 
 def features(scores: StageScores) -> np.ndarray:
     """Per-candidate z-scores of each stage, one missing indicator per stage (its z is then 0),
-    and the z-scored popularity prior; columns follow FEATURES.
+    then the z-scored popularity prior and short-term CF; columns follow FEATURES.
 
     Retrieval is missing for candidates that only CF proposed.
     """
     n = len(scores.cf)
-    z_ce, z_cf, z_ret, z_pop = (
+    z_ce, z_cf, z_ret, z_pop, z_recent = (
         normalise(s) if s is not None else np.full(n, np.nan)
-        for s in (scores.ce, scores.cf, scores.retrieval, scores.popularity)
+        for s in (scores.ce, scores.cf, scores.retrieval, scores.popularity, scores.cf_recent)
     )
     missing = [np.isnan(z).astype(np.float64) for z in (z_cf, z_ce, z_ret)]
-    return np.nan_to_num(np.column_stack([z_ce, z_cf, z_ret, *missing, z_pop]), nan=0.0)
+    matrix = np.column_stack([z_ce, z_cf, z_ret, *missing, z_pop, z_recent])
+    return np.nan_to_num(matrix, nan=0.0)
 
 
 @dataclass

@@ -112,7 +112,7 @@ def build_bundle(
         if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
-                options, inputs, retrieval, encoder_dir, stage, train_queries
+                options, inputs, retrieval, cf, encoder_dir, stage, train_queries
             )
             timings["ranker_seconds"] = time.perf_counter() - t0
 
@@ -155,6 +155,7 @@ def _train_ranker(
     options: BuildOptions,
     inputs: BuildInputs,
     retrieval: Any,
+    cf: Any,
     encoder_dir: Path,
     stage: Path,
     train_queries: Sequence[tuple[str, Sequence[str]]],
@@ -169,6 +170,11 @@ def _train_ranker(
         _, rows = retrieval.index.search(np.ascontiguousarray(vectors), n)
         return [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
 
+    def recall(histories: Sequence[Sequence[str]], n: int) -> list[list[str]]:
+        """CF's top items for each history (folded in), as the gateway's CF recall finds them."""
+        vectors = [cf.fold_in(h) if h else None for h in histories]
+        return [[] if v is None else [i for i, _ in cf.recommend(v, n)] for v in vectors]
+
     assert options.ranker is not None
     config = replace(options.ranker, device=options.device, seed=options.seed)
     return train_cross_encoder(
@@ -179,6 +185,7 @@ def _train_ranker(
         out_dir=stage / bundle_files.CROSS_ENCODER_DIR,
         config=config,
         train_queries=train_queries,
+        recall=recall,
     )
 
 

@@ -88,14 +88,16 @@ def history_pool(
     dense_k, cf_k = pool_split(pool, has_query=False, has_history=True, cf_share=cf_share)
     vector = cf.fold_in(history)
     recalled = cf.recommend(vector, max(K, cf_k), exclude=seen) if vector is not None else []
-    hits, _ = retriever.search(
-        SearchQuery(
-            top_k=pool,
-            history_item_ids=tuple(history),
-            exclude_item_ids=frozenset(seen),
-            include_text=True,
+    hits: list[Hit] = []
+    if history:  # a user seen only in test has nothing to search from
+        hits, _ = retriever.search(
+            SearchQuery(
+                top_k=pool,
+                history_item_ids=tuple(history),
+                exclude_item_ids=frozenset(seen),
+                include_text=True,
+            )
         )
-    )
     items = [retriever.store.get(i) for i, _ in recalled[:cf_k]]
     cf_items = [
         Recalled(item, score)

@@ -13,8 +13,6 @@ from recsys.evaluation.models import EvalModels, score_lists
 from recsys.movielens import TagQuery
 
 METHODS = ("bm25", "dense", "dense+ce_base", "dense+ce", "full")
-POOL = 100
-
 Run = dict[str, list[str]]
 
 
@@ -32,7 +30,7 @@ def bm25_run(item_ids: Sequence[str], texts: Sequence[str], queries: Sequence[st
 
 
 def run_search(
-    models: EvalModels, queries: Sequence[TagQuery], pool: int = POOL, progress: bool = True
+    models: EvalModels, queries: Sequence[TagQuery], pool: int, progress: bool = True
 ) -> dict[str, Run]:
     """Top-10 answers of every method for each test query."""
     items = [models.retriever.store.item_at(r) for r in range(models.retriever.store.rows)]

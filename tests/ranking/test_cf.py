@@ -72,6 +72,17 @@ def test_save_load_round_trip(model: CFModel, tmp_path: Path) -> None:
     np.testing.assert_array_equal(
         loaded.scores(vector, ["b3", "a3"]), model.scores(vector, ["b3", "a3"])
     )
+    assert loaded.items_of("u3") == model.items_of("u3") and len(model.items_of("u3")) == 8
+    ids = ["a1", "b7", "never-seen"]
+    np.testing.assert_array_equal(loaded.popularity(ids), model.popularity(ids))
+
+
+def test_popularity_counts_distinct_users(log: pd.DataFrame, model: CFModel) -> None:
+    users = log.groupby("item_id")["user_id"].nunique()
+    popularity = model.popularity(["a1", "b2", "never-seen"])
+    assert popularity is not None
+    np.testing.assert_allclose(popularity, np.log1p([users["a1"], users["b2"], 0]))
+    assert model.items_of("nobody") == []
 
 
 def test_fold_in_is_implicits_own_user_step(model: CFModel) -> None:

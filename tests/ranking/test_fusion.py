@@ -62,7 +62,7 @@ def test_logistic_fusion_learns_which_signal_matters() -> None:
 
 def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
     path = tmp_path / "fusion.json"
-    model = LogisticFusion(weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7], bias=0.1)
+    model = LogisticFusion(weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7, 0.4], bias=0.1)
     save_fusion(model, path)
     loaded = load_fusion(path)
     scores = StageScores(
@@ -70,6 +70,7 @@ def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
         ce=np.array([0.1, 0.9]),
         retrieval=np.array([0.3, np.nan]),
         popularity=np.array([2.0, 1.0]),
+        cf_recent=np.array([0.5, 0.7]),
     )
     np.testing.assert_allclose(loaded.fuse(scores), model.fuse(scores))
     path.write_text('{"kind": "magic"}')

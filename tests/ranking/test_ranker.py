@@ -34,7 +34,9 @@ def test_recall_for_a_known_user_is_cf_order_without_excluded_items(
     recall = ranker.recall(user, items[:2], 10, exclude=frozenset(items[2:4]))
     ids = [i for i, _ in recall.items]
     assert len(ids) == 10 and not recall.cf_folded_in
-    assert not set(ids) & set(items[:4])
+    # Neither the request's history and exclusions nor what the user had at training.
+    assert not set(ids) & set(items)
+    assert set(ranker.cf.items_of(user)) == set(items)
     scores = [s for _, s in recall.items]
     assert scores == sorted(scores, reverse=True)
     vector = ranker.cf.user_vector(user)
