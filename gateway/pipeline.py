@@ -183,13 +183,11 @@ class RecommendPipeline:
                 include_text=True,
                 include_vectors=request.diversity > 0,
             )
-            search = self._start(self.retrieval.search(query, end - time.perf_counter()), end)
+            search = _start(self.retrieval.search(query, end - time.perf_counter()), end)
         if history_ids:
-            lookup = self._start(
-                self.retrieval.get_items(history_ids, end - time.perf_counter()), end
-            )
+            lookup = _start(self.retrieval.get_items(history_ids, end - time.perf_counter()), end)
         if cf_k:
-            recall = self._start(self._recall(request, cf_k, exclude, end), end)
+            recall = _start(self._recall(request, cf_k, exclude, end), end, "CF recall")
         tasks = [t for t in (search, lookup, recall) if t is not None]
         try:
             result: SearchResult | None = await search if search is not None else None
@@ -205,10 +203,6 @@ class RecommendPipeline:
         # Unknown history ids are simply not in the context.
         history = tuple(HistoryItem(item.item_id, item.text()) for item, _ in found)
         return _Pool(merge(hits, recalled), history, versions, reasons)
-
-    @staticmethod
-    def _start(call: Awaitable[T], end: float) -> asyncio.Future[T]:
-        return asyncio.ensure_future(within(call, end - time.perf_counter(), "retrieval"))
 
     async def _recall(
         self, request: RecommendRequest, k: int, exclude: frozenset[str], end: float
@@ -236,14 +230,12 @@ class RecommendPipeline:
             return [], []
         try:
             return await recall, []
-        except (InvalidInput, NotFound):
+        except Exception as exc:
             if required:
                 raise  # CF was the only source: its answer is the request's answer
-            return [], []  # CF knows nothing of this user: no candidates of its own, no fault
-        except RecsysError as exc:
-            if required:
-                raise
-            log.warning("CF recall failed, candidates from retrieval only: %s", exc)
+            if isinstance(exc, NotFound):
+                return [], []  # CF knows nothing of this user: no candidates of its own, no fault
+            log.warning("CF recall failed, candidates from retrieval only: %r", exc)
             return [], ["cf_unavailable"]
 
     async def _rank(
@@ -268,6 +260,11 @@ class RecommendPipeline:
             log.exception("ranking raised, answering in retrieval order")
             return None, "ranking_error"
         return ranked, ""
+
+
+def _start(call: Awaitable[T], end: float, stage: str = "retrieval") -> asyncio.Future[T]:
+    """Runs `call` as a task that gives up (DeadlineExceeded) at `end`."""
+    return asyncio.ensure_future(within(call, end - time.perf_counter(), stage))
 
 
 def _ranked_entries(pool: list[PoolItem], ranked: RankResult) -> list[_Entry]:
