@@ -89,7 +89,7 @@ def mine_examples(
     Validation is the last example of a random subset of users, never trained on. Items missing
     from the catalog have no text: they are neither positives nor part of a context.
     """
-    text = _texts(catalog)
+    text = item_texts(catalog)
     ordered = interactions.sort_values(["user_id", "timestamp"], kind="stable")
     per_user: dict[str, list[Example]] = {}
     for user, group in ordered.groupby("user_id", sort=True):
@@ -130,7 +130,7 @@ def query_examples(
     return out
 
 
-def _training_sample(
+def training_sample(
     history_examples: list[Example],
     train_queries: Sequence[tuple[str, Sequence[str]]],
     config: RankerTrainConfig,
@@ -153,7 +153,8 @@ def _training_sample(
     return queries + rng.sample(history_examples, min(rest, len(history_examples)))
 
 
-def _texts(catalog: pd.DataFrame) -> dict[str, str]:
+def item_texts(catalog: pd.DataFrame) -> dict[str, str]:
+    """Item id → the text the cross-encoder reads for it."""
     return {
         str(r.item_id): item_text(str(r.title), str(r.category), str(r.description))
         for r in catalog.itertuples(index=False)
@@ -220,9 +221,9 @@ def train_cross_encoder(
     started = time.perf_counter()
     rng = random.Random(config.seed)
     device = resolve_device(config.device)
-    text = _texts(catalog)
+    text = item_texts(catalog)
     train, validation = mine_examples(catalog, interactions, config.validation_users, rng)
-    train = _training_sample(train, train_queries, config, text, rng)
+    train = training_sample(train, train_queries, config, text, rng)
     train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng, text, recall)
     val_negs = hard_negatives(
         validation, negatives, config.validation_candidates - 1, rng, text, recall

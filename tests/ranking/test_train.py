@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,16 @@ import pandas as pd
 import pytest
 
 from ranking_service.cross_encoder import CrossEncoderScorer
-from ranking_service.train import RankerTrainConfig, mine_examples, train_cross_encoder
+from ranking_service.train import (
+    Example,
+    RankerTrainConfig,
+    hard_negatives,
+    item_texts,
+    mine_examples,
+    train_cross_encoder,
+    training_sample,
+)
+from recsys.build import hold_out_queries
 from recsys.errors import InvalidInput
 from tests.ranking.conftest import EmbeddingRetrieval
 
@@ -109,3 +119,42 @@ def test_nothing_to_learn_is_an_input_error(
             tmp_path / "ce",
             RankerTrainConfig(steps=2, device="cpu"),
         )
+
+
+def test_queries_get_their_share_of_the_training_contexts(
+    shop_catalog: pd.DataFrame, shop_interactions: pd.DataFrame
+) -> None:
+    train, _ = mine_examples(shop_catalog, shop_interactions, 10, random.Random(0))
+    ids = list(shop_catalog["item_id"])
+    queries = [(f"query {i}", ids[3 * i : 3 * i + 3]) for i in range(10)]
+    config = RankerTrainConfig(steps=5, batch_size=8, query_share=0.5)
+    sample = training_sample(train, queries, config, item_texts(shop_catalog), random.Random(0))
+    assert len(sample) == 40
+    assert sum(e.context.startswith("query ") for e in sample) == 20
+    with pytest.raises(InvalidInput, match="query_share"):
+        RankerTrainConfig(query_share=1.5)
+
+
+def test_negatives_interleave_retrieval_and_cf_recall() -> None:
+    example = Example("context", "pos", frozenset({"pos", "owned"}), ("h1", "h2"))
+
+    def retrieved(contexts: Sequence[str], n: int) -> list[list[str]]:
+        return [["r1", "pos", "r2", "owned", "r3"] for _ in contexts]
+
+    def recalled(histories: Sequence[Sequence[str]], n: int) -> list[list[str]]:
+        assert [tuple(h) for h in histories] == [("h1", "h2")]
+        return [["c1", "r1", "c2"]]
+
+    allowed = {"r1", "r2", "r3", "c1", "c2"}
+    (negatives,) = hard_negatives([example], retrieved, 10, random.Random(0), allowed, recalled)
+    assert sorted(negatives) == sorted(allowed)  # neither the positive nor an owned item
+    (few,) = hard_negatives([example], retrieved, 2, random.Random(0), allowed, recalled)
+    assert len(few) == 2 and set(few) <= allowed
+
+
+def test_fusion_queries_are_held_out_of_fine_tuning() -> None:
+    queries = [(f"tag {i}", ["x"]) for i in range(20)]
+    tune, held = hold_out_queries(queries, seed=0)
+    assert len(held) == 6 and len(tune) == 14
+    assert not {q for q, _ in tune} & {q for q, _ in held}
+    assert hold_out_queries(list(reversed(queries)), seed=0) == (tune, held)
