@@ -28,11 +28,9 @@ from recsys.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-# Context texts → for each, the item ids of its nearest items in the retrieval index.
-NegativesFn = Callable[[Sequence[str], int], list[list[str]]]
-# Histories (item ids, most recent first) → for each, CF's top items for that user.
-RecallFn = Callable[[Sequence[Sequence[str]], int], list[list[str]]]
-RECALL_HISTORY = 10  # most recent items a training example's CF recall folds in
+# Examples → for each, the item ids serving's candidate generators would propose for it.
+NegativesFn = Callable[[Sequence["Example"], int], list[list[str]]]
+EXAMPLE_HISTORY = 10  # most recent history items an example carries for candidate generation
 NEGATIVE_DEPTH = 30  # hard negatives are sampled from this many retrieved items
 CHUNK = 256  # contexts per retrieval call: bounds memory on large logs
 
@@ -75,7 +73,7 @@ class Example:
     context: str
     positive: str
     known: frozenset[str]
-    history: tuple[str, ...] = ()  # most recent first, for CF-recalled negatives
+    history: tuple[str, ...] = ()  # item ids, most recent first (empty for a search)
 
 
 def mine_examples(
@@ -106,7 +104,7 @@ def mine_examples(
                 recent = [text[i] for i in history[:HISTORY_IN_CONTEXT]]
                 examples.append(
                     Example(
-                        build_context(query, recent), item, known, tuple(history[:RECALL_HISTORY])
+                        build_context(query, recent), item, known, tuple(history[:EXAMPLE_HISTORY])
                     )
                 )
             history.insert(0, item)
@@ -167,22 +165,17 @@ def hard_negatives(
     count: int,
     rng: random.Random,
     allowed: Container[str],
-    recall: RecallFn | None = None,
 ) -> list[list[str]]:
-    """`count` candidate-generated `allowed` items per example, neither its positive nor known.
+    """`count` of the proposed `allowed` items per example, neither its positive nor known.
 
-    Candidates are what serving would rank: items retrieved for the context and, for examples
-    with a history, CF's recall for it (interleaved), so the model learns to tell the next item
-    from exactly the popular and similar items it will be shown next to.
+    `negatives` proposes what serving would rank for the example, so the model learns to tell
+    the right item from exactly the items it will be shown next to.
     """
     out: list[list[str]] = []
     # Chunks bound what the caller's retrieval holds at once on a large log.
     for start in range(0, len(examples), CHUNK):
         chunk = examples[start : start + CHUNK]
-        retrieved = negatives([e.context for e in chunk], NEGATIVE_DEPTH + 1)
-        if recall is not None:
-            recalled = recall([e.history for e in chunk], NEGATIVE_DEPTH + 1)
-            retrieved = [_interleave(a, b) for a, b in zip(retrieved, recalled, strict=True)]
+        retrieved = negatives(chunk, NEGATIVE_DEPTH + 1)
         for example, items in zip(chunk, retrieved, strict=True):
             pool = [
                 i
@@ -193,7 +186,8 @@ def hard_negatives(
     return out
 
 
-def _interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
+def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
+    """first[0], second[0], first[1], … without repeats: two sources' candidates, merged."""
     out: dict[str, None] = {}
     for pair in zip(first, second, strict=False):
         out.update(dict.fromkeys(pair))
@@ -210,7 +204,6 @@ def train_cross_encoder(
     out_dir: Path,
     config: RankerTrainConfig,
     train_queries: Sequence[tuple[str, Sequence[str]]] = (),
-    recall: RecallFn | None = None,
 ) -> dict[str, Any]:
     """Fine-tunes from `base_dir`, saves the best checkpoint to out_dir, returns the manifest part."""
     import torch
@@ -224,10 +217,8 @@ def train_cross_encoder(
     text = item_texts(catalog)
     train, validation = mine_examples(catalog, interactions, config.validation_users, rng)
     train = training_sample(train, train_queries, config, text, rng)
-    train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng, text, recall)
-    val_negs = hard_negatives(
-        validation, negatives, config.validation_candidates - 1, rng, text, recall
-    )
+    train_negs = hard_negatives(train, negatives, config.negatives_per_positive, rng, text)
+    val_negs = hard_negatives(validation, negatives, config.validation_candidates - 1, rng, text)
     # LambdaLoss needs lists of one length: contexts short of hard negatives are left out.
     keep = [k for k, n in enumerate(train_negs) if len(n) == config.negatives_per_positive]
     if not keep:
@@ -271,7 +262,7 @@ def train_cross_encoder(
         "batch_size": config.batch_size,
         "max_length": config.max_length,
         "loss": f"LambdaLoss over [positive + {config.negatives_per_positive} hard negatives]",
-        "negatives": "retrieval" + (" + CF recall" if recall is not None else ""),
+        "negatives": "candidates serving would rank (see recsys.build)",
         "pairs": len(keep) * (1 + config.negatives_per_positive),
         "contexts": len(keep),
         "validation": {

@@ -151,6 +151,17 @@ def build_bundle(
     return Bundle.open(options.out, version)
 
 
+def _staged_retriever(inputs: BuildInputs, retrieval: Any, stage: Path) -> Any:
+    """A Retriever over the version being built (offline: no journal)."""
+    from recsys.ingest import catalog_items
+    from retrieval_service.catalog import ItemStore
+    from retrieval_service.retriever import Retriever
+
+    vectors = np.load(stage / bundle_files.EMBEDDINGS)
+    store = ItemStore(catalog_items(inputs.catalog), vectors)
+    return Retriever(retrieval.encoder, retrieval.index, store, None, "staging")
+
+
 def _train_ranker(
     options: BuildOptions,
     inputs: BuildInputs,
@@ -160,20 +171,33 @@ def _train_ranker(
     stage: Path,
     train_queries: Sequence[tuple[str, Sequence[str]]],
 ) -> dict[str, Any]:
-    from ranking_service.train import train_cross_encoder
+    from ranking_service.train import Example, interleave, train_cross_encoder
+    from recsys.domain import SearchQuery
 
     item_ids = inputs.catalog["item_id"].to_numpy()
+    retriever = _staged_retriever(inputs, retrieval, stage)
 
-    def negatives(contexts: Sequence[str], n: int) -> list[list[str]]:
-        """Nearest catalog items to each context text: the hard negatives."""
-        vectors = retrieval.encoder.encode(list(contexts))
-        _, rows = retrieval.index.search(np.ascontiguousarray(vectors), n)
-        return [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
-
-    def recall(histories: Sequence[Sequence[str]], n: int) -> list[list[str]]:
-        """CF's top items for each history (folded in), as the gateway's CF recall finds them."""
-        vectors = [cf.fold_in(h) if h else None for h in histories]
-        return [[] if v is None else [i for i, _ in cf.recommend(v, n)] for v in vectors]
+    def negatives(examples: Sequence[Example], n: int) -> list[list[str]]:
+        """What serving would rank: for a search, retrieval's nearest items to the query text;
+        for a history, retrieval from the history vector interleaved with CF's recall."""
+        texts = [e.context for e in examples if not e.history]
+        nearest: list[list[str]] = []
+        if texts:
+            _, rows = retrieval.index.search(
+                np.ascontiguousarray(retrieval.encoder.encode(texts)), n
+            )
+            nearest = [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
+        by_text = iter(nearest)
+        out = []
+        for example in examples:
+            if not example.history:
+                out.append(next(by_text))
+                continue
+            hits, _ = retriever.search(SearchQuery(top_k=n, history_item_ids=example.history))
+            user = cf.fold_in(example.history)
+            recalled = [] if user is None else [i for i, _ in cf.recommend(user, n)]
+            out.append(interleave([h.item_id for h in hits], recalled))
+        return out
 
     assert options.ranker is not None
     config = replace(options.ranker, device=options.device, seed=options.seed)
@@ -185,7 +209,6 @@ def _train_ranker(
         out_dir=stage / bundle_files.CROSS_ENCODER_DIR,
         config=config,
         train_queries=train_queries,
-        recall=recall,
     )
 
 
@@ -224,16 +247,9 @@ def _fit_fusion(
     from ranking_service.fusion import ContextFusion
     from ranking_service.ranker import Ranker
     from ranking_service.train import fit_fusion
-    from recsys.ingest import catalog_items
-    from retrieval_service.catalog import ItemStore
-    from retrieval_service.retriever import Retriever
 
     assert options.ranker is not None
-    items = catalog_items(inputs.catalog)
-    vectors = np.load(stage / bundle_files.EMBEDDINGS)
-    retriever = Retriever(
-        retrieval.encoder, retrieval.index, ItemStore(items, vectors), None, "staging"
-    )
+    retriever = _staged_retriever(inputs, retrieval, stage)
     scorer = CrossEncoderScorer.load(
         stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
     )

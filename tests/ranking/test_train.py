@@ -14,8 +14,10 @@ import pytest
 from ranking_service.cross_encoder import CrossEncoderScorer
 from ranking_service.train import (
     Example,
+    NegativesFn,
     RankerTrainConfig,
     hard_negatives,
+    interleave,
     item_texts,
     mine_examples,
     train_cross_encoder,
@@ -24,6 +26,11 @@ from ranking_service.train import (
 from recsys.build import hold_out_queries
 from recsys.errors import InvalidInput
 from tests.ranking.conftest import EmbeddingRetrieval
+
+
+def by_context(retrieval: EmbeddingRetrieval) -> NegativesFn:
+    """Negatives from the examples' context texts alone."""
+    return lambda examples, n: retrieval([e.context for e in examples], n)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +55,7 @@ def trained(
         base_model_dir,
         shop_catalog,
         shop_interactions,
-        shop_retrieval,
+        by_context(shop_retrieval),
         out,
         config,
         train_queries=[("coffee beans", ["D1I3"]), ("kids toys", ["D4I0", "D4I1"])],
@@ -115,7 +122,7 @@ def test_nothing_to_learn_is_an_input_error(
             base_model_dir,
             shop_catalog,
             lonely,
-            shop_retrieval,
+            by_context(shop_retrieval),
             tmp_path / "ce",
             RankerTrainConfig(steps=2, device="cpu"),
         )
@@ -135,21 +142,23 @@ def test_queries_get_their_share_of_the_training_contexts(
         RankerTrainConfig(query_share=1.5)
 
 
-def test_negatives_interleave_retrieval_and_cf_recall() -> None:
+def test_negatives_skip_the_positive_and_owned_items() -> None:
     example = Example("context", "pos", frozenset({"pos", "owned"}), ("h1", "h2"))
 
-    def retrieved(contexts: Sequence[str], n: int) -> list[list[str]]:
-        return [["r1", "pos", "r2", "owned", "r3"] for _ in contexts]
-
-    def recalled(histories: Sequence[Sequence[str]], n: int) -> list[list[str]]:
-        assert [tuple(h) for h in histories] == [("h1", "h2")]
-        return [["c1", "r1", "c2"]]
+    def proposed(examples: Sequence[Example], n: int) -> list[list[str]]:
+        assert [e.history for e in examples] == [("h1", "h2")]
+        return [interleave(["r1", "pos", "r2", "owned", "r3"], ["c1", "r1", "c2"])]
 
     allowed = {"r1", "r2", "r3", "c1", "c2"}
-    (negatives,) = hard_negatives([example], retrieved, 10, random.Random(0), allowed, recalled)
-    assert sorted(negatives) == sorted(allowed)  # neither the positive nor an owned item
-    (few,) = hard_negatives([example], retrieved, 2, random.Random(0), allowed, recalled)
+    (negatives,) = hard_negatives([example], proposed, 10, random.Random(0), allowed)
+    assert sorted(negatives) == sorted(allowed)
+    (few,) = hard_negatives([example], proposed, 2, random.Random(0), allowed)
     assert len(few) == 2 and set(few) <= allowed
+
+
+def test_interleave_alternates_sources_without_repeats() -> None:
+    assert interleave(["a", "b", "c", "d"], ["x", "a", "y"]) == ["a", "x", "b", "c", "y", "d"]
+    assert interleave([], ["x"]) == ["x"]
 
 
 def test_fusion_queries_are_held_out_of_fine_tuning() -> None:
