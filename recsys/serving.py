@@ -138,6 +138,9 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
     return options
 
 
+RECONNECT_BACKOFF_MS = (250, 2000)  # first and longest wait before reconnecting to a stage
+
+
 def client_channel(target: str, settings: Settings) -> grpc.aio.Channel:
     """An insecure aio channel with client metrics and the same message limits."""
     return grpc.aio.insecure_channel(
@@ -146,6 +149,11 @@ def client_channel(target: str, settings: Settings) -> grpc.aio.Channel:
             ("grpc.max_receive_message_length", settings.max_message_bytes),
             ("grpc.max_send_message_length", settings.max_message_bytes),
             ("grpc.lb_policy_name", "round_robin"),
+            # gRPC's default reconnect backoff grows to 120 s: after a peer restarts, calls would
+            # fail fast for up to two minutes. Internal peers are few; retry them often.
+            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
         ],
         interceptors=[ClientMetricsInterceptor()],  # type: ignore[list-item]
     )

@@ -44,7 +44,8 @@ def test_contract_has_every_rpc_the_design_names() -> None:
         "GetIndexInfo",
     }
     assert set(ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].methods_by_name) == {
-        "Rank"
+        "Rank",
+        "RecallCandidates",
     }
     assert set(gateway_pb2.DESCRIPTOR.services_by_name["GatewayService"].methods_by_name) == {
         "Recommend"

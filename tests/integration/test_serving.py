@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -51,6 +52,24 @@ def search(stack: Stack, text: str, k: int = 5) -> list[str]:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         reply = stub.Search(retrieval_pb2.SearchRequest(query_text=text, top_k=k), timeout=30)
     return [hit.item_id for hit in reply.hits]
+
+
+def gateway_recovers(stack: Stack, within_s: float = 10.0) -> None:
+    """Waits until the gateway answers undegraded again after a stage restarted.
+
+    Its channels retry a restarted stage within their reconnect backoff (at most 2 s,
+    recsys.serving.RECONNECT_BACKOFF_MS); until then calls fail fast or degrade, by design.
+    """
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if not recommend(stack, query="recovery probe", k=3).degraded:
+                return
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                raise
+        assert time.monotonic() < deadline, "the gateway did not recover from a stage restart"
+        time.sleep(0.2)
 
 
 def test_recommend_returns_ranked_items_with_breakdowns(
@@ -149,7 +168,7 @@ def test_upsert_then_search_finds_it_first_also_after_restart(stack: Stack) -> N
     stack.stop("retrieval")
     stack.start("retrieval")
     assert "NEW-1" not in search(stack, item.title, k=20)
-    stack.wait_serving("gateway")
+    gateway_recovers(stack)
 
 
 def test_get_items_reports_unknown_ids(stack: Stack, catalog: pd.DataFrame) -> None:
@@ -178,6 +197,7 @@ def test_ranking_down_gives_degraded_answers_then_recovers(
         assert all(not item.scores.HasField("cross_encoder") for item in reply.items)
     finally:
         stack.start("ranking")
+    gateway_recovers(stack)
     reply = recommend(stack, query=query, k=5)
     assert not reply.degraded
     assert all(item.scores.HasField("cross_encoder") for item in reply.items)
@@ -192,6 +212,7 @@ def test_retrieval_down_fails_fast_with_unavailable(stack: Stack) -> None:
         assert "retrieval" in info.value.details()
     finally:
         stack.start("retrieval")
+        gateway_recovers(stack)
 
 
 BAD_RECOMMENDS = [
