@@ -130,7 +130,7 @@ class Ranker:
         """Adds CF and retrieval to the cross-encoder scores, fuses, and sorts best first."""
         stages, folded = self.stage_scores(context, candidates, ce)
         fused = self.fusion.fuse(stages)
-        cf, retrieval = stages.cf, _retrieval_scores(candidates)
+        cf = stages.cf
         order = np.argsort(-fused, kind="stable")
         scored = [
             Scored(
@@ -139,7 +139,7 @@ class Ranker:
                     fused=float(fused[i]),
                     cross_encoder=None if ce is None else float(ce[i]),
                     cf=None if np.isnan(cf[i]) else float(cf[i]),
-                    retrieval=None if np.isnan(retrieval[i]) else float(retrieval[i]),
+                    retrieval=candidates[i].retrieval_score,
                 ),
             )
             for i in order

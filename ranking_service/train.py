@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
@@ -188,12 +189,8 @@ def hard_negatives(
 
 def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
     """first[0], second[0], first[1], … without repeats: two sources' candidates, merged."""
-    out: dict[str, None] = {}
-    for pair in zip(first, second, strict=False):
-        out.update(dict.fromkeys(pair))
-    longer = first if len(first) > len(second) else second
-    out.update(dict.fromkeys(longer[min(len(first), len(second)) :]))
-    return list(out)
+    merged = (i for pair in zip_longest(first, second) for i in pair if i is not None)
+    return list(dict.fromkeys(merged))
 
 
 def train_cross_encoder(

@@ -319,7 +319,8 @@ def _query_lists(
     for query, relevant in tqdm(queries, desc="fusion: held-out queries", unit="query"):
         hits, _ = retriever.search(SearchQuery(top_k=FUSION_POOL, text=query, include_text=True))
         candidates = [Candidate(h.item_id, h.item.text(), h.score) for h in hits]
-        labels = np.array([c.item_id in set(relevant) for c in candidates], dtype=np.float64)
+        wanted = set(relevant)
+        labels = np.array([c.item_id in wanted for c in candidates], dtype=np.float64)
         if labels.any():
             context = RankContext(query=query)
             lists.append(FusionList(_stage_scores(ranker, scorer, context, candidates), labels))

@@ -98,11 +98,10 @@ def history_pool(
                 include_text=True,
             )
         )
-    items = [retriever.store.get(i) for i, _ in recalled[:cf_k]]
     cf_items = [
         Recalled(item, score)
-        for item, (_, score) in zip(items, recalled, strict=False)
-        if item is not None
+        for item_id, score in recalled[:cf_k]
+        if (item := retriever.store.get(item_id)) is not None
     ]
     return HistoryPool(hits, recalled, merge(hits[:dense_k], cf_items))
 
