@@ -24,12 +24,13 @@ lint: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test: lint
 	$(BIN)/python -m pytest -q
 
 protos: $(VENV)/.installed
-	$(BIN)/python -m recsys.codegen
+	$(BIN)/python -m recsys.app.codegen
 
 bench: $(VENV)/.installed
 	$(BIN)/python -m benchmarks.build_bench

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.domain import item_text
+from recsys.core.domain import item_text
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS_ZIP = REPO_ROOT.parent / "shared" / "data" / "ml-latest-small.zip"
@@ -71,7 +71,7 @@ def load_texts(data: str) -> tuple[str, list[str]]:
 def movielens_texts(zip_path: Path) -> list[str]:
     """Movie texts as the bundle build sees them: the shared reader when present, else movies.csv."""
     try:
-        from recsys.movielens import read_movielens
+        from recsys.app.movielens import read_movielens
         from retrieval_service.build import catalog_texts
 
         return catalog_texts(read_movielens(zip_path).catalog)
@@ -146,7 +146,7 @@ def bench_encoding(
     the largest absolute difference between the two encoders' vectors."""
     from sentence_transformers import SentenceTransformer
 
-    from recsys.devices import resolve_device
+    from recsys.core.devices import resolve_device
     from retrieval_service.encoder import TextEncoder, default_encoder_dir
 
     resolved = resolve_device(device)
@@ -243,8 +243,8 @@ def environment(device: str) -> dict[str, Any]:
     import faiss
     import torch
 
-    from recsys.build import package_versions
-    from recsys.devices import resolve_device
+    from recsys.app.build import package_versions
+    from recsys.core.devices import resolve_device
 
     versions = package_versions(
         ("torch", "transformers", "sentence-transformers", "faiss-cpu", "faiss-gpu-cu12")

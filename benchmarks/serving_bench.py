@@ -14,7 +14,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,10 +26,11 @@ import pandas as pd
 
 from gateway.pipeline import RecommendPipeline
 from gateway.servicer import validate
-from gateway.stages import LocalRankingStage, LocalRetrievalStage
 from ranking_service.ranker import Ranker
-from recsys.bundle import Bundle
-from recsys.settings import Settings
+from recsys.app.local import LocalRankingStage, LocalRetrievalStage
+from recsys.core.bundle import Bundle
+from recsys.core.settings import Settings
+from recsys.rpc.launcher import launched, on_free_ports
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
 from retrieval_service.retriever import Retriever
 
@@ -101,7 +101,7 @@ async def drive(call: Any, requests: list[Any], concurrency: int) -> Stats:
 
 
 async def in_process(root: Path, requests_for: dict[int, list[Any]]) -> dict[int, Stats]:
-    settings = Settings(bundle=root, device="cpu")
+    settings = Settings.built_in(bundle=root, device="cpu")
     bundle = Bundle.open(root)
     retriever = await asyncio.to_thread(Retriever.load, bundle, None, "cpu")
     ranker = await asyncio.to_thread(Ranker.load, bundle, settings)
@@ -119,42 +119,17 @@ async def in_process(root: Path, requests_for: dict[int, list[Any]]) -> dict[int
     return results
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def over_grpc(root: Path, requests_for: dict[int, list[Any]]) -> dict[int, Stats]:
-    ports = {n: free_port() for n in ("gateway", "retrieval", "ranking")}
-    env = dict(os.environ)
-    env.update({f"RECSYS_{n.upper()}_PORT": str(p) for n, p in ports.items()})
-    env.update({f"RECSYS_{n.upper()}_METRICS_PORT": str(free_port()) for n in ports})
-    env.update(
-        {
-            "RECSYS_BUNDLE": str(root),
-            "RECSYS_HOST": "127.0.0.1",
-            "RECSYS_DEVICE": "cpu",
-            "RECSYS_STATE_DIR": tempfile.mkdtemp(prefix="bench-state-"),
-            "RECSYS_RETRIEVAL_ADDRESS": f"127.0.0.1:{ports['retrieval']}",
-            "RECSYS_RANKING_ADDRESS": f"127.0.0.1:{ports['ranking']}",
-            "RECSYS_MAX_CONCURRENT_RPCS": "256",
-        }
-    )
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "recsys.cli", "serve", n], env=env, stderr=subprocess.DEVNULL
+    settings = on_free_ports(
+        Settings.built_in(
+            bundle=root,
+            device="cpu",
+            state_dir=Path(tempfile.mkdtemp(prefix="bench-state-")),
+            max_concurrent_rpcs=256,
         )
-        for n in ("retrieval", "ranking", "gateway")
-    ]
-    try:
-        from recsys.demo import wait_serving
-
-        for name in ("retrieval", "ranking", "gateway"):
-            await asyncio.to_thread(wait_serving, f"127.0.0.1:{ports[name]}", 300)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{ports['gateway']}") as channel:
+    )
+    with launched(settings, log_dir=Path(tempfile.mkdtemp(prefix="bench-logs-"))) as services:
+        async with grpc.aio.insecure_channel(services.address("gateway")) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
 
             async def call(msg: Any) -> Any:
@@ -162,11 +137,6 @@ async def over_grpc(root: Path, requests_for: dict[int, list[Any]]) -> dict[int,
 
             await drive(call, requests_for[1][:3], 1)
             return {c: await drive(call, requests_for[c], c) for c in CONCURRENCY}
-    finally:
-        for p in procs:
-            p.terminate()
-        for p in procs:
-            p.wait(timeout=60)
 
 
 def markdown(report: dict[str, Any]) -> str:

@@ -1,18 +1,58 @@
-"""The candidate pool: retrieval's hits first, then what only CF recalled.
+"""The candidate pool: the one place that decides what ranking is shown for a request.
 
-Retrieval finds items near the request's text or history; CF recalls what users like this one
-interacted with, which content similarity misses. Without a query both fill the pool; with a
-query only retrieval does (CF still scores every candidate in ranking).
+Serving (gateway.pipeline), fusion fitting and cross-encoder negative mining (recsys build) and
+`recsys evaluate` all call `gather_candidates`, over gRPC stages or in-process ones
+(recsys.app.local), so offline numbers describe the pool that serves.
+
+Sources: retrieval finds items near the request's text or history; CF recalls what users like
+this one interacted with, which content similarity misses. With a query only retrieval fills
+the pool (CF still scores every candidate in ranking); without one, retrieval fills
+`1 - cf_share` of it and CF the rest; a user id alone is answered from CF. Order: retrieval's
+hits in its order, then CF's items retrieval did not return, in CF's order. Exclusions: the
+request's history and exclusions (CF also leaves out what a known user had at training).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
-from recsys.domain import Candidate, Hit, Item
+from gateway.protocol import RecommendRequest
+from gateway.stages import RankingStage, RetrievalStage, SearchResult, within
+from recsys.core.domain import (
+    Candidate,
+    DegradedReason,
+    HistoryItem,
+    Hit,
+    Item,
+    RankContext,
+    SearchQuery,
+)
+from recsys.core.errors import DeadlineExceeded, NotFound
+from recsys.core.settings import Settings, default
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class PoolPolicy:
+    """How pools are mixed and bounded; serving takes it from Settings, builds from options."""
+
+    cf_share: float = default("cf_candidate_share")
+    max_text_chars: int = default("max_text_chars")  # longer item texts are cut, never refused
+    max_ids_per_call: int = default("max_k")  # retrieval refuses larger GetItems calls
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> PoolPolicy:
+        return cls(settings.cf_candidate_share, settings.max_text_chars, settings.max_k)
 
 
 @dataclass(frozen=True)
@@ -25,9 +65,6 @@ class PoolItem:
     cf_score: float | None = None
     vector: np.ndarray | None = None
 
-    def candidate(self) -> Candidate:
-        return Candidate(self.item_id, self.item.text() if self.item else "", self.retrieval_score)
-
 
 @dataclass(frozen=True)
 class Recalled:
@@ -36,6 +73,32 @@ class Recalled:
     item: Item
     cf_score: float
     vector: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class CandidatePool:
+    """What gathering found: candidates, history, retrieval's versions, degradations."""
+
+    items: list[PoolItem]
+    history: tuple[HistoryItem, ...]  # the request's known history items, most recent first
+    query: str
+    user_id: str
+    versions: dict[str, str]
+    reasons: list[DegradedReason]
+    retrieved: int
+    recalled: int
+    max_text_chars: int
+
+    def context(self) -> RankContext:
+        """What ranking is told about the request."""
+        return RankContext(query=self.query, user_id=self.user_id, history=self.history)
+
+    def candidates(self) -> list[Candidate]:
+        """What ranking scores; texts the catalog holds beyond the limit are cut to it."""
+        return [
+            Candidate(p.item_id, _text(p.item, self.max_text_chars), p.retrieval_score)
+            for p in self.items
+        ]
 
 
 def pool_split(
@@ -60,3 +123,134 @@ def merge(hits: Sequence[Hit], recalled: Sequence[Recalled]) -> list[PoolItem]:
         if r.item.item_id not in seen
     ]
     return pool
+
+
+async def gather_candidates(
+    request: RecommendRequest,
+    retrieval: RetrievalStage,
+    ranking: RankingStage,
+    policy: PoolPolicy,
+    end: float,
+) -> CandidatePool:
+    """Search, CF recall and the history items' texts, concurrently, before `end`
+    (time.perf_counter() seconds)."""
+    if end - time.perf_counter() <= 0:
+        raise DeadlineExceeded("the deadline expired before retrieval could start")
+    history_ids = request.history_item_ids
+    dense_k, cf_k = pool_split(
+        request.candidate_pool,
+        has_query=bool(request.query),
+        has_history=bool(history_ids),
+        cf_share=policy.cf_share,
+    )
+    # A recommender should not return what the user already has.
+    exclude = request.exclude_item_ids | frozenset(history_ids)
+    search = lookup = recall = None
+    if dense_k:
+        query = SearchQuery(
+            top_k=dense_k,
+            text=request.query,
+            history_item_ids=history_ids,
+            categories=request.categories,
+            exclude_item_ids=exclude,
+            include_text=True,
+            include_vectors=request.diversity > 0,
+        )
+        search = _start(retrieval.search(query, end - time.perf_counter()), end)
+    if history_ids:
+        lookup = _start(_get_items(retrieval, history_ids, end, policy), end)
+    if cf_k:
+        recall = _start(
+            _recall(request, retrieval, ranking, cf_k, exclude, end, policy), end, "CF recall"
+        )
+    tasks = [t for t in (search, lookup, recall) if t is not None]
+    try:
+        result: SearchResult | None = await search if search is not None else None
+        found = await lookup if lookup is not None else []
+        recalled, reasons = await _recalled(recall, required=search is None)
+    finally:
+        for task in tasks:
+            task.cancel()  # a failure leaves the others unawaited: stop them
+    hits = result.hits if result is not None else []
+    versions = {"bundle_version": result.bundle_version, **result.versions} if result else {}
+    # Unknown history ids are simply not in the context.
+    history = tuple(
+        HistoryItem(item.item_id, _text(item, policy.max_text_chars)) for item, _ in found
+    )
+    return CandidatePool(
+        items=merge(hits, recalled),
+        history=history,
+        query=request.query,
+        user_id=request.user_id,
+        versions=versions,
+        reasons=reasons,
+        retrieved=len(hits),
+        recalled=len(recalled),
+        max_text_chars=policy.max_text_chars,
+    )
+
+
+async def _get_items(
+    retrieval: RetrievalStage,
+    item_ids: Sequence[str],
+    end: float,
+    policy: PoolPolicy,
+    include_vectors: bool = False,
+) -> list[tuple[Item, np.ndarray | None]]:
+    """Known items in `item_ids` order, in calls of at most the ids retrieval accepts."""
+    step = policy.max_ids_per_call
+    parts = await asyncio.gather(
+        *(
+            retrieval.get_items(item_ids[i : i + step], end - time.perf_counter(), include_vectors)
+            for i in range(0, len(item_ids), step)
+        )
+    )
+    return [found for part, _ in parts for found in part]
+
+
+async def _recall(
+    request: RecommendRequest,
+    retrieval: RetrievalStage,
+    ranking: RankingStage,
+    k: int,
+    exclude: frozenset[str],
+    end: float,
+    policy: PoolPolicy,
+) -> list[Recalled]:
+    """CF's candidates with their items from retrieval; deleted or filtered-out ones dropped."""
+    result = await ranking.recall(
+        request.user_id, request.history_item_ids, k, exclude, end - time.perf_counter()
+    )
+    scores = dict(result.items)
+    found = await _get_items(retrieval, list(scores), end, policy, request.diversity > 0)
+    return [
+        Recalled(item, scores[item.item_id], vector)
+        for item, vector in found
+        if not request.categories or item.category in request.categories
+    ]
+
+
+async def _recalled(
+    recall: asyncio.Future[list[Recalled]] | None, required: bool
+) -> tuple[list[Recalled], list[DegradedReason]]:
+    """CF's candidates, and [CF_UNAVAILABLE] when CF failed but retrieval answered."""
+    if recall is None:
+        return [], []
+    try:
+        return await recall, []
+    except Exception as exc:
+        if required:
+            raise  # CF was the only source: its answer is the request's answer
+        if isinstance(exc, NotFound):
+            return [], []  # CF knows nothing of this user: no candidates of its own, no fault
+        log.warning("CF recall failed, candidates from retrieval only: %r", exc)
+        return [], [DegradedReason.CF_UNAVAILABLE]
+
+
+def _start(call: Awaitable[T], end: float, stage: str = "retrieval") -> asyncio.Future[T]:
+    """Runs `call` as a task that gives up (DeadlineExceeded) at `end`."""
+    return asyncio.ensure_future(within(call, end - time.perf_counter(), stage))
+
+
+def _text(item: Item | None, limit: int) -> str:
+    return item.text()[:limit] if item is not None else ""

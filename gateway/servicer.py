@@ -8,11 +8,13 @@ import math
 
 import grpc
 
-from gateway.pipeline import Recommendation, RecommendPipeline, RecommendRequest
+from gateway.pipeline import RecommendPipeline
+from gateway.protocol import Recommendation, RecommendRequest
 from gateway.stages import GrpcRankingStage, GrpcRetrievalStage
-from recsys import convert, metrics
-from recsys.errors import InvalidInput, NotReady
-from recsys.settings import Settings
+from recsys.core import metrics
+from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.settings import Settings
+from recsys.rpc import convert
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrieval_pb2
 
 log = logging.getLogger(__name__)
@@ -90,7 +92,7 @@ def to_proto(answer: Recommendation) -> gateway_pb2.RecommendResponse:
             for i in answer.items
         ],
         degraded=answer.degraded,
-        degraded_reasons=answer.degraded_reasons,
+        degraded_reasons=[str(r) for r in answer.degraded_reasons],
         timings=[
             gateway_pb2.StageTiming(stage=STAGES[name], seconds=seconds)
             for name, seconds in answer.timings.items()
@@ -124,7 +126,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServiceServicer):
 
 
 class GatewayService:
-    """The gateway process (see recsys.serving.Service): no model, two client channels."""
+    """The gateway process (see recsys.rpc.server.Service): no model, two client channels."""
 
     name = "gateway"
     full_name = "recsys.v1.GatewayService"

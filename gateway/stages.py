@@ -1,4 +1,4 @@
-"""The two stages behind one interface: over gRPC (production) or in-process (benchmarks)."""
+"""The two stages behind one interface; over gRPC here (in-process twins: recsys.app.local)."""
 
 from __future__ import annotations
 
@@ -6,23 +6,17 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import grpc
 import numpy as np
 
-from recsys import convert
-from recsys.domain import Candidate, Hit, Item, RankContext, Scored, SearchQuery
-from recsys.errors import (
-    DeadlineExceeded,
-    InvalidInput,
-    NotFound,
-    NotReady,
-    Overloaded,
-    RecsysError,
-)
-from recsys.serving import client_channel
-from recsys.settings import Settings
+from recsys.core.domain import Candidate, Hit, Item, RankContext, Scored, SearchQuery
+from recsys.core.errors import DeadlineExceeded
+from recsys.core.settings import Settings
+from recsys.rpc import convert
+from recsys.rpc.channels import client_channel
+from recsys.rpc.status import error_from_rpc
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -91,30 +85,6 @@ class RankingStage(Protocol):
     async def close(self) -> None: ...
 
 
-class StageError(RecsysError):
-    """A stage failed with a status that has no domain error of its own (INTERNAL, UNKNOWN, …)."""
-
-    def __init__(self, stage: str, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{stage} failed with {code.name}: {details}")
-        self.stage_code = code
-
-
-def domain_error(stage: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysError:
-    """Maps a stage's gRPC status to the domain error the pipeline decides on."""
-    code, details = exc.code(), exc.details() or ""
-    if code == grpc.StatusCode.INVALID_ARGUMENT:
-        return InvalidInput(details)  # the stage's message already names the field
-    if code == grpc.StatusCode.NOT_FOUND:
-        return NotFound(details)
-    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"{stage} did not answer within the deadline")
-    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
-        return Overloaded(f"{stage} overloaded: {details}")
-    if code == grpc.StatusCode.UNAVAILABLE:
-        return NotReady(f"{stage} service unavailable at {target}: {details}")
-    return StageError(stage, code, details)
-
-
 async def within(call: Awaitable[T], timeout: float, stage: str) -> T:
     """Awaits `call` for at most `timeout` seconds; running out is DeadlineExceeded."""
     try:
@@ -137,7 +107,7 @@ class GrpcRetrievalStage:
         try:
             reply = await self._stub.Search(convert.search_request(query), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise domain_error("retrieval", self.target, exc) from None
+            raise error_from_rpc("retrieval", self.target, exc) from None
         hits = [convert.hit_from_proto(h) for h in reply.hits]
         return SearchResult(hits, reply.bundle_version, self._versions(reply.bundle_version))
 
@@ -152,7 +122,7 @@ class GrpcRetrievalStage:
                 timeout=timeout,
             )
         except grpc.aio.AioRpcError as exc:
-            raise domain_error("retrieval", self.target, exc) from None
+            raise error_from_rpc("retrieval", self.target, exc) from None
         found = [
             (
                 convert.item_from_proto(r.item),
@@ -207,7 +177,7 @@ class GrpcRankingStage:
                 convert.rank_request(context, candidates), timeout=timeout
             )
         except grpc.aio.AioRpcError as exc:
-            raise domain_error("ranking", self.target, exc) from None
+            raise error_from_rpc("ranking", self.target, exc) from None
         versions = {
             f.name: getattr(reply.versions, f.name) for f in reply.versions.DESCRIPTOR.fields
         }
@@ -234,65 +204,8 @@ class GrpcRankingStage:
         try:
             reply = await self._stub.RecallCandidates(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise domain_error("ranking", self.target, exc) from None
+            raise error_from_rpc("ranking", self.target, exc) from None
         return RecallResult([(i.item_id, i.cf_score) for i in reply.items], reply.cf_folded_in)
 
     async def close(self) -> None:
         await self._channel.close(None)
-
-
-class LocalRetrievalStage:
-    """A retrieval_service Retriever in this process (no gRPC); its work runs in threads."""
-
-    def __init__(self, retriever: Any) -> None:
-        self.retriever = retriever
-        # A Retriever serves one bundle version for its whole life.
-        info = retriever.info()
-        self._versions = {name: str(info[name]) for name in RETRIEVAL_VERSION_FIELDS}
-
-    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
-        hits, _ = await within(
-            asyncio.to_thread(self.retriever.search, query), timeout, "retrieval"
-        )
-        return SearchResult(hits, self.retriever.version, dict(self._versions))
-
-    async def get_items(
-        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
-    ) -> ItemsResult:
-        found, missing = await within(
-            asyncio.to_thread(self.retriever.get_items, item_ids), timeout, "retrieval"
-        )
-        return [(item, vector if include_vectors else None) for item, vector in found], missing
-
-    async def close(self) -> None:
-        return None
-
-
-class LocalRankingStage:
-    """A ranking_service Ranker in this process (no gRPC); it batches on the event loop."""
-
-    def __init__(self, ranker: Any) -> None:
-        self.ranker = ranker
-
-    async def rank(
-        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
-    ) -> RankResult:
-        outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
-        versions = {name: value for name, value in self.ranker.versions.items() if value}
-        return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
-
-    async def recall(
-        self,
-        user_id: str,
-        history: Sequence[str],
-        k: int,
-        exclude: frozenset[str],
-        timeout: float,
-    ) -> RecallResult:
-        recall = await within(
-            asyncio.to_thread(self.ranker.recall, user_id, history, k, exclude), timeout, "ranking"
-        )
-        return RecallResult(list(recall.items), bool(recall.cf_folded_in))
-
-    async def close(self) -> None:
-        return None

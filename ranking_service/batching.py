@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from recsys import metrics
-from recsys.errors import NotReady, Overloaded
+from recsys.core import metrics
+from recsys.core.errors import NotReady, Overloaded
 
 Pair = tuple[str, str]
 ScoreFn = Callable[[list[Pair]], np.ndarray]

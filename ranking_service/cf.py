@@ -14,7 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,14 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
-from recsys.devices import resolve_device
-from recsys.errors import InvalidInput
+from recsys.core.devices import resolve_device
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 HISTORY_IN_CONTEXT = 5
+# Tokens per (context, item) pair when a bundle or caller names none: training's default too.
+DEFAULT_MAX_LENGTH = 128
 
 
 def build_context(
@@ -58,7 +60,7 @@ class CrossEncoderScorer:
 
     @classmethod
     def load(
-        cls, model_dir: Path, device: str = "auto", max_length: int = 256
+        cls, model_dir: Path, device: str = "auto", max_length: int = DEFAULT_MAX_LENGTH
     ) -> CrossEncoderScorer:
         """Loads a sequence-classification model (or a bare backbone with a fresh 1-logit head)."""
         model_dir = Path(model_dir)

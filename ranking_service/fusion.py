@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 
 
 @dataclass(frozen=True)

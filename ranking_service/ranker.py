@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
-from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer, build_context
 from ranking_service.fusion import Fusion, StageScores, load_fusion
-from recsys import bundle as bundle_files
-from recsys.bundle import Bundle
-from recsys.domain import Candidate, RankContext, Scored, Scores
-from recsys.errors import InvalidInput, NotFound
-from recsys.settings import Settings
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Candidate, RankContext, Scored, Scores
+from recsys.core.errors import InvalidInput, NotFound
+from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ class Ranker:
         fusion: Fusion,
         batcher: DynamicBatcher | None,
         versions: dict[str, str],
-        max_text_chars: int = 2000,
+        max_text_chars: int = default("max_text_chars"),
     ) -> None:
         self.cf = cf
         self.fusion = fusion
@@ -70,7 +71,7 @@ class Ranker:
             scorer = CrossEncoderScorer.load(
                 bundle.file(bundle_files.CROSS_ENCODER_DIR),
                 device=settings.device,
-                max_length=manifest["cross_encoder"].get("max_length", 128),
+                max_length=manifest["cross_encoder"].get("max_length", DEFAULT_MAX_LENGTH),
             )
             ce_name = f"{bundle.version}/cross_encoder"
             batcher = DynamicBatcher(
@@ -122,14 +123,28 @@ class Ranker:
         self.validate(context, candidates)
         if not candidates:
             return RankOutcome([], cf_folded_in=False)
-        return self.combine(context, candidates, await self._cross_encoder(context, candidates))
+        # CF's solves and fusion are numpy work that would stall every request on the event
+        # loop, so they run in worker threads; CF needs no cross-encoder scores, so it runs
+        # while the batcher scores.
+        (stages, folded), ce = await asyncio.gather(
+            asyncio.to_thread(self._stages_without_ce, context, candidates),
+            self._cross_encoder(context, candidates),
+        )
+        return await asyncio.to_thread(self._fuse, candidates, replace(stages, ce=ce), folded)
 
     def combine(
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
     ) -> RankOutcome:
         """Adds CF and retrieval to the cross-encoder scores, fuses, and sorts best first."""
         stages, folded = self.stage_scores(context, candidates, ce)
+        return self._fuse(candidates, stages, folded)
+
+    def _fuse(
+        self, candidates: Sequence[Candidate], stages: StageScores, folded: bool
+    ) -> RankOutcome:
+        """Fuses the stage scores and sorts the candidates best first, with each stage's score."""
         fused = self.fusion.fuse(stages)
+        ce = stages.ce
         cf = stages.cf
         order = np.argsort(-fused, kind="stable")
         scored = [
@@ -150,13 +165,19 @@ class Ranker:
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
     ) -> tuple[StageScores, bool]:
         """Every stage's scores for the candidates (what fusion reads), and whether CF folded in."""
+        stages, folded = self._stages_without_ce(context, candidates)
+        return replace(stages, ce=ce), folded
+
+    def _stages_without_ce(
+        self, context: RankContext, candidates: Sequence[Candidate]
+    ) -> tuple[StageScores, bool]:
+        """Every stage's scores but the cross-encoder's, and whether CF folded in."""
         cf, folded = self._cf(context, candidates)
         ids = [c.item_id for c in candidates]
         recent = self.cf.fold_in([h.item_id for h in context.history[:RECENT_HISTORY_ITEMS]])
         retrieval = _retrieval_scores(candidates)
         stages = StageScores(
             cf=cf,
-            ce=ce,
             retrieval=None if np.isnan(retrieval).all() else retrieval,
             popularity=self.cf.popularity(ids),
             cf_recent=None if recent is None else self.cf.scores(recent, ids),

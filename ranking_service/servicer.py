@@ -7,10 +7,10 @@ import asyncio
 import grpc
 
 from ranking_service.ranker import Ranker
-from recsys import convert
-from recsys.bundle import Bundle
-from recsys.errors import InvalidInput, NotReady
-from recsys.settings import Settings
+from recsys.core.bundle import Bundle
+from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.settings import Settings
+from recsys.rpc import convert
 from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
 
 
@@ -78,7 +78,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
 
 class RankingService:
-    """The ranking process: servicer plus model loading (see recsys.serving.Service)."""
+    """The ranking process: servicer plus model loading (see recsys.rpc.server.Service)."""
 
     name = "ranking"
     full_name = "recsys.v1.RankingService"

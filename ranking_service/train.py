@@ -14,26 +14,28 @@ import tempfile
 import time
 from collections.abc import Callable, Container, Sequence
 from dataclasses import dataclass
-from itertools import zip_longest
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from tqdm.auto import tqdm
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from ranking_service.cross_encoder import HISTORY_IN_CONTEXT, build_context
+from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, HISTORY_IN_CONTEXT, build_context
 from ranking_service.fusion import LogisticFusion, StageScores, features
-from recsys.devices import resolve_device
-from recsys.domain import item_text
-from recsys.errors import InvalidInput
+from recsys.core.devices import resolve_device
+from recsys.core.domain import item_text
+from recsys.core.errors import InvalidInput
+from recsys.core.settings import default
 
 log = logging.getLogger(__name__)
 
-# Examples → for each, the item ids serving's candidate generators would propose for it.
-NegativesFn = Callable[[Sequence["Example"], int], list[list[str]]]
-EXAMPLE_HISTORY = 10  # most recent history items an example carries for candidate generation
-NEGATIVE_DEPTH = 30  # hard negatives are sampled from this many retrieved items
-CHUNK = 256  # contexts per retrieval call: bounds memory on large logs
+# Examples → for each, the candidate pool serving would rank for it (item ids).
+NegativesFn = Callable[[Sequence["Example"]], list[list[str]]]
+# Most recent history items an example carries: as many as a request may send.
+EXAMPLE_HISTORY = default("max_history_items")
+CHUNK = 256  # contexts per candidate-gathering call: bounds memory on large logs
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ class RankerTrainConfig:
     batch_size: int = 16
     negatives_per_positive: int = 3
     learning_rate: float = 5e-5
-    max_length: int = 128
+    max_length: int = DEFAULT_MAX_LENGTH
     validation_users: int = 100
     validation_candidates: int = 20  # the positive among retrieved hard negatives
     query_share: float = 0.5  # of training contexts, when there are search queries to train on
@@ -75,6 +77,7 @@ class Example:
     positive: str
     known: frozenset[str]
     history: tuple[str, ...] = ()  # item ids, most recent first (empty for a search)
+    query: str = ""  # the search text, when the interaction had one
 
 
 def mine_examples(
@@ -105,7 +108,11 @@ def mine_examples(
                 recent = [text[i] for i in history[:HISTORY_IN_CONTEXT]]
                 examples.append(
                     Example(
-                        build_context(query, recent), item, known, tuple(history[:EXAMPLE_HISTORY])
+                        build_context(query, recent),
+                        item,
+                        known,
+                        tuple(history[:EXAMPLE_HISTORY]),
+                        query,
                     )
                 )
             history.insert(0, item)
@@ -125,7 +132,7 @@ def query_examples(
     for query, relevant in train_queries:
         items = list(relevant)
         for item in rng.sample(items, min(per_query, len(items))):
-            out.append(Example(query, item, frozenset(items)))
+            out.append(Example(query, item, frozenset(items), query=query))
     return out
 
 
@@ -169,14 +176,14 @@ def hard_negatives(
 ) -> list[list[str]]:
     """`count` of the proposed `allowed` items per example, neither its positive nor known.
 
-    `negatives` proposes what serving would rank for the example, so the model learns to tell
-    the right item from exactly the items it will be shown next to.
+    `negatives` proposes the pool serving would rank for the example, so the model learns to
+    tell the right item from exactly the items it will be shown next to.
     """
     out: list[list[str]] = []
-    # Chunks bound what the caller's retrieval holds at once on a large log.
+    # Chunks bound what the caller's candidate gathering holds at once on a large log.
     for start in range(0, len(examples), CHUNK):
         chunk = examples[start : start + CHUNK]
-        retrieved = negatives(chunk, NEGATIVE_DEPTH + 1)
+        retrieved = negatives(chunk)
         for example, items in zip(chunk, retrieved, strict=True):
             pool = [
                 i
@@ -185,12 +192,6 @@ def hard_negatives(
             ]
             out.append(rng.sample(pool, min(count, len(pool))))
     return out
-
-
-def interleave(first: Sequence[str], second: Sequence[str]) -> list[str]:
-    """first[0], second[0], first[1], … without repeats: two sources' candidates, merged."""
-    merged = (i for pair in zip_longest(first, second) for i in pair if i is not None)
-    return list(dict.fromkeys(merged))
 
 
 def train_cross_encoder(
@@ -206,7 +207,7 @@ def train_cross_encoder(
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer
     from sentence_transformers.cross_encoder.losses import LambdaLoss
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, PrinterCallback
 
     started = time.perf_counter()
     rng = random.Random(config.seed)
@@ -244,8 +245,13 @@ def train_cross_encoder(
             train_dataset=dataset,
             loss=LambdaLoss(model),
             evaluator=evaluator,
-            callbacks=[EarlyStoppingCallback(early_stopping_patience=2)] if evaluator else [],
+            callbacks=[
+                StepProgress(),
+                *([EarlyStoppingCallback(early_stopping_patience=2)] if evaluator else []),
+            ],
         )
+        # With disable_tqdm the Trainer prints each metrics dict instead: StepProgress shows them.
+        trainer.remove_callback(PrinterCallback)
         trainer.train()  # with validation, ends holding the best checkpoint
         steps_done = trainer.state.global_step
     after = _validation_scores(evaluator(model)) if evaluator else None
@@ -259,7 +265,7 @@ def train_cross_encoder(
         "batch_size": config.batch_size,
         "max_length": config.max_length,
         "loss": f"LambdaLoss over [positive + {config.negatives_per_positive} hard negatives]",
-        "negatives": "candidates serving would rank (see recsys.build)",
+        "negatives": "candidates serving would rank (see recsys.app.build)",
         "pairs": len(keep) * (1 + config.negatives_per_positive),
         "contexts": len(keep),
         "validation": {
@@ -327,6 +333,7 @@ def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate:
         metric_for_best_model="eval_validation_ndcg@10",
         greater_is_better=True,
         logging_steps=every,
+        disable_tqdm=True,  # StepProgress is the one bar; the Trainer's also prints metric dicts
         report_to="none",
         dataloader_num_workers=0,
         seed=config.seed,
@@ -334,6 +341,46 @@ def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate:
         use_cpu=device == "cpu",
         bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
     )
+
+
+class StepProgress(TrainerCallback):
+    """One bar over the optimizer steps, with the latest training loss and validation NDCG@10."""
+
+    def __init__(self) -> None:
+        self.bar: tqdm[Any] | None = None
+        self.postfix: dict[str, str] = {}
+
+    def on_train_begin(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        self.bar = tqdm(total=state.max_steps, desc="fine-tuning", unit="step")
+
+    def on_step_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        logs = logs or {}
+        shown = {"loss": "loss", "eval_validation_ndcg@10": "val ndcg@10"}
+        self.postfix |= {label: f"{logs[k]:.4f}" for k, label in shown.items() if k in logs}
+        if self.bar is not None:
+            self.bar.set_postfix(self.postfix)
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:

@@ -13,9 +13,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys import bundle as bundle_files
-from recsys.domain import item_text
-from recsys.errors import InvalidInput
+from recsys.core import bundle as bundle_files
+from recsys.core.domain import item_text
+from recsys.core.errors import InvalidInput
 from retrieval_service.encoder import ENCODER_INFO, Pooling, TextEncoder
 from retrieval_service.index import VectorIndex, check_factory
 

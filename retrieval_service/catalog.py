@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from recsys.domain import Item
-from recsys.errors import InvalidInput
+from recsys.core.domain import Item
+from recsys.core.errors import InvalidInput
 
 
 def save_catalog(catalog: pd.DataFrame, path: Path) -> None:

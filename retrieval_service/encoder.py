@@ -16,8 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
-from recsys.devices import resolve_device
-from recsys.errors import InvalidInput
+from recsys.core.devices import resolve_device
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

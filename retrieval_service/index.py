@@ -15,8 +15,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from recsys.devices import resolve_device
-from recsys.errors import InvalidInput
+from recsys.core.devices import resolve_device
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

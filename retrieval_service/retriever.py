@@ -11,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from recsys import bundle as bundle_files
-from recsys.bundle import Bundle
-from recsys.domain import Hit, Item, SearchQuery
-from recsys.errors import InvalidInput
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Hit, Item, SearchQuery
+from recsys.core.errors import InvalidInput
+from recsys.core.settings import default
 from retrieval_service.catalog import ItemStore, Journal, item_from_record, load_catalog_items
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
@@ -26,8 +27,8 @@ log = logging.getLogger(__name__)
 class HistoryWeights:
     """How a user's recent items become one query vector."""
 
-    half_life: float = 5.0  # weight halves every `half_life` items back in time
-    weight: float = 1.0  # weight of the history vector next to a text/vector query
+    half_life: float = default("history_half_life")  # weight halves every N items back in time
+    weight: float = default("history_weight")  # of the history vector next to a text/vector query
 
 
 class Retriever:

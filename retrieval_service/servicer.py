@@ -8,11 +8,12 @@ from collections.abc import Sequence
 import grpc
 import numpy as np
 
-from recsys import convert, metrics
-from recsys.bundle import Bundle
-from recsys.domain import Item, SearchQuery
-from recsys.errors import InvalidInput, NotReady
-from recsys.settings import Settings
+from recsys.core import metrics
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Item, SearchQuery
+from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.settings import Settings
+from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.retriever import HistoryWeights, Retriever
 
@@ -152,7 +153,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
 
 class RetrievalService:
-    """The retrieval process: servicer plus bundle loading (see recsys.serving.Service)."""
+    """The retrieval process: servicer plus bundle loading (see recsys.rpc.server.Service)."""
 
     name = "retrieval"
     full_name = "recsys.v1.RetrievalService"

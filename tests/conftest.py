@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.stack import SERVICES, Stack
+from recsys.core.settings import Settings
+from recsys.rpc.launcher import Launcher, on_free_ports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -32,8 +33,8 @@ def movielens_zip() -> Path:
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""
     from ranking_service.train import RankerTrainConfig
-    from recsys.build import BuildOptions, build_bundle
-    from recsys.sample import sample_paths
+    from recsys.app.build import BuildOptions, build_bundle
+    from recsys.app.sample import sample_paths
 
     catalog, interactions = sample_paths()
     root = tmp_path_factory.mktemp("bundle") / "sample"
@@ -49,15 +50,26 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
+def stack_settings(bundle: Path, workdir: Path) -> Settings:
+    """Settings for a test stack: loopback, free ports, CPU, its own journal, a short drain."""
+    return on_free_ports(
+        Settings.built_in(
+            bundle=bundle, state_dir=workdir / "state", device="cpu", grace_period_s=1
+        )
+    )
+
+
 @pytest.fixture(scope="module")
-def stack(sample_bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(sample_bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Launcher]:
     """All three services running over the sample bundle, with a fresh retrieval journal."""
-    stack = Stack(bundle=sample_bundle_root, workdir=tmp_path_factory.mktemp("stack"))
+    workdir = tmp_path_factory.mktemp("stack")
+    launcher = Launcher(
+        stack_settings(sample_bundle_root, workdir),
+        log_dir=workdir,
+        env={"OMP_NUM_THREADS": "1"},
+    )
     try:
-        for name in SERVICES:
-            stack.start(name, wait=False)
-        for name in SERVICES:
-            stack.wait_serving(name)
-        yield stack
+        launcher.start_all(timeout=240)
+        yield launcher
     finally:
-        stack.close()
+        launcher.close()

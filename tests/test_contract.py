@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsys import codegen
+from recsys.app import codegen
 from recsys.v1 import common_pb2, gateway_pb2, ranking_pb2, retrieval_pb2
 
 COMMITTED = codegen.REPO_ROOT / "recsys" / "v1"

@@ -14,7 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from recsys.settings import Settings
+from recsys.core.settings import Settings
 from tests.deploy.conftest import (
     DASHBOARD,
     DEPLOY,
@@ -137,7 +137,7 @@ def test_configmaps_use_only_real_settings(objects: Objects) -> None:
         for c in deployment["spec"]["template"]["spec"]["containers"]:
             names |= {v["name"] for v in c.get("env", []) if v["name"].startswith("RECSYS_")}
     unknown = sorted(n for n in names if n.removeprefix("RECSYS_").lower() not in fields)
-    assert not unknown, f"not fields of recsys.settings.Settings: {unknown}"
+    assert not unknown, f"not fields of recsys.core.settings.Settings: {unknown}"
     assert names, "no RECSYS_* settings found"
 
 

@@ -18,18 +18,21 @@ from typing import Any
 import grpc
 import pytest
 
+from recsys.rpc.launcher import SERVICES, Launcher, free_port
 from recsys.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from tests.deploy.conftest import EXPORTED_METRICS, alert_expressions, dashboard_queries
-from tests.stack import SERVICES, Stack, free_port
 
 PROMETHEUS = shutil.which("prometheus")
 SCRAPE_INTERVAL_S = 1
 
 
-def send_traffic(stack: Stack, seconds: float) -> None:
+def send_traffic(stack: Launcher, seconds: float) -> None:
     """OK and INVALID_ARGUMENT calls on every service, spread over several scrapes."""
     end = time.monotonic() + seconds
-    with stack.channel("gateway") as g, stack.channel("retrieval") as r:
+    with (
+        grpc.insecure_channel(stack.address("gateway")) as g,
+        grpc.insecure_channel(stack.address("retrieval")) as r,
+    ):
         gateway = gateway_pb2_grpc.GatewayServiceStub(g)
         retrieval = retrieval_pb2_grpc.RetrievalServiceStub(r)
         n = 0
@@ -54,7 +57,7 @@ def query(port: int, expr: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="module")
-def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
+def prometheus(stack: Launcher, tmp_path_factory: pytest.TempPathFactory) -> Iterator[int]:
     if PROMETHEUS is None:
         pytest.skip("prometheus binary not found (.ci/run installs Debian's prometheus package)")
     workdir = tmp_path_factory.mktemp("prometheus")
@@ -64,7 +67,7 @@ def prometheus(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             {
                 # Job names as the PodMonitors produce them (alerts match job=~"recsys-.*").
                 "job_name": f"recsys-{name}",
-                "static_configs": [{"targets": [f"127.0.0.1:{stack.metrics_ports[name]}"]}],
+                "static_configs": [{"targets": [f"127.0.0.1:{stack.metrics_port(name)}"]}],
             }
             for name in SERVICES
         ],

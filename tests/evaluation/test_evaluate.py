@@ -11,13 +11,13 @@ import pandas as pd
 import pytest
 
 from ranking_service.train import RankerTrainConfig
-from recsys.build import BuildOptions
-from recsys.bundle import Bundle
-from recsys.cli import main
-from recsys.evaluation import recommend, search
-from recsys.evaluation.models import EvalModels
-from recsys.evaluation.runner import SPLIT_MARK, load_data, run_evaluation
-from recsys.sample import sample_paths
+from recsys.app.build import BuildOptions
+from recsys.app.cli import main
+from recsys.app.evaluation import recommend, search
+from recsys.app.evaluation.models import EvalModels
+from recsys.app.evaluation.runner import SPLIT_MARK, load_data, run_evaluation
+from recsys.app.sample import sample_paths
+from recsys.core.bundle import Bundle
 
 USERS = 60  # of the sample's 200: enough for every method to answer, quick to score
 

@@ -7,8 +7,8 @@ import math
 import pandas as pd
 import pytest
 
-from recsys.evaluation.metrics import accuracy, coverage
-from recsys.evaluation.splits import histories, relevant_items, temporal_split
+from recsys.app.evaluation.metrics import accuracy, coverage
+from recsys.app.splits import histories, relevant_items, temporal_split
 
 
 def interactions(users: int = 3, per_user: int = 25) -> pd.DataFrame:

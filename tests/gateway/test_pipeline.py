@@ -1,158 +1,65 @@
 """RecommendPipeline end to end in-process, over the real Local*/Grpc* stages.
 
 The retriever and ranker behind the Local stages are tiny but real stand-ins for the other
-services (a bag-of-words cosine search over eight items; a word-overlap ranker), so every
-answer here can be checked by hand. The real services are covered by tests/integration.
+services (tests/gateway/conftest.py: a bag-of-words cosine search over eight items; a
+word-overlap ranker), so every answer here can be checked by hand. The real services are
+covered by tests/integration.
+
+No assertion here depends on how fast this machine is: a stage that must be cut off waits on
+an asyncio.Event nobody sets, deadlines leave seconds of margin, and what is checked is the
+outcome (the degraded reason, the stage that was cancelled, the budget it was given).
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
 from gateway.diversity import intra_list_diversity
-from gateway.pipeline import Recommendation, RecommendPipeline, RecommendRequest
+from gateway.pipeline import RecommendPipeline
+from gateway.protocol import Recommendation, RecommendRequest
 from gateway.servicer import GatewayService, GatewayServicer, to_proto
 from gateway.stages import (
     GrpcRankingStage,
     GrpcRetrievalStage,
-    LocalRankingStage,
-    LocalRetrievalStage,
-    StageError,
+    RankResult,
+    RecallResult,
+    SearchResult,
 )
 from ranking_service.ranker import Recall
-from recsys.domain import Candidate, Hit, Item, RankContext, Scored, Scores, SearchQuery
-from recsys.errors import DeadlineExceeded, InvalidInput, NotFound, NotReady, Overloaded
-from recsys.settings import Settings
+from recsys.app.local import LocalRankingStage, LocalRetrievalStage
+from recsys.core.domain import Candidate, RankContext, Scores, SearchQuery
+from recsys.core.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    UpstreamError,
+)
+from recsys.core.settings import Settings
 from recsys.v1 import gateway_pb2
+from tests.gateway.conftest import (
+    CATALOG,
+    CF_ORDER,
+    Outcome,
+    OverlapRanker,
+    TinyRetriever,
+    retrieval_order,
+)
 
-VOCAB = ("running", "shoes", "trail", "coffee", "espresso", "grinder", "tent", "camping", "novel")
-CATALOG = [
-    Item("r1", "Trail running shoes", category="sport"),
-    Item("r2", "Running shoes", category="sport"),
-    Item("r3", "Running shoes", description="Red.", category="sport"),
-    Item("r4", "Running shoes", description="Blue.", category="sport"),
-    Item("c1", "Espresso coffee grinder", category="kitchen"),
-    Item("t1", "Camping tent", category="outdoor"),
-    Item("t2", "Trail camping tent", category="outdoor"),
-    Item("b1", "Running novel", category="books"),
-]
 SETTINGS = Settings()
-
-
-def embed(text: str) -> np.ndarray:
-    """Bag of words over VOCAB, L2-normalised (all zeros when no word is known)."""
-    words = re.findall(r"[a-z]+", text.lower())
-    vector = np.array([words.count(w) for w in VOCAB], dtype=np.float32)
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm else vector
-
-
-class TinyRetriever:
-    """Exact cosine search with Retriever's interface: search, get_items, version, info."""
-
-    version = "v-test"
-
-    def __init__(self, delay_s: float = 0.0) -> None:
-        self.items = {item.item_id: item for item in CATALOG}
-        self.vectors = {item.item_id: embed(item.text()) for item in CATALOG}
-        self.delay_s = delay_s
-        self.queries: list[SearchQuery] = []
-
-    def info(self) -> dict[str, Any]:
-        return {"bundle_version": self.version, "encoder": "bag-of-words", "index_factory": "Flat"}
-
-    def search(self, query: SearchQuery) -> tuple[list[Hit], list[str]]:
-        time.sleep(self.delay_s)
-        self.queries.append(query)
-        known = [self.vectors[i] for i in query.history_item_ids if i in self.vectors]
-        vector = embed(query.text) + (np.mean(known, axis=0) if known else 0.0)
-        if not np.any(vector):
-            raise InvalidInput("query: give query_text, query_vector or history_item_ids")
-        hits = [
-            Hit(
-                item_id,
-                float(vector @ v / np.linalg.norm(vector)),
-                self.items[item_id] if query.include_text else None,
-                v.copy() if query.include_vectors else None,
-            )
-            for item_id, v in self.vectors.items()
-            if item_id not in query.exclude_item_ids
-            and (not query.categories or self.items[item_id].category in query.categories)
-        ]
-        hits.sort(key=lambda h: -h.score)
-        unknown = [i for i in query.history_item_ids if i not in self.items]
-        return hits[: query.top_k], unknown
-
-    def get_items(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]:
-        found = [(self.items[i], self.vectors[i]) for i in item_ids if i in self.items]
-        return found, [i for i in item_ids if i not in self.items]
-
-
-@dataclass(frozen=True)
-class Outcome:
-    scored: list[Scored]
-    cf_folded_in: bool
-
-
-# The stand-in CF's fixed preference, and the users it was "trained" on.
-CF_ORDER = ("b1", "c1", "t2", "r2", "t1", "r3", "r1", "r4")
-CF_USERS = frozenset({"u1"})
-
-
-class OverlapRanker:
-    """Ranker's interface: fused = 0.7 · word overlap with the context + 0.3 · retrieval score.
-
-    Its `recall` proposes CF_ORDER to known users and to anyone with a history.
-    """
-
-    def __init__(self) -> None:
-        self.versions = {
-            "bundle_version": "v-test",
-            "cross_encoder": "overlap",
-            "cf": "",
-            "fusion": "mix",
-        }
-        self.contexts: list[RankContext] = []
-        self.candidates: list[list[Candidate]] = []
-        self.recalls: list[tuple[str, tuple[str, ...], int]] = []
-
-    def recall(
-        self, user_id: str, history: Sequence[str], k: int, exclude: frozenset[str]
-    ) -> Recall:
-        self.recalls.append((user_id, tuple(history), k))
-        if user_id not in CF_USERS and not history:
-            raise NotFound(f"user_id {user_id!r}: unknown to CF")
-        skip = exclude | set(history)
-        items = [(i, 1.0 - n / 10) for n, i in enumerate(CF_ORDER) if i not in skip]
-        return Recall(items[:k], cf_folded_in=user_id not in CF_USERS)
-
-    async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> Outcome:
-        self.contexts.append(context)
-        self.candidates.append(list(candidates))
-        words = set(
-            re.findall(
-                r"[a-z]+", " ".join([context.query, *(h.text for h in context.history)]).lower()
-            )
-        )
-        scored = []
-        for c in candidates:
-            mine = set(re.findall(r"[a-z]+", c.text.lower()))
-            ce = len(words & mine) / max(len(words | mine), 1)
-            fused = 0.7 * ce + 0.3 * (c.retrieval_score or 0.0)
-            scored.append(Scored(c.item_id, Scores(fused, ce, None, c.retrieval_score)))
-        scored.sort(key=lambda s: -s.scores.fused)
-        return Outcome(scored, cf_folded_in=False)
+# The deadline of calls that must not run out of time: generous, since none waits for it.
+DEADLINE_S = 30.0
+# How long a stalled stage waits before giving up, so a broken pipeline fails instead of hanging.
+STALL_LIMIT_S = 20.0
 
 
 class FailingRanker:
@@ -172,14 +79,57 @@ class RecallFailingRanker(OverlapRanker):
         raise NotReady("CF is loading")
 
 
-class SlowRanker(OverlapRanker):
-    def __init__(self, delay_s: float) -> None:
-        super().__init__()
-        self.delay_s = delay_s
+class StalledRankingStage:
+    """A ranking stage whose Rank never answers and ignores its timeout (a hung peer).
 
-    async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> Outcome:
-        await asyncio.sleep(self.delay_s)
-        return await super().rank(context, candidates)
+    It records the timeout it was given and whether the pipeline cancelled it; recall is
+    answered by the overlap ranker.
+    """
+
+    def __init__(self) -> None:
+        self.recaller = LocalRankingStage(OverlapRanker())
+        self.timeouts: list[float] = []
+        self.cancelled = 0
+
+    async def rank(
+        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+    ) -> RankResult:
+        self.timeouts.append(timeout)
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), STALL_LIMIT_S)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("the pipeline waited for a ranking stage past its budget")
+
+    async def recall(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        exclude: frozenset[str],
+        timeout: float,
+    ) -> RecallResult:
+        return await self.recaller.recall(user_id, history, k, exclude, timeout)
+
+    async def close(self) -> None:
+        return None
+
+
+class StalledRetrievalStage(LocalRetrievalStage):
+    """TinyRetriever behind a Search that never answers (a hung retrieval)."""
+
+    def __init__(self) -> None:
+        super().__init__(TinyRetriever())
+        self.cancelled = 0
+
+    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
+        try:
+            await asyncio.wait_for(asyncio.Event().wait(), STALL_LIMIT_S)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        raise AssertionError("the pipeline waited for retrieval past the deadline")
 
 
 def pipeline(
@@ -193,15 +143,10 @@ def pipeline(
 
 
 def recommend(
-    p: RecommendPipeline, deadline_s: float | None = 5.0, **fields: Any
+    p: RecommendPipeline, deadline_s: float | None = DEADLINE_S, **fields: Any
 ) -> Recommendation:
     fields = {"k": 3, "candidate_pool": 8, **fields}
     return asyncio.run(p.recommend(RecommendRequest(**fields), deadline_s))
-
-
-def retrieval_order(**fields: Any) -> list[str]:
-    hits, _ = TinyRetriever().search(SearchQuery(**fields))
-    return [h.item_id for h in hits]
 
 
 def degraded_count(reason: str) -> float:
@@ -352,7 +297,7 @@ def test_ranking_down_for_a_user_id_alone_is_unavailable() -> None:
         (NotReady("ranking is loading its models"), "ranking_unavailable"),
         (Overloaded("queue full"), "ranking_overloaded"),
         (DeadlineExceeded("too slow"), "ranking_timeout"),
-        (StageError("ranking", grpc.StatusCode.INTERNAL, "boom"), "ranking_error"),
+        (UpstreamError("ranking", "INTERNAL", "boom"), "ranking_error"),
         (RuntimeError("a bug in the ranker"), "ranking_error"),
     ],
 )
@@ -372,21 +317,37 @@ def test_ranking_failure_answers_in_retrieval_order(error: Exception, reason: st
 
 
 def test_slow_ranking_degrades_before_the_callers_deadline() -> None:
+    # Ranking may use a quarter of what is left (about 1 s of 4 s), so the degraded answer is
+    # due ~3 s before the caller's deadline: a margin a busy machine keeps.
+    settings = Settings(ranking_budget_fraction=0.25)
+    ranking = StalledRankingStage()
+    p = RecommendPipeline(LocalRetrievalStage(TinyRetriever()), ranking, settings)
     started = time.perf_counter()
-    answer = recommend(pipeline(SlowRanker(delay_s=5.0)), deadline_s=0.3, query="coffee")
+    answer = recommend(p, deadline_s=4.0, query="coffee")
     elapsed = time.perf_counter() - started
-    assert answer.degraded_reasons == ["ranking_timeout"]
-    assert answer.items[0].item_id == "c1"
-    assert elapsed < 0.3
+    assert answer.degraded and answer.degraded_reasons == ["ranking_timeout"]
+    assert answer.items[0].item_id == "c1"  # retrieval's order
+    # The pipeline cut the hung stage itself (it ignores its timeout) at the budget it gave it.
+    assert ranking.cancelled == 1
+    (budget,) = ranking.timeouts
+    assert 0 < budget <= 0.25 * 4.0
+    assert elapsed < 4.0
 
 
 def test_default_budget_applies_when_the_caller_set_no_deadline() -> None:
-    settings = Settings(default_budget_ms=200, ranking_budget_fraction=0.5)
+    settings = Settings(default_budget_ms=4000, ranking_budget_fraction=0.25)
+    ranking = StalledRankingStage()
+    p = RecommendPipeline(LocalRetrievalStage(TinyRetriever()), ranking, settings)
     started = time.perf_counter()
-    answer = recommend(pipeline(SlowRanker(5.0), settings=settings), deadline_s=None, query="tent")
-    assert answer.degraded_reasons == ["ranking_timeout"]
-    # Ranking got half of what retrieval left: about 0.1 s of the 0.2 s budget.
-    assert 0.09 < time.perf_counter() - started < 0.2
+    answer = recommend(p, deadline_s=None, query="tent")
+    elapsed = time.perf_counter() - started
+    assert answer.degraded_reasons == ["ranking_timeout"] and ranking.cancelled == 1
+    # Ranking got a quarter of what gathering left of the 4 s default budget (the slack allows
+    # for the machine pausing between the two clock readings).
+    (budget,) = ranking.timeouts
+    left = 4.0 - answer.timings["retrieval"]
+    assert 0.25 * left - 0.25 < budget <= 0.25 * left
+    assert elapsed < 4.0
 
 
 def test_ranking_over_grpc_down_is_unavailable() -> None:
@@ -396,7 +357,9 @@ def test_ranking_over_grpc_down_is_unavailable() -> None:
         ranking = GrpcRankingStage(settings)
         try:
             p = RecommendPipeline(LocalRetrievalStage(TinyRetriever()), ranking, settings)
-            return await p.recommend(RecommendRequest(k=2, candidate_pool=4, query="tent"), 5.0)
+            return await p.recommend(
+                RecommendRequest(k=2, candidate_pool=4, query="tent"), DEADLINE_S
+            )
         finally:
             await ranking.close()
 
@@ -416,14 +379,15 @@ def test_retrieval_down_fails_fast_with_not_ready() -> None:
         retrieval = GrpcRetrievalStage(settings)
         try:
             p = RecommendPipeline(retrieval, LocalRankingStage(OverlapRanker()), settings)
-            await p.recommend(RecommendRequest(k=2, candidate_pool=4, query="tent"), 5.0)
+            await p.recommend(RecommendRequest(k=2, candidate_pool=4, query="tent"), DEADLINE_S)
         finally:
             await retrieval.close()
 
     started = time.perf_counter()
     with pytest.raises(NotReady, match=f"retrieval service unavailable at {address}"):
         asyncio.run(run())
-    assert time.perf_counter() - started < 2.0
+    # Fast: a refused connection is an answer, not a reason to wait out the 30 s deadline.
+    assert time.perf_counter() - started < DEADLINE_S / 3
 
 
 def test_retrieval_invalid_input_propagates_with_its_message() -> None:
@@ -432,10 +396,13 @@ def test_retrieval_invalid_input_propagates_with_its_message() -> None:
 
 
 def test_deadline_expiring_in_retrieval_is_deadline_exceeded() -> None:
-    slow = TinyRetriever(delay_s=0.5)
-    with pytest.raises(DeadlineExceeded):
-        recommend(pipeline(retriever=slow), deadline_s=0.1, query="tent")
-    with pytest.raises(DeadlineExceeded):
+    retrieval = StalledRetrievalStage()
+    ranker = OverlapRanker()
+    p = RecommendPipeline(retrieval, LocalRankingStage(ranker), SETTINGS)
+    with pytest.raises(DeadlineExceeded, match="retrieval did not answer"):
+        recommend(p, deadline_s=0.5, query="tent")
+    assert retrieval.cancelled == 1 and ranker.contexts == []
+    with pytest.raises(DeadlineExceeded, match="before retrieval could start"):
         recommend(pipeline(), deadline_s=0.0, query="tent")
 
 
@@ -484,16 +451,33 @@ def test_requests_before_load_are_not_ready() -> None:
         asyncio.run(servicer.Recommend(gateway_pb2.RecommendRequest(query="x"), None))  # type: ignore[arg-type]
 
 
+def failed_index_info_calls() -> float:
+    """GetIndexInfo calls this process made that found retrieval UNAVAILABLE."""
+    labels = {
+        "grpc_type": "unary",
+        "grpc_service": "recsys.v1.RetrievalService",
+        "grpc_method": "GetIndexInfo",
+        "grpc_code": "UNAVAILABLE",
+    }
+    return REGISTRY.get_sample_value("grpc_client_handled_total", labels) or 0.0
+
+
 def test_load_keeps_waiting_while_retrieval_is_down() -> None:
     service = GatewayService(Settings(retrieval_address=dead_address(), default_budget_ms=100))
+    before = failed_index_info_calls()
 
     async def run() -> bool:
         load = asyncio.create_task(service.load())
-        await asyncio.sleep(0.5)
+        # Until retrieval was found down and asked again: the load retried instead of failing.
+        give_up = time.monotonic() + 30
+        while failed_index_info_calls() < before + 2 and time.monotonic() < give_up:
+            assert not load.done(), load
+            await asyncio.sleep(0.05)
         waiting = not load.done()
         load.cancel()
         await service.close()
         return waiting
 
     assert asyncio.run(run())
+    assert failed_index_info_calls() >= before + 2
     assert service.servicer.pipeline is None

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from gateway.servicer import validate
-from recsys.errors import InvalidInput
-from recsys.settings import Settings
+from recsys.core.errors import InvalidInput
+from recsys.core.settings import Settings
 from recsys.v1 import gateway_pb2
 
 SETTINGS = Settings()

@@ -12,8 +12,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from recsys.codegen import PROTO_ROOT, proto_files
-from tests.stack import FULL_NAMES, Stack
+from recsys.app.codegen import PROTO_ROOT, proto_files
+from recsys.rpc.launcher import FULL_NAMES, Launcher
 
 # One valid JSON request per RPC, as a caller in any language would write it.
 REQUESTS: dict[str, dict[str, dict[str, Any]]] = {
@@ -63,10 +63,10 @@ def pool_from_protos(tmp_path: Path) -> descriptor_pool.DescriptorPool:
     return pool
 
 
-def call_every_rpc(stack: Stack, name: str, pool: descriptor_pool.DescriptorPool) -> None:
+def call_every_rpc(stack: Launcher, name: str, pool: descriptor_pool.DescriptorPool) -> None:
     service = pool.FindServiceByName(FULL_NAMES[name])
     assert set(service.methods_by_name) == set(REQUESTS[name])
-    with stack.channel(name) as channel:
+    with grpc.insecure_channel(stack.address(name)) as channel:
         for method_name, body in REQUESTS[name].items():
             method = service.methods_by_name[method_name]
             request_cls = message_factory.GetMessageClass(method.input_type)
@@ -81,20 +81,20 @@ def call_every_rpc(stack: Stack, name: str, pool: descriptor_pool.DescriptorPool
 
 
 @pytest.mark.parametrize("name", ["retrieval", "ranking", "gateway"])
-def test_reflection_only_client_calls_every_rpc(stack: Stack, name: str) -> None:
-    with stack.channel(name) as channel:
+def test_reflection_only_client_calls_every_rpc(stack: Launcher, name: str) -> None:
+    with grpc.insecure_channel(stack.address(name)) as channel:
         pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         pool.FindServiceByName(FULL_NAMES[name])  # resolves while the channel is open
         call_every_rpc(stack, name, pool)
 
 
 @pytest.mark.parametrize("name", ["retrieval", "ranking", "gateway"])
-def test_proto_only_client_calls_every_rpc(stack: Stack, name: str, tmp_path: Path) -> None:
+def test_proto_only_client_calls_every_rpc(stack: Launcher, name: str, tmp_path: Path) -> None:
     call_every_rpc(stack, name, pool_from_protos(tmp_path))
 
 
-def test_grpc_status_for_unknown_method_is_unimplemented(stack: Stack) -> None:
-    with stack.channel("gateway") as channel:
+def test_grpc_status_for_unknown_method_is_unimplemented(stack: Launcher) -> None:
+    with grpc.insecure_channel(stack.address("gateway")) as channel:
         call = channel.unary_unary("/recsys.v1.GatewayService/Nope")
         with pytest.raises(grpc.RpcError) as info:
             call(b"", timeout=10)

@@ -14,7 +14,8 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from recsys.sample import sample_paths
+from recsys.app.sample import sample_paths
+from recsys.rpc.launcher import FULL_NAMES, SERVICES, Launcher
 from recsys.v1 import (
     common_pb2,
     gateway_pb2,
@@ -22,7 +23,6 @@ from recsys.v1 import (
     retrieval_pb2,
     retrieval_pb2_grpc,
 )
-from tests.stack import FULL_NAMES, SERVICES, Stack
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
@@ -41,24 +41,24 @@ def user_history() -> tuple[str, list[str]]:
     return str(user), [str(i) for i in mine["item_id"].head(5)]
 
 
-def recommend(stack: Stack, **fields: object) -> gateway_pb2.RecommendResponse:
-    with stack.channel("gateway") as channel:
+def recommend(stack: Launcher, **fields: object) -> gateway_pb2.RecommendResponse:
+    with grpc.insecure_channel(stack.address("gateway")) as channel:
         stub = gateway_pb2_grpc.GatewayServiceStub(channel)
         return stub.Recommend(gateway_pb2.RecommendRequest(**fields), timeout=30)
 
 
-def search(stack: Stack, text: str, k: int = 5) -> list[str]:
-    with stack.channel("retrieval") as channel:
+def search(stack: Launcher, text: str, k: int = 5) -> list[str]:
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         reply = stub.Search(retrieval_pb2.SearchRequest(query_text=text, top_k=k), timeout=30)
     return [hit.item_id for hit in reply.hits]
 
 
-def gateway_recovers(stack: Stack, within_s: float = 10.0) -> None:
+def gateway_recovers(stack: Launcher, within_s: float = 10.0) -> None:
     """Waits until the gateway answers undegraded again after a stage restarted.
 
     Its channels retry a restarted stage within their reconnect backoff (at most 2 s,
-    recsys.serving.RECONNECT_BACKOFF_MS); until then calls fail fast or degrade, by design.
+    recsys.rpc.server.RECONNECT_BACKOFF_MS); until then calls fail fast or degrade, by design.
     """
     deadline = time.monotonic() + within_s
     while True:
@@ -73,7 +73,7 @@ def gateway_recovers(stack: Stack, within_s: float = 10.0) -> None:
 
 
 def test_recommend_returns_ranked_items_with_breakdowns(
-    stack: Stack, catalog: pd.DataFrame, user_history: tuple[str, list[str]]
+    stack: Launcher, catalog: pd.DataFrame, user_history: tuple[str, list[str]]
 ) -> None:
     user, history = user_history
     reply = recommend(
@@ -97,7 +97,7 @@ def test_recommend_returns_ranked_items_with_breakdowns(
     } <= stages
 
 
-def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> None:
+def test_query_alone_marks_cf_missing(stack: Launcher, catalog: pd.DataFrame) -> None:
     reply = recommend(stack, query=catalog.iloc[3]["title"], k=5)
     assert not reply.degraded
     assert catalog.iloc[3]["item_id"] in [item.item_id for item in reply.items]
@@ -105,7 +105,7 @@ def test_query_alone_marks_cf_missing(stack: Stack, catalog: pd.DataFrame) -> No
 
 
 def test_history_without_a_query_ranks_cf_candidates_too(
-    stack: Stack, user_history: tuple[str, list[str]]
+    stack: Launcher, user_history: tuple[str, list[str]]
 ) -> None:
     _, history = user_history
     reply = recommend(stack, history_item_ids=history, k=20, candidate_pool=20)
@@ -119,7 +119,7 @@ def test_history_without_a_query_ranks_cf_candidates_too(
 
 
 def test_user_id_alone_is_answered_from_cf(
-    stack: Stack, user_history: tuple[str, list[str]]
+    stack: Launcher, user_history: tuple[str, list[str]]
 ) -> None:
     user, _ = user_history
     reply = recommend(stack, user_id=user, k=5)
@@ -133,23 +133,23 @@ def test_user_id_alone_is_answered_from_cf(
     assert "nobody-knows-me" in info.value.details()
 
 
-def test_health_and_reflection_on_every_server(stack: Stack) -> None:
+def test_health_and_reflection_on_every_server(stack: Launcher) -> None:
     for name in SERVICES:
         assert stack.health(name) == SERVING
         assert stack.health(name, FULL_NAMES[name]) == SERVING
-        with stack.channel(name) as channel:
+        with grpc.insecure_channel(stack.address(name)) as channel:
             services = set(ProtoReflectionDescriptorDatabase(channel).get_services())
         assert {FULL_NAMES[name], "grpc.health.v1.Health"} <= services
 
 
-def test_upsert_then_search_finds_it_first_also_after_restart(stack: Stack) -> None:
+def test_upsert_then_search_finds_it_first_also_after_restart(stack: Launcher) -> None:
     item = common_pb2.Item(
         item_id="NEW-1",
         title="Zephyrine Quantum Burr Espresso Grinder",
         description="A conical burr grinder for espresso.",
         category="kitchen",
     )
-    with stack.channel("retrieval") as channel:
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         before = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
         reply = stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[item]), timeout=30)
@@ -160,7 +160,7 @@ def test_upsert_then_search_finds_it_first_also_after_restart(stack: Stack) -> N
     stack.start("retrieval")
     assert search(stack, item.title)[0] == "NEW-1"
 
-    with stack.channel("retrieval") as channel:
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         deleted = stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=["NEW-1"]), timeout=10)
     assert deleted.deleted == 1 and deleted.index_size == before
@@ -171,9 +171,9 @@ def test_upsert_then_search_finds_it_first_also_after_restart(stack: Stack) -> N
     gateway_recovers(stack)
 
 
-def test_get_items_reports_unknown_ids(stack: Stack, catalog: pd.DataFrame) -> None:
+def test_get_items_reports_unknown_ids(stack: Launcher, catalog: pd.DataFrame) -> None:
     known = catalog.iloc[0]["item_id"]
-    with stack.channel("retrieval") as channel:
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         reply = stub.GetItems(
             retrieval_pb2.GetItemsRequest(item_ids=[known, "nope-404"]), timeout=10
@@ -183,7 +183,7 @@ def test_get_items_reports_unknown_ids(stack: Stack, catalog: pd.DataFrame) -> N
 
 
 def test_ranking_down_gives_degraded_answers_then_recovers(
-    stack: Stack, catalog: pd.DataFrame
+    stack: Launcher, catalog: pd.DataFrame
 ) -> None:
     query = catalog.iloc[5]["title"]
     stack.stop("ranking")
@@ -203,7 +203,7 @@ def test_ranking_down_gives_degraded_answers_then_recovers(
     assert all(item.scores.HasField("cross_encoder") for item in reply.items)
 
 
-def test_retrieval_down_fails_fast_with_unavailable(stack: Stack) -> None:
+def test_retrieval_down_fails_fast_with_unavailable(stack: Launcher) -> None:
     stack.stop("retrieval")
     try:
         with pytest.raises(grpc.RpcError) as info:
@@ -228,7 +228,7 @@ BAD_RECOMMENDS = [
 
 @pytest.mark.parametrize(("fields", "field_name"), BAD_RECOMMENDS)
 def test_bad_recommend_requests_are_invalid_argument(
-    stack: Stack, fields: dict[str, object], field_name: str
+    stack: Launcher, fields: dict[str, object], field_name: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         recommend(stack, **fields)
@@ -236,8 +236,8 @@ def test_bad_recommend_requests_are_invalid_argument(
     assert field_name in info.value.details()
 
 
-def test_bad_retrieval_requests_are_invalid_argument_and_change_nothing(stack: Stack) -> None:
-    with stack.channel("retrieval") as channel:
+def test_bad_retrieval_requests_are_invalid_argument_and_change_nothing(stack: Launcher) -> None:
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         size = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
         cases = [
@@ -267,8 +267,8 @@ def test_bad_retrieval_requests_are_invalid_argument_and_change_nothing(stack: S
         assert stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size == size
 
 
-def scrape(stack: Stack, name: str) -> str:
-    url = f"http://127.0.0.1:{stack.metrics_ports[name]}/metrics"
+def scrape(stack: Launcher, name: str) -> str:
+    url = f"http://127.0.0.1:{stack.metrics_port(name)}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read().decode()
 
@@ -288,7 +288,7 @@ def handled(text: str, service: str, method: str, code: str) -> float:
     return 0.0
 
 
-def test_metrics_show_each_called_method_with_its_codes(stack: Stack) -> None:
+def test_metrics_show_each_called_method_with_its_codes(stack: Launcher) -> None:
     recommend(stack, query="metrics probe", k=2)
     with pytest.raises(grpc.RpcError):
         recommend(stack, query="x", k=5000)

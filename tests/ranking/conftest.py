@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.domain import item_text
+from recsys.core.domain import item_text
 
 # Eight departments of six products; each shopper sticks to one department, so "the next item is
 # from the department of the history / matches the query" is a signal a ranker can learn quickly.

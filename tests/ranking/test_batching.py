@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ranking_service.batching import DynamicBatcher
-from recsys.errors import Overloaded
+from recsys.core.errors import Overloaded
 
 
 def length_scores(pairs: list[tuple[str, str]]) -> np.ndarray:
@@ -44,24 +44,38 @@ def test_concurrent_requests_share_batches_and_keep_order() -> None:
 
 
 def test_a_full_queue_is_refused_with_overloaded() -> None:
-    release = threading.Event()
+    busy = threading.Event()  # set when the model has started on a batch
+    release = threading.Event()  # lets the model finish
 
     def slow(pairs: list[tuple[str, str]]) -> np.ndarray:
-        release.wait(5)
+        busy.set()
+        if not release.wait(60):
+            raise TimeoutError("the test never released the model")
         return length_scores(pairs)
 
     async def main() -> None:
         batcher = DynamicBatcher(slow, max_batch_pairs=4, max_wait_s=0.0, max_queue_pairs=8)
         batcher.start()
-        running = asyncio.create_task(batcher.submit([("a", "b")] * 4))
-        await asyncio.sleep(0.05)  # the worker has taken it: the model is busy
-        waiting = asyncio.create_task(batcher.submit([("a", "b")] * 8))
-        await asyncio.sleep(0.05)
-        assert batcher.pending_pairs == 8
-        with pytest.raises(Overloaded, match="queue full"):
-            await batcher.submit([("a", "b")])
-        release.set()
-        assert len(await running) == 4 and len(await waiting) == 8
-        await batcher.close()
+        try:
+            running = asyncio.create_task(batcher.submit([("a", "b")] * 4))
+            # The worker has taken the first batch off the queue: the model is busy with it.
+            assert await asyncio.to_thread(busy.wait, 60)
+            assert batcher.pending_pairs == 0
+            waiting = asyncio.create_task(batcher.submit([("a", "b")] * 8))
+            await asyncio.sleep(0)  # one step: submit queues its pairs before its first await
+            assert batcher.pending_pairs == 8 and not waiting.done()
+            # Refused at once: a request that was queued instead would wait for the model.
+            refused = asyncio.create_task(batcher.submit([("a", "b")]))
+            await asyncio.sleep(0)
+            assert refused.done(), "a full batcher queued the request instead of refusing it"
+            with pytest.raises(Overloaded, match="queue full"):
+                refused.result()
+            assert batcher.pending_pairs == 8  # the refused request left nothing behind
+            release.set()
+            assert len(await running) == 4 and len(await waiting) == 8
+            assert batcher.pending_pairs == 0
+        finally:
+            release.set()
+            await batcher.close()
 
     asyncio.run(main())

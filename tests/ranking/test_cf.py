@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ranking_service.cf import CFModel
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-from recsys.errors import InvalidInput
+from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer, build_context
+from ranking_service.train import RankerTrainConfig
+from recsys.core.errors import InvalidInput
 
 PAIRS = [
     ("running shoes", "Trail running shoes. Running. Grippy soles for muddy paths."),
@@ -60,6 +61,11 @@ def test_input_order_is_kept_whatever_the_batching(model_dir: Path) -> None:
     reversed_scores = scorer.score(PAIRS[::-1], batch_size=64)
     np.testing.assert_allclose(reversed_scores[::-1], one_by_one, atol=1e-5)
     assert scorer.score([]).shape == (0,)
+
+
+def test_training_and_serving_truncate_to_the_same_default_length(base_model_dir: Path) -> None:
+    scorer = CrossEncoderScorer.load(base_model_dir, device="cpu")
+    assert scorer.max_length == RankerTrainConfig().max_length == DEFAULT_MAX_LENGTH
 
 
 def test_a_bare_backbone_gets_a_reproducible_head(base_model_dir: Path) -> None:

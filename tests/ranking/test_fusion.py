@@ -20,7 +20,7 @@ from ranking_service.fusion import (
     normalise,
     save_fusion,
 )
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 
 
 def test_normalise_keeps_nan_and_flattens_constants() -> None:

@@ -1,18 +1,25 @@
-"""Ranker over the sample bundle: CF recall for known, folded-in and unknown users."""
+"""Ranker: rank and combine over a small shop's CF, the sample bundle's cross-encoder, CF recall
+for known, folded-in and unknown users, validation, and the event loop staying free meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from ranking_service.cf import CFModel
+from ranking_service.fusion import ConvexFusion
 from ranking_service.ranker import Ranker
-from recsys.bundle import Bundle
-from recsys.errors import NotFound
-from recsys.sample import sample_paths
-from recsys.settings import Settings
+from recsys.app.sample import sample_paths
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Candidate, HistoryItem, RankContext
+from recsys.core.errors import InvalidInput, NotFound
+from recsys.core.settings import Settings
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +65,179 @@ def test_recall_without_anything_cf_knows_is_not_found(ranker: Ranker) -> None:
         ranker.recall("stranger", ["no-such-item"], 5)
     with pytest.raises(NotFound, match="history_item_ids"):
         ranker.recall("", ["no-such-item"], 5)
+
+
+class SlowCF(CFModel):
+    """The real CF whose fold-in also blocks its thread a while, as a large model's solve does."""
+
+    def fold_in(
+        self, item_ids: Sequence[str], weights: Sequence[float] | None = None
+    ) -> np.ndarray | None:
+        time.sleep(0.1)
+        return super().fold_in(item_ids, weights)
+
+
+@pytest.fixture(scope="module")
+def shop_cf(shop_interactions: pd.DataFrame) -> CFModel:
+    return CFModel.train(shop_interactions, factors=8, iterations=10)
+
+
+@pytest.fixture(scope="module")
+def shop_ranker(shop_cf: CFModel) -> Ranker:
+    """CF and convex fusion, no cross-encoder: what a bundle built without one serves."""
+    return Ranker(shop_cf, ConvexFusion(), None, {})
+
+
+def running_context(user_id: str = "") -> RankContext:
+    """A Running shopper's history (department D0), most recent first."""
+    return RankContext(
+        user_id=user_id,
+        history=(HistoryItem("D0I0", "Trail running shoes"), HistoryItem("D0I1", "Road flats")),
+    )
+
+
+def shop_candidates() -> list[Candidate]:
+    """Two Running and two Coffee products, and one item CF never saw."""
+    ids = ["D1I0", "D0I2", "new-item", "D1I3", "D0I3"]
+    return [Candidate(i, f"product {i}") for i in ids]
+
+
+def test_rank_returns_every_candidate_once_best_fused_first(shop_ranker: Ranker) -> None:
+    candidates = shop_candidates()
+    outcome = asyncio.run(shop_ranker.rank(running_context(), candidates))
+    ids = [s.item_id for s in outcome.scored]
+    assert sorted(ids) == sorted(c.item_id for c in candidates)
+    fused = [s.scores.fused for s in outcome.scored]
+    assert fused == sorted(fused, reverse=True)
+    # CF folds the Running shopper in from history and puts Running products first.
+    assert outcome.cf_folded_in and set(ids[:2]) == {"D0I2", "D0I3"}
+    by_id = {s.item_id: s.scores for s in outcome.scored}
+    assert by_id["new-item"].cf is None
+    assert all(by_id[i].cf is not None for i in ids if i != "new-item")
+    # No cross-encoder in this ranker, and no retrieval scores in the request.
+    assert all(
+        s.scores.cross_encoder is None and s.scores.retrieval is None for s in outcome.scored
+    )
+
+
+def test_rank_matches_combine_without_cross_encoder_scores(shop_ranker: Ranker) -> None:
+    context, candidates = running_context(), shop_candidates()
+    assert asyncio.run(shop_ranker.rank(context, candidates)) == shop_ranker.combine(
+        context, candidates, None
+    )
+
+
+def test_rank_of_a_known_user_uses_their_trained_vector(shop_ranker: Ranker) -> None:
+    outcome = asyncio.run(shop_ranker.rank(RankContext(user_id="U00"), shop_candidates()))
+    assert not outcome.cf_folded_in
+    assert {s.item_id for s in outcome.scored[:2]} == {"D0I2", "D0I3"}
+
+
+def test_rank_of_no_candidates_is_empty(shop_ranker: Ranker) -> None:
+    outcome = asyncio.run(shop_ranker.rank(running_context(), []))
+    assert outcome.scored == [] and not outcome.cf_folded_in
+
+
+def test_combine_orders_by_fusion_of_the_given_cross_encoder_scores(shop_cf: CFModel) -> None:
+    candidates = shop_candidates()
+    ce = np.array([5.0, -1.0, 3.0, 0.5, 1.0], np.float32)
+    # All weight on the cross-encoder: its order, whatever CF thinks.
+    ce_only = Ranker(shop_cf, ConvexFusion(alpha=1.0), None, {})
+    outcome = ce_only.combine(running_context(), candidates, ce)
+    assert [s.item_id for s in outcome.scored] == ["D1I0", "new-item", "D0I3", "D1I3", "D0I2"]
+    by_id = {s.item_id: s.scores for s in outcome.scored}
+    assert [by_id[c.item_id].cross_encoder for c in candidates] == ce.tolist()
+    # A blend: fused is the fusion of every stage's scores, sorted best first.
+    blend = Ranker(shop_cf, ConvexFusion(alpha=0.5), None, {})
+    context = RankContext(query="coffee", history=running_context().history)
+    stages, folded = blend.stage_scores(context, candidates, ce)
+    expected = blend.fusion.fuse(stages)
+    outcome = blend.combine(context, candidates, ce)
+    assert outcome.cf_folded_in == folded
+    assert [s.item_id for s in outcome.scored] == [
+        candidates[i].item_id for i in np.argsort(-expected, kind="stable")
+    ]
+    np.testing.assert_allclose(
+        [s.scores.fused for s in outcome.scored], np.sort(expected)[::-1], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("context", "candidates", "field"),
+    [
+        (RankContext(query="q" * 21), [Candidate("a", "ok")], "context.query"),
+        (RankContext(), [Candidate("a", "ok"), Candidate("b", "t" * 21)], r"candidates\[1\]\.text"),
+        (
+            RankContext(),
+            [Candidate("a", "ok"), Candidate("a", "again")],
+            r"candidates\[1\]\.item_id: duplicate 'a'",
+        ),
+        (RankContext(), [Candidate("", "ok")], r"candidates\[0\]\.item_id: empty"),
+        (
+            RankContext(history=(HistoryItem("a", "h" * 21),)),
+            [Candidate("b", "ok")],
+            r"context\.history\[0\]\.text",
+        ),
+    ],
+)
+def test_rank_rejects_invalid_input_naming_the_field(
+    shop_cf: CFModel, context: RankContext, candidates: list[Candidate], field: str
+) -> None:
+    ranker = Ranker(shop_cf, ConvexFusion(), None, {}, max_text_chars=20)
+    with pytest.raises(InvalidInput, match=field):
+        asyncio.run(ranker.rank(context, candidates))
+
+
+def test_rank_with_the_cross_encoder_scores_only_with_a_context(sample_bundle_root: Path) -> None:
+    catalog = pd.read_csv(sample_paths()[0], dtype={"item_id": str}).head(6)
+    candidates = [Candidate(str(r.item_id), str(r.title)) for r in catalog.itertuples()]
+    candidates.append(Candidate("no-such-item", "Trail running shoes"))
+
+    async def rank_twice() -> tuple[list[float | None], list[float | None]]:
+        # A fresh ranker: its batcher's worker lives on this test's event loop.
+        ranker = Ranker.load(Bundle.open(sample_bundle_root), Settings(device="cpu"))
+        ranker.start()
+        try:
+            query = await ranker.rank(RankContext(query="noise-cancelling headphones"), candidates)
+            empty = await ranker.rank(RankContext(), candidates)
+        finally:
+            await ranker.close()
+        return (
+            [s.scores.cross_encoder for s in query.scored],
+            [s.scores.cross_encoder for s in empty.scored],
+        )
+
+    with_query, without_context = asyncio.run(rank_twice())
+    assert len(with_query) == len(candidates) and all(s is not None for s in with_query)
+    assert all(s is None for s in without_context)
+
+
+def test_rank_leaves_the_event_loop_free_while_cf_folds_in(
+    shop_interactions: pd.DataFrame,
+) -> None:
+    # Two fold-ins (whole history and recent items) of 0.1 s each: ~40 ticks of 5 ms when off
+    # the loop, none when they block it.
+    ranker = Ranker(
+        SlowCF.train(shop_interactions, factors=8, iterations=2), ConvexFusion(), None, {}
+    )
+
+    async def ticks_during_rank() -> int:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.005)
+                ticks += 1
+
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)  # the ticker is waiting on its first sleep
+        try:
+            before = ticks
+            outcome = await ranker.rank(running_context(), shop_candidates())
+            assert len(outcome.scored) == len(shop_candidates())
+            return ticks - before
+        finally:
+            task.cancel()
+
+    assert asyncio.run(ticks_during_rank()) >= 3

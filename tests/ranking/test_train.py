@@ -17,20 +17,21 @@ from ranking_service.train import (
     NegativesFn,
     RankerTrainConfig,
     hard_negatives,
-    interleave,
     item_texts,
     mine_examples,
     train_cross_encoder,
     training_sample,
 )
-from recsys.build import hold_out_queries
-from recsys.errors import InvalidInput
+from recsys.app.build import hold_out_queries
+from recsys.core.errors import InvalidInput
 from tests.ranking.conftest import EmbeddingRetrieval
+
+POOL = 31  # candidates proposed per example, as a small serving pool would
 
 
 def by_context(retrieval: EmbeddingRetrieval) -> NegativesFn:
     """Negatives from the examples' context texts alone."""
-    return lambda examples, n: retrieval([e.context for e in examples], n)
+    return lambda examples: retrieval([e.context for e in examples], POOL)
 
 
 @pytest.fixture(scope="module")
@@ -145,20 +146,15 @@ def test_queries_get_their_share_of_the_training_contexts(
 def test_negatives_skip_the_positive_and_owned_items() -> None:
     example = Example("context", "pos", frozenset({"pos", "owned"}), ("h1", "h2"))
 
-    def proposed(examples: Sequence[Example], n: int) -> list[list[str]]:
+    def proposed(examples: Sequence[Example]) -> list[list[str]]:
         assert [e.history for e in examples] == [("h1", "h2")]
-        return [interleave(["r1", "pos", "r2", "owned", "r3"], ["c1", "r1", "c2"])]
+        return [["r1", "pos", "r2", "owned", "r3", "c1", "c2"]]
 
     allowed = {"r1", "r2", "r3", "c1", "c2"}
     (negatives,) = hard_negatives([example], proposed, 10, random.Random(0), allowed)
     assert sorted(negatives) == sorted(allowed)
     (few,) = hard_negatives([example], proposed, 2, random.Random(0), allowed)
     assert len(few) == 2 and set(few) <= allowed
-
-
-def test_interleave_alternates_sources_without_repeats() -> None:
-    assert interleave(["a", "b", "c", "d"], ["x", "a", "y"]) == ["a", "x", "b", "c", "y", "d"]
-    assert interleave([], ["x"]) == ["x"]
 
 
 def test_fusion_queries_are_held_out_of_fine_tuning() -> None:

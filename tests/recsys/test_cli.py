@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
-from recsys.cli import main
-from recsys.sample import sample_paths
+from recsys.app import logs
+from recsys.app.cli import build_parser, main, resolve
+from recsys.app.sample import sample_paths
+from recsys.core.settings import Settings, default
 
 CATALOG, INTERACTIONS = sample_paths()
 
@@ -114,3 +122,147 @@ def test_search_bad_arguments(sample_bundle_root: Path, capsys: pytest.CaptureFi
     assert "--k" in capsys.readouterr().err
     assert main(["bundle", "info", "/nonexistent/root"]) == 2
     assert "/nonexistent/root" in capsys.readouterr().err
+
+
+# -- logging, progress and defaults ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def restored_logging(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """main() configures the process's logging and the libraries' variables: undo it afterwards."""
+    for variable in (*logs.VERBOSITY_VARIABLES, *logs.PROGRESS_VARIABLES, "RECSYS_LOG_LEVEL"):
+        if variable in os.environ:
+            monkeypatch.setenv(variable, os.environ[variable])  # restored on teardown
+        else:
+            monkeypatch.delenv(variable, raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    libraries = {name: logging.getLogger(name).level for name in logs.LIBRARY_LOGGERS}
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+    for name, library_level in libraries.items():
+        logging.getLogger(name).setLevel(library_level)
+
+
+def enabled(logger: str, level: int) -> bool:
+    return logging.getLogger(logger).isEnabledFor(level)
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_log_level_flag_reaches_our_loggers_and_libraries_only_at_debug() -> None:
+    assert main(["bundle", "info", "/nonexistent/root"]) == 2  # logging is set up before it fails
+    assert logging.getLogger().level == logging.INFO
+    assert enabled("recsys.app.build", logging.INFO)
+    for library in ("faiss.loader", "transformers.modeling_utils", "sentence_transformers"):
+        assert not enabled(library, logging.WARNING), library
+        assert enabled(library, logging.ERROR), library
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "error"
+    assert os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+
+    assert main(["bundle", "info", "/nonexistent/root", "--log-level", "debug"]) == 2
+    assert logging.getLogger().level == logging.DEBUG
+    assert enabled("faiss.loader", logging.DEBUG) and enabled("transformers", logging.DEBUG)
+    assert os.environ["TRANSFORMERS_VERBOSITY"] == "debug"
+
+    assert main(["search", "--bundle", "/nonexistent/root", "x"]) == 2
+    assert logging.getLogger().level == logging.WARNING  # search prints hits, not progress
+    handlers = [h for h in logging.getLogger().handlers if isinstance(h, logs.ProgressAwareHandler)]
+    assert len(handlers) == 1  # configuring again replaces our handler
+
+
+@pytest.mark.usefixtures("restored_logging")
+def test_serve_log_level_comes_from_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import recsys.app.services
+
+    served: list[Settings] = []
+    monkeypatch.setattr(
+        recsys.app.services, "run_service", lambda name, settings: served.append(settings)
+    )
+    monkeypatch.setenv("RECSYS_LOG_LEVEL", "DEBUG")
+    assert main(["serve", "retrieval", "--bundle", str(tmp_path)]) == 0
+    assert logging.getLogger().level == logging.DEBUG
+    assert served[-1].log_level == "DEBUG"  # the one Settings main() built serves too
+    assert main(["serve", "retrieval", "--bundle", str(tmp_path), "--log-level", "ERROR"]) == 0
+    assert logging.getLogger().level == logging.ERROR
+    monkeypatch.setenv("RECSYS_LOG_LEVEL", "loud")
+    assert main(["serve", "retrieval", "--bundle", str(tmp_path)]) == 2
+    assert "log level 'loud'" in error_line(capsys.readouterr().err)
+    assert len(served) == 2
+
+
+def test_libraries_imported_later_stay_quiet_and_bundle_info_loads_no_torch(
+    tmp_path: Path,
+) -> None:
+    """transformers sets its own level and bars on import: the setup must reach them anyway."""
+    script = (
+        "import logging, sys\n"
+        "from recsys.app.cli import main\n"
+        "assert main(['bundle', 'info', sys.argv[1]]) == 2\n"
+        "assert 'torch' not in sys.modules, 'bundle info loaded torch'\n"
+        "import transformers\n"
+        "from transformers.utils import logging as hf_logging\n"
+        "assert logging.getLogger('transformers').getEffectiveLevel() == logging.ERROR\n"
+        "assert not hf_logging.is_progress_bar_enabled()\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in logs.PROGRESS_VARIABLES}
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path / "none")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_search_k_default_and_bound_come_from_settings(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(Settings.model_fields["max_k"], "default", 5)
+    monkeypatch.setattr(Settings.model_fields["default_k"], "default", 3)
+    args = build_parser().parse_args(["search", "--bundle", "/nonexistent/root", "x"])
+    assert args.k == default("default_k") == 3
+    assert main(["search", "--bundle", "/nonexistent/root", "x", "--k", "6"]) == 2
+    assert "--k 6: must be within 1..5" in error_line(capsys.readouterr().err)
+
+
+def test_ranker_steps_defaults_have_one_home(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import recsys.app.demo
+    import recsys.app.evaluation.runner
+    from ranking_service.train import RankerTrainConfig
+
+    monkeypatch.setattr(recsys.app.evaluation.runner, "RANKER_STEPS", 7)
+    monkeypatch.setattr(recsys.app.demo, "DEMO_RANKER_STEPS", 9)
+    parser = build_parser()
+    build = parser.parse_args(["build", "--catalog", "c", "--interactions", "i", "--out", "o"])
+    assert resolve(build.ranker_steps) == RankerTrainConfig().steps
+    evaluate = parser.parse_args(["evaluate", "--data", "d", "--bundle", "b", "--out", "o"])
+    assert resolve(evaluate.ranker_steps) == 7
+    assert resolve(parser.parse_args(["demo"]).ranker_steps) == 9
+    assert resolve(parser.parse_args(["demo", "--ranker-steps", "3"]).ranker_steps) == 3
+    for command, steps in [("build", RankerTrainConfig().steps), ("evaluate", 7), ("demo", 9)]:
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        assert f"(default {steps}" in " ".join(capsys.readouterr().out.split()), command
+
+
+def test_fine_tuning_shows_one_bar_not_the_trainers_metric_dicts(tmp_path: Path) -> None:
+    from ranking_service.train import RankerTrainConfig, StepProgress, _training_args
+
+    assert _training_args(RankerTrainConfig(steps=4), "cpu", tmp_path, evaluate=True).disable_tqdm
+    progress = StepProgress()
+    state = SimpleNamespace(max_steps=4, global_step=0)
+    progress.on_train_begin(None, state, None)  # type: ignore[arg-type]
+    state.global_step = 2
+    progress.on_step_end(None, state, None)  # type: ignore[arg-type]
+    progress.on_log(None, state, None, logs={"loss": 0.5, "grad_norm": 1.0})  # type: ignore[arg-type]
+    progress.on_log(None, state, None, logs={"eval_validation_ndcg@10": 0.25})  # type: ignore[arg-type]
+    assert progress.bar is not None and progress.bar.n == 2
+    assert progress.postfix == {"loss": "0.5000", "val ndcg@10": "0.2500"}
+    progress.on_train_end(None, state, None)  # type: ignore[arg-type]
+    assert progress.bar is None

@@ -12,9 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.domain import Item
-from recsys.errors import InvalidInput
-from recsys.ingest import (
+from recsys.app.ingest import (
     CATALOG_COLUMNS,
     INTERACTION_COLUMNS,
     catalog_items,
@@ -25,6 +23,8 @@ from recsys.ingest import (
     write_catalog,
     write_interactions,
 )
+from recsys.core.domain import Item
+from recsys.core.errors import InvalidInput
 
 CATALOG_ROWS = [
     {

@@ -13,10 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from recsys.domain import item_text
-from recsys.errors import InvalidInput
-from recsys.ingest import load_catalog, load_interactions
-from recsys.movielens import (
+from recsys.app.ingest import load_catalog, load_interactions
+from recsys.app.movielens import (
     MovieLens,
     TagQuery,
     convert_movielens,
@@ -24,6 +22,8 @@ from recsys.movielens import (
     read_queries,
     tag_queries,
 )
+from recsys.core.domain import item_text
+from recsys.core.errors import InvalidInput
 
 pytestmark = pytest.mark.movielens
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from recsys.ingest import load_catalog, load_interactions
-from recsys.movielens import read_queries
-from recsys.sample import QUERIES_FILE, SAMPLE_DIR, generate, sample_paths, sample_queries_path
+from recsys.app.ingest import load_catalog, load_interactions
+from recsys.app.movielens import read_queries
+from recsys.app.sample import QUERIES_FILE, SAMPLE_DIR, generate, sample_paths, sample_queries_path
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_generate_is_deterministic_and_matches_committed_files(tmp_path: Path) -
     ):
         assert produced_a.read_bytes() == produced_b.read_bytes()
         assert produced_a.read_bytes() == packaged.read_bytes(), (
-            f"{packaged} is stale: run `python -m recsys.sample`"
+            f"{packaged} is stale: run `python -m recsys.app.sample`"
         )
 
 

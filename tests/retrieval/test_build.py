@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 from retrieval_service.build import RetrievalBuild, build_retrieval
 from retrieval_service.encoder import TextEncoder, default_encoder_dir
 from retrieval_service.index import VectorIndex

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 from retrieval_service.encoder import TextEncoder, default_encoder_dir
 
 

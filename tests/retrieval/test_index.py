@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 from retrieval_service.index import VectorIndex
 
 

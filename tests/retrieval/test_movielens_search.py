@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys.domain import SearchQuery
-from recsys.ingest import catalog_items
-from recsys.movielens import read_movielens
+from recsys.app.ingest import catalog_items
+from recsys.app.movielens import read_movielens
+from recsys.core.domain import SearchQuery
 from retrieval_service.catalog import ItemStore
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex

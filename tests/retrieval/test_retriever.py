@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.domain import Item, SearchQuery
-from recsys.errors import InvalidInput
+from recsys.core.domain import Item, SearchQuery
+from recsys.core.errors import InvalidInput
 from retrieval_service.catalog import ItemStore, Journal
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex

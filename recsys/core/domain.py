@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 import numpy as np
 
@@ -87,3 +88,13 @@ class Scores:
 class Scored:
     item_id: str
     scores: Scores
+
+
+class DegradedReason(StrEnum):
+    """Why an answer is degraded (the `reason` label of recsys_degraded_responses_total)."""
+
+    RANKING_UNAVAILABLE = "ranking_unavailable"
+    RANKING_TIMEOUT = "ranking_timeout"
+    RANKING_OVERLOADED = "ranking_overloaded"
+    RANKING_ERROR = "ranking_error"
+    CF_UNAVAILABLE = "cf_unavailable"  # answered and ranked, but without CF's own candidates

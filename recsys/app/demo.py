@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import signal
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pandas as pd
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ranking_service.train import RankerTrainConfig
-from recsys.bundle import CURRENT
-from recsys.processes import START_ORDER, spawn
-from recsys.settings import Settings
+from recsys.core.bundle import CURRENT
+from recsys.core.settings import Settings
+from recsys.rpc.launcher import launched
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
+
+# Fine-tuning steps of the sample bundle's cross-encoder: a CPU minute or two.
+DEMO_RANKER_STEPS = 40
 
 STAGE_NAMES = {
     gateway_pb2.STAGE_RETRIEVAL: "retrieval",
@@ -31,7 +32,7 @@ class DemoCall:
     request: gateway_pb2.RecommendRequest
 
 
-def demo_ranker_config(steps: int) -> RankerTrainConfig:
+def demo_ranker_config(steps: int = DEMO_RANKER_STEPS) -> RankerTrainConfig:
     """A short fine-tune that still clearly beats the untrained head on the sample (CPU minutes)."""
     return RankerTrainConfig(steps=steps, batch_size=8, max_length=96, validation_users=40)
 
@@ -41,8 +42,8 @@ def ensure_sample_bundle(root: Path, ranker_steps: int) -> None:
     if (root / CURRENT).is_file():
         print(f"using the sample bundle in {root}")
         return
-    from recsys.build import BuildOptions, build_bundle
-    from recsys.sample import sample_paths
+    from recsys.app.build import BuildOptions, build_bundle
+    from recsys.app.sample import sample_paths
 
     catalog, interactions = sample_paths()
     print(f"building the sample bundle into {root} (first run only; a minute or two on a CPU)")
@@ -58,7 +59,7 @@ def ensure_sample_bundle(root: Path, ranker_steps: int) -> None:
 
 def demo_calls() -> list[DemoCall]:
     """A query alone, a known user with their recent items, and a query with a history."""
-    from recsys.sample import sample_paths
+    from recsys.app.sample import sample_paths
 
     log = pd.read_csv(sample_paths()[1], dtype={"user_id": str, "item_id": str})
     user = str(log["user_id"].value_counts().index[0])
@@ -109,37 +110,22 @@ def format_reply(call: DemoCall, reply: gateway_pb2.RecommendResponse) -> str:
     return "\n".join(lines)
 
 
-def wait_serving(address: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            try:
-                reply = stub.Check(health_pb2.HealthCheckRequest(), timeout=2)
-                if reply.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.5)
-    raise TimeoutError(f"{address} did not become SERVING within {timeout:.0f}s")
-
-
-def run_demo(root: Path, once: bool, ranker_steps: int) -> int:
+def run_demo(
+    root: Path, once: bool, ranker_steps: int = DEMO_RANKER_STEPS, log_level: str = "INFO"
+) -> int:
     """Builds if needed, starts the three services, prints answers, serves until interrupted."""
     ensure_sample_bundle(root, ranker_steps)
-    settings = Settings(bundle=root, host="127.0.0.1")
-    children = {name: spawn(name, settings) for name in START_ORDER}
-    try:
-        for name in START_ORDER:
-            wait_serving(f"127.0.0.1:{getattr(settings, f'{name}_port')}", timeout=300)
-        gateway = f"127.0.0.1:{settings.gateway_port}"
+    # The services log to this terminal too: at the demo's level, not RECSYS_LOG_LEVEL's.
+    settings = Settings(bundle=root, host="127.0.0.1", log_level=log_level)
+    with launched(settings) as services:
+        gateway = services.address("gateway")
         with grpc.insecure_channel(gateway) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
             for call in demo_calls():
                 print(format_reply(call, stub.Recommend(call.request, timeout=30)))
         print(
             f"\ngateway   {gateway}  (recsys.v1.GatewayService/Recommend; reflection on)\n"
-            f"retrieval 127.0.0.1:{settings.retrieval_port}   ranking 127.0.0.1:{settings.ranking_port}\n"
+            f"retrieval {services.address('retrieval')}   ranking {services.address('ranking')}\n"
             f"metrics   http://127.0.0.1:{settings.gateway_metrics_port}/metrics "
             f"(:{settings.retrieval_metrics_port}, :{settings.ranking_metrics_port})"
         )
@@ -150,9 +136,3 @@ def run_demo(root: Path, once: bool, ranker_steps: int) -> int:
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)  # sigwait needs them blocked
         signal.sigwait(stop_signals)
         return 0
-    finally:
-        for child in children.values():
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children.values():
-            child.wait(timeout=60)

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import InvalidInput
+from recsys.core.errors import InvalidInput
 
 FORMAT = 1
 CURRENT = "CURRENT"

@@ -5,12 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from tqdm import tqdm
 
-from recsys.domain import SearchQuery
-from recsys.evaluation.metrics import K
-from recsys.evaluation.models import EvalModels, score_lists
-from recsys.movielens import TagQuery
+from recsys.app.evaluation.metrics import K
+from recsys.app.evaluation.models import EvalModels, score_lists
+from recsys.app.local import pool_request
+from recsys.app.movielens import TagQuery
 
 METHODS = ("bm25", "dense", "dense+ce_base", "dense+ce", "full")
 Run = dict[str, list[str]]
@@ -39,12 +38,12 @@ def run_search(
     ids = [i.item_id for i in live]
     runs: dict[str, Run] = {"bm25": bm25_run(ids, texts, [q.query for q in queries])}
     runs.update({m: {} for m in METHODS if m != "bm25"})
-    contexts, pools = [], []
-    for q in tqdm(queries, desc="search: dense", disable=not progress):
-        hits, _ = models.retriever.search(SearchQuery(top_k=pool, text=q.query))
-        runs["dense"][q.query] = [h.item_id for h in hits[:K]]
-        contexts.append(models.context(q.query, []))
-        pools.append(models.candidates(hits))
+    requests = [pool_request(pool, query=q.query) for q in queries]
+    gathered = models.pools(requests, "search: candidates" if progress else None)
+    contexts = [g.context() for g in gathered]
+    pools = [g.candidates() for g in gathered]
+    for q, candidates in zip(queries, pools, strict=True):
+        runs["dense"][q.query] = [c.item_id for c in candidates[:K]]
     for name, scorer in (("dense+ce", models.tuned), ("dense+ce_base", models.base)):
         scores = score_lists(scorer, contexts, pools, desc=f"search: {name}", progress=progress)
         for q, context, candidates, ce in zip(queries, contexts, pools, scores, strict=True):

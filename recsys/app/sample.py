@@ -1,12 +1,12 @@
 """The embedded default dataset: a small synthetic shop catalog and interaction log, made here.
 
 The generator is deterministic (fixed seed, stdlib only) and the output is committed under
-recsys/sample_data/, so `recsys demo` and the tests need no download. It has structure for the
+recsys/app/sample_data/, so `recsys demo` and the tests need no download. It has structure for the
 models to learn: users prefer 1-3 categories and a brand in each, popularity is Zipf-skewed,
 sessions move from a searched product to its alternatives and then to an accessory, and about a
 third of the rows carry the search query that led to the item.
 
-Regenerate with `python -m recsys.sample`.
+Regenerate with `python -m recsys.app.sample`.
 """
 
 from __future__ import annotations

@@ -14,12 +14,12 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tqdm import tqdm
 
 from ranking_service.train import RankerTrainConfig
-from recsys import bundle as bundle_files
-from recsys.bundle import Bundle, publish, staged_version, write_manifest
-from recsys.ingest import IngestReport, load_catalog, load_interactions
+from recsys.app.ingest import IngestReport, load_catalog, load_interactions
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
+from recsys.core.settings import default
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +40,9 @@ class BuildOptions:
     strict: bool = False
     cf_factors: int = 64
     fusion_alpha: float = 0.7
+    # The pool serving ranks by default: fusion is fitted and negatives are mined on it.
+    candidate_pool: int = default("default_candidate_pool")
+    cf_candidate_share: float = default("cf_candidate_share")
     seed: int = 0
     split: str | None = None  # set when built from an evaluation protocol's train split
 
@@ -153,13 +156,31 @@ def build_bundle(
 
 def _staged_retriever(inputs: BuildInputs, retrieval: Any, stage: Path) -> Any:
     """A Retriever over the version being built (offline: no journal)."""
-    from recsys.ingest import catalog_items
+    from recsys.app.ingest import catalog_items
     from retrieval_service.catalog import ItemStore
     from retrieval_service.retriever import Retriever
 
     vectors = np.load(stage / bundle_files.EMBEDDINGS)
     store = ItemStore(catalog_items(inputs.catalog), vectors)
     return Retriever(retrieval.encoder, retrieval.index, store, None, "staging")
+
+
+def _offline_ranker(cf: Any, fusion: Any) -> Any:
+    """A Ranker over the version being built, without a cross-encoder (CF recall and scores)."""
+    from ranking_service.ranker import Ranker
+
+    return Ranker(cf, fusion, None, {})
+
+
+def _pools(
+    options: BuildOptions, requests: Sequence[Any], retriever: Any, ranker: Any, desc: str | None
+) -> list[Any]:
+    """The candidate pool serving would rank for each request (gateway.candidates)."""
+    from gateway.candidates import PoolPolicy
+    from recsys.app.local import gather_pools
+
+    policy = PoolPolicy(cf_share=options.cf_candidate_share)
+    return gather_pools(requests, retriever, ranker, policy, desc)
 
 
 def _train_ranker(
@@ -171,33 +192,20 @@ def _train_ranker(
     stage: Path,
     train_queries: Sequence[tuple[str, Sequence[str]]],
 ) -> dict[str, Any]:
-    from ranking_service.train import Example, interleave, train_cross_encoder
-    from recsys.domain import SearchQuery
+    from ranking_service.fusion import ConvexFusion
+    from ranking_service.train import Example, train_cross_encoder
+    from recsys.app.local import pool_request
 
-    item_ids = inputs.catalog["item_id"].to_numpy()
     retriever = _staged_retriever(inputs, retrieval, stage)
+    ranker = _offline_ranker(cf, ConvexFusion(alpha=options.fusion_alpha))
 
-    def negatives(examples: Sequence[Example], n: int) -> list[list[str]]:
-        """What serving would rank: for a search, retrieval's nearest items to the query text;
-        for a history, retrieval from the history vector interleaved with CF's recall."""
-        texts = [e.context for e in examples if not e.history]
-        nearest: list[list[str]] = []
-        if texts:
-            _, rows = retrieval.index.search(
-                np.ascontiguousarray(retrieval.encoder.encode(texts)), n
-            )
-            nearest = [[str(item_ids[r]) for r in row if r >= 0] for row in rows]
-        by_text = iter(nearest)
-        out = []
-        for example in examples:
-            if not example.history:
-                out.append(next(by_text))
-                continue
-            hits, _ = retriever.search(SearchQuery(top_k=n, history_item_ids=example.history))
-            user = cf.fold_in(example.history)
-            recalled = [] if user is None else [i for i, _ in cf.recommend(user, n)]
-            out.append(interleave([h.item_id for h in hits], recalled))
-        return out
+    def negatives(examples: Sequence[Example]) -> list[list[str]]:
+        """The pool serving would rank for each example's query and history."""
+        requests = [
+            pool_request(options.candidate_pool, query=e.query, history=e.history) for e in examples
+        ]
+        pools = _pools(options, requests, retriever, ranker, desc=None)
+        return [[p.item_id for p in pool.items] for pool in pools]
 
     assert options.ranker is not None
     config = replace(options.ranker, device=options.device, seed=options.seed)
@@ -213,7 +221,6 @@ def _train_ranker(
 
 
 FUSION_USERS = 200  # validation users whose lists fit the recommendation fusion
-FUSION_POOL = 50  # candidates per fitting list
 FUSION_QUERY_SHARE = 0.3  # of the training queries, kept out of fine-tuning to fit search fusion
 
 
@@ -245,7 +252,6 @@ def _fit_fusion(
     gateway would gather → stage scores) and one for searches (held-out training queries)."""
     from ranking_service.cross_encoder import CrossEncoderScorer
     from ranking_service.fusion import ContextFusion
-    from ranking_service.ranker import Ranker
     from ranking_service.train import fit_fusion
 
     assert options.ranker is not None
@@ -253,9 +259,9 @@ def _fit_fusion(
     scorer = CrossEncoderScorer.load(
         stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
     )
-    ranker = Ranker(cf, default, None, {})
+    ranker = _offline_ranker(cf, default)
     history_lists = _history_lists(options, inputs, validation, retriever, ranker, scorer)
-    query_lists = _query_lists(queries, retriever, ranker, scorer)
+    query_lists = _query_lists(options, queries, retriever, ranker, scorer)
     if not history_lists:
         log.warning("no validation list has a relevant candidate; keeping %s", default.to_dict())
         return default
@@ -264,7 +270,11 @@ def _fit_fusion(
         len(history_lists),
         len(query_lists),
     )
-    meta = {"replaces": default.to_dict(), "pool": FUSION_POOL}
+    meta = {
+        "replaces": default.to_dict(),
+        "pool": options.candidate_pool,
+        "cf_share": options.cf_candidate_share,
+    }
     history = fit_fusion(history_lists, requests="validation users", **meta)
     query = (
         fit_fusion(query_lists, requests="held-out train queries", **meta)
@@ -282,48 +292,51 @@ def _history_lists(
     ranker: Any,
     scorer: Any,
 ) -> list[Any]:
-    from ranking_service.train import FusionList
-    from recsys.domain import HistoryItem, RankContext
-    from recsys.evaluation.models import history_pool
-    from recsys.evaluation.splits import histories, relevant_items
-    from recsys.settings import Settings
+    """Validation users' lists: train history → the pool serving would gather → was each
+    candidate among the user's validation items?"""
+    from ranking_service.train import EXAMPLE_HISTORY, FusionList
+    from recsys.app.local import pool_request
+    from recsys.app.splits import histories, relevant_items
 
     seen = histories(inputs.interactions)
     relevant = relevant_items(validation)
     users = sorted(u for u in relevant if seen.get(u))
     users = random.Random(options.seed).sample(users, min(FUSION_USERS, len(users)))
-    share = Settings().cf_candidate_share
+    requests = [
+        pool_request(options.candidate_pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u])
+        for u in users
+    ]
+    pools = _pools(options, requests, retriever, ranker, desc="fusion: validation users")
     lists = []
-    for user in tqdm(users, desc="fusion: validation users", unit="user"):
-        history = seen[user][:100]
-        pool = history_pool(retriever, ranker.cf, history, set(seen[user]), FUSION_POOL, share)
-        candidates = [p.candidate() for p in pool.full]
+    for user, pool in zip(users, pools, strict=True):
+        candidates = pool.candidates()
         labels = np.array([c.item_id in relevant[user] for c in candidates], dtype=np.float64)
-        if not labels.any():
-            continue  # a list without a positive teaches the ranking nothing
-        known = [retriever.store.get(i) for i in history]
-        context = RankContext(
-            history=tuple(HistoryItem(i.item_id, i.text()) for i in known if i is not None)
-        )
-        lists.append(FusionList(_stage_scores(ranker, scorer, context, candidates), labels))
+        if labels.any():  # a list without a positive teaches the ranking nothing
+            scores = _stage_scores(ranker, scorer, pool.context(), candidates)
+            lists.append(FusionList(scores, labels))
     return lists
 
 
 def _query_lists(
-    queries: Sequence[tuple[str, Sequence[str]]], retriever: Any, ranker: Any, scorer: Any
+    options: BuildOptions,
+    queries: Sequence[tuple[str, Sequence[str]]],
+    retriever: Any,
+    ranker: Any,
+    scorer: Any,
 ) -> list[Any]:
+    """Held-out training queries' lists: the pool serving would gather for the query text."""
     from ranking_service.train import FusionList
-    from recsys.domain import Candidate, RankContext, SearchQuery
+    from recsys.app.local import pool_request
 
+    requests = [pool_request(options.candidate_pool, query=query) for query, _ in queries]
+    pools = _pools(options, requests, retriever, ranker, desc="fusion: held-out queries")
     lists = []
-    for query, relevant in tqdm(queries, desc="fusion: held-out queries", unit="query"):
-        hits, _ = retriever.search(SearchQuery(top_k=FUSION_POOL, text=query, include_text=True))
-        candidates = [Candidate(h.item_id, h.item.text(), h.score) for h in hits]
-        wanted = set(relevant)
-        labels = np.array([c.item_id in wanted for c in candidates], dtype=np.float64)
+    for (_, relevant), pool in zip(queries, pools, strict=True):
+        candidates = pool.candidates()
+        labels = np.array([c.item_id in set(relevant) for c in candidates], dtype=np.float64)
         if labels.any():
-            context = RankContext(query=query)
-            lists.append(FusionList(_stage_scores(ranker, scorer, context, candidates), labels))
+            scores = _stage_scores(ranker, scorer, pool.context(), candidates)
+            lists.append(FusionList(scores, labels))
     return lists
 
 

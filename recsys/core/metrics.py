@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
-import grpc
 from prometheus_client import Counter, Gauge, Histogram
+
+from recsys.core.domain import DegradedReason
 
 # Latencies of a tens-of-milliseconds service, up to the default 2 s budget and beyond.
 LATENCY_BUCKETS = (
@@ -59,13 +59,6 @@ STAGE_DURATION = Histogram(
 CANDIDATES = Histogram(
     "recsys_candidates", "Items per request at each stage.", ("stage",), buckets=COUNT_BUCKETS
 )
-DEGRADED_REASONS = (
-    "ranking_unavailable",
-    "ranking_timeout",
-    "ranking_overloaded",
-    "ranking_error",
-    "cf_unavailable",  # answered and ranked, but without CF's own candidates
-)
 DEGRADED = Counter(
     "recsys_degraded_responses_total",
     "Degraded answers (without ranking, or without CF candidates), by reason.",
@@ -91,8 +84,8 @@ INDEX_ITEMS = Gauge("recsys_index_items", "Live items in the ANN index.")
 
 def init_gateway_metrics() -> None:
     """Creates every degraded-reason series at 0 so rate() and alerts see them before any event."""
-    for reason in DEGRADED_REASONS:
-        DEGRADED.labels(reason=reason)
+    for reason in DegradedReason:
+        DEGRADED.labels(reason=reason.value)
     for stage in ("retrieval", "ranking", "diversity", "total"):
         STAGE_DURATION.labels(stage=stage)
 
@@ -108,15 +101,14 @@ def observe_rpc(
     handled: Counter,
     handling: Histogram,
     full_method: str,
-) -> Callable[[grpc.StatusCode], None]:
-    """Counts an RPC as started and returns the callback that records its end with its code."""
+) -> Callable[[str], None]:
+    """Counts an RPC as started; the callback it returns records the end with its status name."""
     service, method = split_method(full_method)
     labels = {"grpc_type": "unary", "grpc_service": service, "grpc_method": method}
     started.labels(**labels).inc()
     start = time.perf_counter()
 
-    def finish(code: grpc.StatusCode) -> None:
-        name: Any = code.name
+    def finish(name: str) -> None:
         handled.labels(**labels, grpc_code=name).inc()
         handling.labels(**labels, grpc_code=name).observe(time.perf_counter() - start)
 

@@ -20,8 +20,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from recsys.domain import Item
-from recsys.errors import InvalidInput
+from recsys.core.domain import Item
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,8 @@
 """gRPC server bootstrap shared by the three services: health, reflection, metrics, limits, drain.
 
-Domain errors are mapped to status codes here and nowhere else (ErrorAndMetricsInterceptor).
+Every unary recsys RPC passes through ErrorAndMetricsInterceptor, which decodes the request,
+enforces the concurrency limit, maps errors to status codes (recsys.rpc.status) and records
+grpc_server_* with the code actually sent.
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from grpc_health.v1.health import aio as health_aio  # type: ignore[attr-defined
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
-from recsys import metrics
-from recsys.errors import RecsysError, status_code
-from recsys.settings import Settings
+from recsys.core import metrics
+from recsys.core.errors import InvalidInput, RecsysError
+from recsys.core.settings import Settings
+from recsys.rpc.status import status_code
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,7 @@ class Service(Protocol):
 
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Maps exceptions to status codes, enforces the concurrency limit, records grpc_server_*."""
+    """Decodes requests, maps exceptions to status codes, limits concurrency, records metrics."""
 
     def __init__(self, max_concurrent_rpcs: int) -> None:
         self._limit = max_concurrent_rpcs
@@ -57,13 +60,14 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None or not method.startswith("/recsys."):
             return handler
         inner: Any = handler.unary_unary
+        decode: Any = handler.request_deserializer
 
-        async def behavior(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def behavior(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
             finish = metrics.observe_rpc(
                 metrics.SERVER_STARTED, metrics.SERVER_HANDLED, metrics.SERVER_HANDLING, method
             )
             if self._in_flight >= self._limit:
-                finish(grpc.StatusCode.RESOURCE_EXHAUSTED)
+                finish(grpc.StatusCode.RESOURCE_EXHAUSTED.name)
                 await context.abort(
                     grpc.StatusCode.RESOURCE_EXHAUSTED,
                     f"server overloaded: {self._limit} concurrent RPCs in flight; retry with backoff",
@@ -71,7 +75,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
             self._in_flight += 1
             code = grpc.StatusCode.OK
             try:
-                return await inner(request, context)
+                return await inner(_decode(decode, raw, method), context)
             except RecsysError as exc:
                 code = status_code(exc)
                 await context.abort(code, str(exc))
@@ -87,40 +91,23 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 await context.abort(code, f"internal error in {method}; see the server log")
             finally:
                 self._in_flight -= 1
-                finish(code)
+                finish(code.name)
 
+        # Requests arrive as bytes and are decoded inside `behavior`: gRPC would answer a body
+        # that fails to parse with UNKNOWN, and the caller's mistake deserves INVALID_ARGUMENT.
         return grpc.unary_unary_rpc_method_handler(
-            behavior,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+            behavior, request_deserializer=None, response_serializer=handler.response_serializer
         )
 
 
-class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
-    """Records grpc_client_* for every unary call made through the channel."""
-
-    async def intercept_unary_unary(
-        self,
-        continuation: Callable[[grpc.aio.ClientCallDetails, Any], Awaitable[Any]],
-        client_call_details: grpc.aio.ClientCallDetails,
-        request: Any,
-    ) -> Any:
-        method = client_call_details.method
-        name = method.decode() if isinstance(method, bytes) else method
-        finish = metrics.observe_rpc(
-            metrics.CLIENT_STARTED, metrics.CLIENT_HANDLED, metrics.CLIENT_HANDLING, name
-        )
-        try:
-            call = await continuation(client_call_details, request)
-            code = await call.code()
-        except asyncio.CancelledError:
-            finish(grpc.StatusCode.CANCELLED)
-            raise
-        except grpc.aio.AioRpcError as exc:
-            finish(exc.code())
-            raise
-        finish(code)
-        return call
+def _decode(decode: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
+    """The request message, or InvalidInput when the bytes are not one."""
+    try:
+        return decode(raw)
+    except Exception:
+        raise InvalidInput(
+            f"request body: {len(raw)} bytes that do not parse as the request of {method}"
+        ) from None
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
@@ -136,27 +123,6 @@ def server_options(settings: Settings) -> list[tuple[str, int]]:
             ("grpc.max_connection_age_grace_ms", int(settings.grace_period_s * 1000)),
         ]
     return options
-
-
-RECONNECT_BACKOFF_MS = (250, 2000)  # first and longest wait before reconnecting to a stage
-
-
-def client_channel(target: str, settings: Settings) -> grpc.aio.Channel:
-    """An insecure aio channel with client metrics and the same message limits."""
-    return grpc.aio.insecure_channel(
-        target,
-        options=[
-            ("grpc.max_receive_message_length", settings.max_message_bytes),
-            ("grpc.max_send_message_length", settings.max_message_bytes),
-            ("grpc.lb_policy_name", "round_robin"),
-            # gRPC's default reconnect backoff grows to 120 s: after a peer restarts, calls would
-            # fail fast for up to two minutes. Internal peers are few; retry them often.
-            ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-            ("grpc.min_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
-            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
-        ],
-        interceptors=[ClientMetricsInterceptor()],  # type: ignore[list-item]
-    )
 
 
 def _set_health(servicer: health_aio.HealthServicer, names: list[str], serving: bool) -> Any:
@@ -220,10 +186,6 @@ async def serve(
 
 def run(service: Service, settings: Settings, port: int, metrics_port: int) -> None:
     """Entry point of a service process: serves until SIGTERM/SIGINT, then drains."""
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
     async def main() -> None:
         stop = asyncio.Event()

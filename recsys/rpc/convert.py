@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from recsys.domain import (
+from recsys.core.domain import (
     Candidate,
     HistoryItem,
     Hit,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -80,6 +80,12 @@ class Settings(BaseSettings):
 
     log_level: str = "INFO"
 
+    @classmethod
+    def built_in(cls, **values: Any) -> Settings:
+        """The built-in defaults with `values`, ignoring RECSYS_* variables: offline jobs (build,
+        evaluation) take their inputs from their options, never from the environment."""
+        return cls.model_construct(**values)
+
     def state_path(self) -> Path:
         """Directory of retrieval's durable journal."""
         if self.state_dir is not None:
@@ -92,3 +98,8 @@ class Settings(BaseSettings):
         """The enforced limits, for the start-up log line."""
         names = [n for n in type(self).model_fields if n.startswith(("max_", "default_", "rank_"))]
         return {n: getattr(self, n) for n in names}
+
+
+def default(name: str) -> Any:
+    """A setting's built-in default (not the environment's value): for offline code's defaults."""
+    return Settings.model_fields[name].default

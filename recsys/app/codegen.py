@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 
 
@@ -36,7 +36,7 @@ def generate(out_dir: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m recsys.codegen",
+        prog="python -m recsys.app.codegen",
         description="Regenerate recsys/v1/*_pb2*.py(i) from protos/recsys/v1/*.proto.",
     )
     parser.parse_args(argv)

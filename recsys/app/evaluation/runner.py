@@ -10,27 +10,28 @@ from typing import Any, Literal
 
 import numpy as np
 
-from recsys.build import BuildInputs, BuildOptions, build_bundle
-from recsys.bundle import CURRENT, Bundle
-from recsys.errors import InvalidInput
-from recsys.evaluation import recommend, search
-from recsys.evaluation.metrics import (
+from recsys.app.build import BuildInputs, BuildOptions, build_bundle
+from recsys.app.evaluation import recommend, search
+from recsys.app.evaluation.metrics import (
     ACCURACY_METRICS,
     accuracy,
     coverage,
     mean_intra_list_diversity,
 )
-from recsys.evaluation.models import EvalModels
-from recsys.evaluation.report import write_report
-from recsys.evaluation.splits import Split, temporal_split
-from recsys.ingest import IngestReport, load_catalog, load_interactions
-from recsys.movielens import TagQuery, read_queries
+from recsys.app.evaluation.models import EvalModels
+from recsys.app.evaluation.report import write_report
+from recsys.app.ingest import IngestReport, load_catalog, load_interactions
+from recsys.app.movielens import TagQuery, read_queries
+from recsys.app.splits import Split, temporal_split
+from recsys.core.bundle import CURRENT, Bundle
+from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
 Protocol = Literal["recommend", "search", "all"]
 SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for evaluation
 DIVERSITY_SETTINGS = (0.0, 0.25, 0.5, 0.75)
+RANKER_STEPS = 100  # cross-encoder fine-tuning steps of a bundle built for evaluation
 
 
 @dataclass(frozen=True)
@@ -153,14 +154,16 @@ def run_evaluation(
     protocol: Protocol,
     out_dir: Path,
     options: BuildOptions,
-    pool: int = recommend.POOL,
+    pool: int | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """The whole `recsys evaluate` job; returns the report it wrote."""
+    """The whole `recsys evaluate` job; returns the report it wrote. `pool` defaults to the
+    candidate pool the bundle's fusion was fitted on."""
     started = time.perf_counter()
     data = load_data(data_dir)
     bundle = train_split_bundle(data, bundle_root, options)
     models = EvalModels.load(bundle, device=options.device)
+    pool = pool or models.pool
     report: dict[str, Any] = {}
     if protocol in ("recommend", "all"):
         report["recommend"] = evaluate_recommend(models, data.split, pool, progress)

@@ -17,8 +17,13 @@ from typing import Literal
 
 import pandas as pd
 
-from recsys.errors import InvalidInput
-from recsys.ingest import catalog_from_frame, interactions_from_frame, write_catalog, write_table
+from recsys.app.ingest import (
+    catalog_from_frame,
+    interactions_from_frame,
+    write_catalog,
+    write_table,
+)
+from recsys.core.errors import InvalidInput
 
 Split = Literal["train", "test"]
 # A tag becomes a query only when this many distinct movies carry it.

@@ -11,8 +11,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import InvalidInput, RecsysError
-from recsys.settings import Settings
+from recsys.app.logs import LEVELS, configure_logging
+from recsys.core.errors import InvalidInput, RecsysError
+from recsys.core.settings import Settings, default
 
 log = logging.getLogger("recsys")
 
@@ -26,12 +27,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if not getattr(args, "quiet", False) else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
+        if args.command == "serve":
+            # The process's one Settings, built once: it also holds serve's log level.
+            args.settings = settings_from_args(args)
+            configure_logging(args.settings.log_level)
+        else:
+            configure_logging(args.log_level)
         return handler(args)
     except RecsysError as exc:
         print(f"recsys: error: {exc}", file=sys.stderr)
@@ -40,7 +43,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+class Deferred:
+    """A default whose home module loads torch: read only for --help or when the flag is unset."""
+
+    def __init__(self, load: Callable[[], int]) -> None:
+        self.load = load
+
+    def __str__(self) -> str:
+        return str(self.load())
+
+
+def resolve(value: int | Deferred) -> int:
+    """A flag's value, reading a deferred default from its home."""
+    return value.load() if isinstance(value, Deferred) else value
+
+
+def _add_log_level(p: argparse.ArgumentParser, default: str = "INFO") -> None:
+    """`--log-level` of a command other than serve (serve's is a setting: RECSYS_LOG_LEVEL)."""
+    p.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LEVELS,
+        default=default,
+        help=f"our log lines at this level; libraries log only errors unless DEBUG (default {default})",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `recsys` argument parser; builds without importing any heavy module."""
     parser = argparse.ArgumentParser(
         prog="recsys",
         description="Two-stage search & recommendation over gRPC: build a bundle, serve it, evaluate it.",
@@ -101,9 +131,9 @@ def _add_build(sub: Any) -> None:
     ranker.add_argument(
         "--ranker-steps",
         type=int,
-        default=150,
+        default=Deferred(_build_ranker_steps),
         metavar="N",
-        help="cross-encoder fine-tuning steps (default 150: ~10 min on 2 CPU cores for MovieLens)",
+        help="cross-encoder fine-tuning steps (default %(default)s: ~10 min on 2 CPU cores for MovieLens)",
     )
     ranker.add_argument(
         "--no-ranker",
@@ -122,14 +152,23 @@ def _add_build(sub: Any) -> None:
         help="reject interactions naming unknown items instead of dropping them",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_log_level(p)
     p.set_defaults(handler=_run_build)
+
+
+def _build_ranker_steps() -> int:
+    """`recsys build`'s fine-tuning steps: RankerTrainConfig's default."""
+    from ranking_service.train import RankerTrainConfig
+
+    return RankerTrainConfig().steps
 
 
 def _run_build(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
-    from recsys.build import BuildOptions, build_bundle
+    from recsys.app.build import BuildOptions, build_bundle
 
-    if args.ranker_steps < 1:
+    steps = resolve(args.ranker_steps)
+    if steps < 1:
         print("recsys: error: --ranker-steps must be >= 1 (or use --no-ranker)", file=sys.stderr)
         return 2
     bundle = build_bundle(
@@ -140,7 +179,7 @@ def _run_build(args: argparse.Namespace) -> int:
             encoder=args.encoder,
             pooling=args.pooling,
             index_factory=args.index_factory,
-            ranker=None if args.no_ranker else RankerTrainConfig(steps=args.ranker_steps),
+            ranker=None if args.no_ranker else RankerTrainConfig(steps=steps),
             device=args.device,
             strict=args.strict,
             seed=args.seed,
@@ -165,11 +204,12 @@ def _add_bundle(sub: Any) -> None:
     info.add_argument("--version", help="a version other than CURRENT")
     info.add_argument("--verify", action="store_true", help="also check every file's sha256")
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
+    _add_log_level(info)
     info.set_defaults(handler=_run_bundle_info)
 
 
 def _run_bundle_info(args: argparse.Namespace) -> int:
-    from recsys.bundle import Bundle
+    from recsys.core.bundle import Bundle
 
     bundle = Bundle.open(args.root, args.version)
     if args.json:
@@ -228,22 +268,28 @@ def _add_search(sub: Any) -> None:
     p.add_argument("text", nargs="?", metavar="TEXT", help="query text")
     p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
     p.add_argument("--queries", type=Path, metavar="FILE", help="one query a line")
-    p.add_argument("--k", type=int, default=10, help="hits per query (default 10)")
+    p.add_argument(
+        "--k",
+        type=int,
+        default=default("default_k"),
+        help=f"hits per query, at most {default('max_k')} (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="one JSON object a line: query and hits")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.set_defaults(handler=_run_search, quiet=True)
+    _add_log_level(p, default="WARNING")  # the hits are the output: no progress lines around them
+    p.set_defaults(handler=_run_search)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from recsys.bundle import Bundle
-    from recsys.domain import SearchQuery
-    from recsys.errors import InvalidInput
+    from recsys.core.bundle import Bundle
+    from recsys.core.domain import SearchQuery
+    from recsys.core.errors import InvalidInput
     from retrieval_service.retriever import Retriever
 
     if (args.text is None) == (args.queries is None):
         raise InvalidInput("search: give exactly one of TEXT or --queries FILE")
-    if not 1 <= args.k <= 1000:
-        raise InvalidInput(f"--k {args.k}: must be within 1..1000")
+    if not 1 <= args.k <= default("max_k"):
+        raise InvalidInput(f"--k {args.k}: must be within 1..{default('max_k')}")
     if args.queries is not None:
         if not args.queries.is_file():
             raise InvalidInput(f"{args.queries}: no such file")
@@ -281,11 +327,12 @@ def _add_datasets(sub: Any) -> None:
     )
     ml.add_argument("zip", type=Path, metavar="ZIP")
     ml.add_argument("--out", type=Path, required=True, metavar="DIR")
+    _add_log_level(ml)
     ml.set_defaults(handler=_run_movielens)
 
 
 def _run_movielens(args: argparse.Namespace) -> int:
-    from recsys.movielens import convert_movielens
+    from recsys.app.movielens import convert_movielens
 
     files = convert_movielens(args.zip, args.out)
     print(
@@ -325,7 +372,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     try:
         return Settings(**overrides)
     except ValueError as exc:
-        from recsys.errors import InvalidInput
+        from recsys.core.errors import InvalidInput
 
         first = str(exc).splitlines()
         raise InvalidInput(" ".join(first[1:3]) if len(first) > 2 else str(exc)) from None
@@ -344,12 +391,12 @@ def _add_serve(sub: Any) -> None:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings: Settings = args.settings  # built by main(), which needed its log level first
     if args.service == "all":
-        from recsys.processes import run_all
+        from recsys.app.services import run_all
 
         return run_all(settings)
-    from recsys.processes import run_service
+    from recsys.app.services import run_service
 
     run_service(args.service, settings)
     return 0
@@ -377,17 +424,30 @@ def _add_demo(sub: Any) -> None:
     p.add_argument(
         "--ranker-steps",
         type=int,
-        default=40,
+        default=Deferred(_demo_ranker_steps),
         metavar="N",
-        help="fine-tuning steps when building the sample bundle (default 40)",
+        help="fine-tuning steps when building the sample bundle (default %(default)s)",
     )
+    _add_log_level(p)
     p.set_defaults(handler=_run_demo)
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    from recsys.demo import run_demo
+def _demo_ranker_steps() -> int:
+    """`recsys demo`'s fine-tuning steps: the demo's short schedule."""
+    from recsys.app.demo import DEMO_RANKER_STEPS
 
-    return run_demo(args.bundle, once=args.once, ranker_steps=args.ranker_steps)
+    return DEMO_RANKER_STEPS
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from recsys.app.demo import run_demo
+
+    return run_demo(
+        args.bundle,
+        once=args.once,
+        ranker_steps=resolve(args.ranker_steps),
+        log_level=args.log_level,
+    )
 
 
 # -- evaluate ------------------------------------------------------------------------------------
@@ -409,9 +469,9 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument(
         "--ranker-steps",
         type=int,
-        default=100,
+        default=Deferred(_evaluate_ranker_steps),
         metavar="N",
-        help="fine-tuning steps when building (default 100)",
+        help="fine-tuning steps when building (default %(default)s)",
     )
     p.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string when building (default Flat)"
@@ -419,30 +479,39 @@ def _add_evaluate(sub: Any) -> None:
     p.add_argument(
         "--pool",
         type=int,
-        default=50,
         metavar="N",
-        help="candidates re-ranked per user or query (default 50; the cross-encoder's cost "
-        "grows with it: ~2.5 N pairs per user)",
+        help="candidate pool per user or query, for the build and the evaluation (default: "
+        "serving's default candidate_pool, or the pool an existing bundle was fitted on); the "
+        "cross-encoder's cost grows with it, ~2.5 N pairs per user",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_log_level(p)
     p.set_defaults(handler=_run_evaluate)
+
+
+def _evaluate_ranker_steps() -> int:
+    """`recsys evaluate`'s fine-tuning steps: the evaluation protocol's."""
+    from recsys.app.evaluation.runner import RANKER_STEPS
+
+    return RANKER_STEPS
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
-    from recsys.build import BuildOptions
-    from recsys.evaluation.runner import SPLIT_MARK, run_evaluation
+    from recsys.app.build import BuildOptions
+    from recsys.app.evaluation.runner import SPLIT_MARK, run_evaluation
 
     options = BuildOptions(
         catalog=args.data / "catalog.csv",
         interactions=args.data / "interactions.csv",
         out=args.bundle,
         index_factory=args.index_factory,
-        ranker=RankerTrainConfig(steps=args.ranker_steps),
+        ranker=RankerTrainConfig(steps=resolve(args.ranker_steps)),
         device=args.device,
         split=SPLIT_MARK,
+        **({"candidate_pool": args.pool} if args.pool is not None else {}),
     )
-    if args.pool < 10:
+    if args.pool is not None and args.pool < 10:
         raise InvalidInput(f"--pool {args.pool}: must be >= 10 (metrics are at 10)")
     report = run_evaluation(args.data, args.bundle, args.protocol, args.out, options, args.pool)
     for protocol in ("recommend", "search"):

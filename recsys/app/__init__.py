@@ -1,0 +1,1 @@
+"""Application layer: CLI, build orchestration, demo, evaluation, data ingestion and the sample generator."""

@@ -1,0 +1,92 @@
+"""The trained parts of one bundle, loaded once for offline evaluation (no servers)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from gateway.candidates import CandidatePool, PoolPolicy
+from gateway.protocol import RecommendRequest
+from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+from ranking_service.ranker import Ranker
+from recsys.app.local import gather_pools
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Candidate, RankContext
+from recsys.core.settings import Settings, default
+from retrieval_service.retriever import Retriever
+
+Pair = tuple[str, str]
+
+
+@dataclass
+class EvalModels:
+    """Retriever, ranker (CF + fusion), the fine-tuned and the base cross-encoder, and the
+    candidate pool the bundle's fusion was fitted on."""
+
+    bundle: Bundle
+    retriever: Retriever
+    ranker: Ranker
+    tuned: CrossEncoderScorer
+    base: CrossEncoderScorer
+    pool: int
+    policy: PoolPolicy
+
+    @classmethod
+    def load(cls, bundle: Bundle, device: str = "auto") -> EvalModels:
+        settings = Settings.built_in(bundle=bundle.root, device=device)
+        retriever = Retriever.load(bundle, state_dir=None, device=device)
+        ranker = Ranker.load(bundle, settings)
+        section = bundle.manifest["cross_encoder"]
+        # Both read pairs cut to the length the ranking service uses.
+        max_length = int(section["max_length"])
+        tuned = CrossEncoderScorer.load(
+            bundle.file(bundle_files.CROSS_ENCODER_DIR), device, max_length
+        )
+        # The untuned baseline: the same backbone with a fresh (seeded) one-logit head.
+        base = CrossEncoderScorer.load(Path(section["base"]), device, max_length)
+        # Bundles from before the pool was recorded were fitted on serving's default share.
+        built = bundle.manifest.get("settings", {})
+        pool = int(built.get("candidate_pool", default("default_candidate_pool")))
+        share = float(built.get("cf_candidate_share", default("cf_candidate_share")))
+        return cls(bundle, retriever, ranker, tuned, base, pool, PoolPolicy(cf_share=share))
+
+    def vector(self, item_id: str) -> np.ndarray | None:
+        row = self.retriever.store.row(item_id)
+        return None if row is None else self.retriever.store.vector_at(row)
+
+    def pools(
+        self, requests: Sequence[RecommendRequest], desc: str | None, cf_share: float | None = None
+    ) -> list[CandidatePool]:
+        """What the gateway would gather for each request (`cf_share` 0: retrieval alone)."""
+        policy = self.policy if cf_share is None else PoolPolicy(cf_share=cf_share)
+        return gather_pools(requests, self.retriever, self.ranker, policy, desc)
+
+
+def score_lists(
+    scorer: CrossEncoderScorer,
+    contexts: Sequence[RankContext],
+    pools: Sequence[Sequence[Candidate]],
+    desc: str = "cross-encoder",
+    progress: bool = True,
+) -> list[np.ndarray]:
+    """Cross-encoder scores for many (context, pool) lists in large batches; one array per list."""
+    pairs: list[Pair] = []
+    for context, pool in zip(contexts, pools, strict=True):
+        text = build_context(context.query, [h.text for h in context.history])
+        pairs.extend((text, c.text) for c in pool)
+    chunk = 4096
+    parts = [
+        scorer.score(pairs[i : i + chunk], batch_size=128)
+        for i in tqdm(range(0, len(pairs), chunk), desc=desc, unit="chunk", disable=not progress)
+    ]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+    out, offset = [], 0
+    for pool in pools:
+        out.append(flat[offset : offset + len(pool)])
+        offset += len(pool)
+    return out

@@ -1,0 +1,136 @@
+"""The recommendation protocol: every baseline and the full pipeline, for each scored user."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from gateway.candidates import CandidatePool
+from recsys.app.evaluation.metrics import K
+from recsys.app.evaluation.models import EvalModels, score_lists
+from recsys.app.local import pool_request
+from recsys.app.splits import Split, histories, relevant_items
+from recsys.core.domain import Candidate, RankContext, Scored
+from recsys.core.errors import NotFound
+from recsys.core.settings import default
+
+METHODS = ("popular", "cf", "dense", "dense+ce_base", "dense+ce", "full")
+HISTORY_ITEMS = default("max_history_items")  # most recent history items a request carries
+
+Run = dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class RecommendCase:
+    """One scored user: what the system sees and what counts as relevant."""
+
+    user_id: str
+    history: list[str]  # train + validation, most recent first
+    relevant: set[str]
+
+
+def cases(split: Split) -> list[RecommendCase]:
+    """Users with at least one relevant test item, with their visible history."""
+    seen = histories(split.seen())
+    relevant = relevant_items(split.test)
+    return [RecommendCase(u, seen.get(u, []), relevant[u]) for u in sorted(relevant)]
+
+
+def popularity_order(seen: pd.DataFrame) -> list[str]:
+    return [str(i) for i in seen["item_id"].value_counts().index]
+
+
+def top_k_excluding(order: Sequence[str], exclude: set[str], k: int = K) -> list[str]:
+    out = []
+    for item in order:
+        if item not in exclude:
+            out.append(item)
+            if len(out) == k:
+                break
+    return out
+
+
+def run_recommend(
+    models: EvalModels, split: Split, pool: int, progress: bool = True
+) -> tuple[dict[str, Run], list[RecommendCase], list[list[Scored]]]:
+    """Top-10 answers of every method per user, plus `full`'s ranked pools (for diversity sweeps).
+
+    Each user is a history-only Recommend (their visible history, everything seen excluded):
+    `full` ranks the pool the gateway gathers for it (gateway.candidates); the dense baselines
+    re-rank the pool retrieval alone would gather, as the system would without CF.
+    """
+    users = cases(split)
+    popular = popularity_order(split.seen())
+    runs: dict[str, Run] = {m: {} for m in METHODS}
+    # A user seen only in test has nothing to gather from: every pool stays empty.
+    asked = [c for c in users if c.history]
+    requests = [
+        pool_request(pool, history=c.history[:HISTORY_ITEMS], exclude=c.history) for c in asked
+    ]
+    full = _by_user(asked, models.pools(requests, _desc("recommend: candidates", progress)))
+    dense = _by_user(
+        asked, models.pools(requests, _desc("recommend: dense candidates", progress), cf_share=0)
+    )
+    contexts, dense_pools, full_pools = [], [], []
+    for case in users:
+        runs["popular"][case.user_id] = top_k_excluding(popular, set(case.history))
+        runs["cf"][case.user_id] = _cf_top(models, case)
+        f, d = full.get(case.user_id), dense.get(case.user_id)
+        runs["dense"][case.user_id] = [p.item_id for p in d.items[:K]] if d else []
+        contexts.append(f.context() if f else RankContext())
+        dense_pools.append(d.candidates() if d else [])
+        full_pools.append(f.candidates() if f else [])
+    # The tuned cross-encoder scores the union of both pools once.
+    union = [_union(d, f) for d, f in zip(dense_pools, full_pools, strict=True)]
+    tuned = score_lists(
+        models.tuned, contexts, union, desc="recommend: dense+ce", progress=progress
+    )
+    base = score_lists(
+        models.base, contexts, dense_pools, desc="recommend: dense+ce_base", progress=progress
+    )
+    ranked: list[list[Scored]] = []
+    for case, context, dense_pool, full_pool, candidates, ce, ce_base in zip(
+        users, contexts, dense_pools, full_pools, union, tuned, base, strict=True
+    ):
+        ce_of = dict(zip((c.item_id for c in candidates), ce, strict=True))
+        runs["dense+ce"][case.user_id] = _top(
+            dense_pool, np.array([ce_of[c.item_id] for c in dense_pool])
+        )
+        runs["dense+ce_base"][case.user_id] = _top(dense_pool, ce_base)
+        outcome = models.ranker.combine(
+            context, full_pool, np.array([ce_of[c.item_id] for c in full_pool])
+        )
+        runs["full"][case.user_id] = [s.item_id for s in outcome.scored[:K]]
+        ranked.append(outcome.scored)
+    return runs, users, ranked
+
+
+def _cf_top(models: EvalModels, case: RecommendCase) -> list[str]:
+    """CF's own top 10 (RankingService.RecallCandidates), everything seen excluded."""
+    try:
+        recall = models.ranker.recall("", case.history[:HISTORY_ITEMS], K, case.history)
+    except NotFound:
+        return []  # CF knows none of the user's items
+    return [item for item, _ in recall.items]
+
+
+def _by_user(
+    cases: Sequence[RecommendCase], pools: list[CandidatePool]
+) -> dict[str, CandidatePool]:
+    return {c.user_id: p for c, p in zip(cases, pools, strict=True)}
+
+
+def _desc(text: str, progress: bool) -> str | None:
+    return text if progress else None
+
+
+def _union(first: list[Candidate], second: list[Candidate]) -> list[Candidate]:
+    ids = {c.item_id for c in first}
+    return first + [c for c in second if c.item_id not in ids]
+
+
+def _top(candidates: Sequence[Candidate], scores: np.ndarray) -> list[str]:
+    return [candidates[i].item_id for i in np.argsort(-scores, kind="stable")[:K]]

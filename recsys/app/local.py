@@ -1,0 +1,124 @@
+"""The gateway's stages in this process (no gRPC), over a Retriever and a Ranker.
+
+Offline code gathers candidate pools through these and `gateway.candidates`, exactly as the
+gateway does over gRPC; the serving benchmark compares them with the real services.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterable, Sequence
+
+from tqdm.auto import tqdm
+
+from gateway.candidates import CandidatePool, PoolPolicy, gather_candidates
+from gateway.protocol import RecommendRequest
+from gateway.stages import (
+    RETRIEVAL_VERSION_FIELDS,
+    ItemsResult,
+    RankResult,
+    RecallResult,
+    SearchResult,
+    within,
+)
+from ranking_service.ranker import Ranker
+from recsys.core.domain import Candidate, RankContext, SearchQuery
+from retrieval_service.retriever import Retriever
+
+# Offline gathering has no caller waiting: a deadline only a hung stage would reach.
+OFFLINE_BUDGET_S = 600.0
+
+
+class LocalRetrievalStage:
+    """A Retriever in this process; its work runs in threads, as the service's does."""
+
+    def __init__(self, retriever: Retriever) -> None:
+        self.retriever = retriever
+        # A Retriever serves one bundle version for its whole life.
+        info = retriever.info()
+        self._versions = {name: str(info[name]) for name in RETRIEVAL_VERSION_FIELDS}
+
+    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
+        hits, _ = await within(
+            asyncio.to_thread(self.retriever.search, query), timeout, "retrieval"
+        )
+        return SearchResult(hits, self.retriever.version, dict(self._versions))
+
+    async def get_items(
+        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+    ) -> ItemsResult:
+        found, missing = await within(
+            asyncio.to_thread(self.retriever.get_items, item_ids), timeout, "retrieval"
+        )
+        return [(item, vector if include_vectors else None) for item, vector in found], missing
+
+    async def close(self) -> None:
+        return None
+
+
+class LocalRankingStage:
+    """A Ranker in this process; it batches on the running event loop."""
+
+    def __init__(self, ranker: Ranker) -> None:
+        self.ranker = ranker
+
+    async def rank(
+        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+    ) -> RankResult:
+        outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
+        versions = {name: value for name, value in self.ranker.versions.items() if value}
+        return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
+
+    async def recall(
+        self,
+        user_id: str,
+        history: Sequence[str],
+        k: int,
+        exclude: frozenset[str],
+        timeout: float,
+    ) -> RecallResult:
+        recall = await within(
+            asyncio.to_thread(self.ranker.recall, user_id, history, k, exclude), timeout, "ranking"
+        )
+        return RecallResult(list(recall.items), bool(recall.cf_folded_in))
+
+    async def close(self) -> None:
+        return None
+
+
+def gather_pools(
+    requests: Iterable[RecommendRequest],
+    retriever: Retriever,
+    ranker: Ranker,
+    policy: PoolPolicy,
+    desc: str | None = None,
+) -> list[CandidatePool]:
+    """The pool serving would rank for each request, gathered in this process, in order."""
+    requests = list(requests)
+    retrieval, ranking = LocalRetrievalStage(retriever), LocalRankingStage(ranker)
+
+    async def gather_all() -> list[CandidatePool]:
+        pools = []
+        for request in tqdm(requests, desc=desc, unit="request", disable=desc is None):
+            end = time.perf_counter() + OFFLINE_BUDGET_S
+            pools.append(await gather_candidates(request, retrieval, ranking, policy, end))
+        return pools
+
+    return asyncio.run(gather_all())
+
+
+def pool_request(
+    pool: int,
+    query: str = "",
+    history: Sequence[str] = (),
+    exclude: Iterable[str] = (),
+) -> RecommendRequest:
+    """The Recommend a caller would send to have `pool` candidates gathered for it."""
+    return RecommendRequest(
+        k=pool,
+        candidate_pool=pool,
+        query=query,
+        history_item_ids=tuple(history),
+        exclude_item_ids=frozenset(exclude),
+    )

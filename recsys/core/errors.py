@@ -1,0 +1,36 @@
+"""The one error taxonomy. Domain code raises these; `recsys.rpc.status` maps them to status codes."""
+
+from __future__ import annotations
+
+
+class RecsysError(Exception):
+    """Base of every error a caller or user can act on; anything else is an internal fault."""
+
+
+class InvalidInput(RecsysError):
+    """Bad request or input file; the message names the field, file, row or value."""
+
+
+class NotFound(RecsysError):
+    """Unknown ids where that matters."""
+
+
+class Overloaded(RecsysError):
+    """Queue or concurrency limit reached."""
+
+
+class NotReady(RecsysError):
+    """Still loading, draining, or a dependency is down."""
+
+
+class DeadlineExceeded(RecsysError):
+    """The caller's deadline cannot be met."""
+
+
+class UpstreamError(RecsysError):
+    """A service this one called failed with a status that has no error of its own (INTERNAL…)."""
+
+    def __init__(self, service: str, status: str, details: str) -> None:
+        super().__init__(f"{service} failed with {status}: {details}")
+        self.service = service
+        self.status = status

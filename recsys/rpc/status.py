@@ -1,0 +1,47 @@
+"""The one mapping between the error taxonomy and gRPC status codes, in both directions."""
+
+from __future__ import annotations
+
+import grpc
+
+from recsys.core.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    RecsysError,
+    UpstreamError,
+)
+
+STATUS: dict[type[RecsysError], grpc.StatusCode] = {
+    InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+
+
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The status a server answers for an exception: ours by type, anything else INTERNAL."""
+    for kind in type(exc).__mro__:
+        if kind in STATUS:
+            return STATUS[kind]  # type: ignore[index]
+    return grpc.StatusCode.INTERNAL
+
+
+def error_from_rpc(service: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysError:
+    """The domain error for a failed call to `service` at `target`, so callers decide on types."""
+    code, details = exc.code(), exc.details() or ""
+    if code == grpc.StatusCode.INVALID_ARGUMENT:
+        return InvalidInput(details)  # the service's message already names the field
+    if code == grpc.StatusCode.NOT_FOUND:
+        return NotFound(details)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"{service} did not answer within the deadline")
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return Overloaded(f"{service} overloaded: {details}")
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return NotReady(f"{service} service unavailable at {target}: {details}")
+    return UpstreamError(service, code.name, details)

@@ -1,0 +1,76 @@
+"""recsys.app.build: a build takes its candidate pool and CF share from its options only.
+
+Offline numbers must describe the pool serving ranks with the options the build was given,
+so RECSYS_* variables (a serving process's settings) must never change what a build does.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recsys.app.build import BuildOptions, build_bundle
+from recsys.app.sample import sample_paths
+from recsys.core.bundle import Bundle
+
+BUILT_IN_POOL = 100
+BUILT_IN_CF_SHARE = 0.5
+# What a serving deployment might export; a build must not pick these up.
+SERVING_ENV = {"RECSYS_CF_CANDIDATE_SHARE": "0.9", "RECSYS_DEFAULT_CANDIDATE_POOL": "7"}
+
+
+def sample_options(out: Path, **values: object) -> BuildOptions:
+    catalog, interactions = sample_paths()
+    return BuildOptions(catalog=catalog, interactions=interactions, out=out, **values)  # type: ignore[arg-type]
+
+
+def test_build_options_defaults_ignore_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in SERVING_ENV.items():
+        monkeypatch.setenv(name, value)
+    options = sample_options(tmp_path)
+    assert (options.candidate_pool, options.cf_candidate_share) == (
+        BUILT_IN_POOL,
+        BUILT_IN_CF_SHARE,
+    )
+    # Defaults fixed when the module is imported count too: import it afresh under that
+    # environment.
+    code = (
+        "import json\n"
+        "from recsys.app.build import BuildOptions\n"
+        "from gateway.candidates import PoolPolicy\n"
+        "o = BuildOptions(catalog='c', interactions='i', out='o')\n"
+        "print(json.dumps([o.candidate_pool, o.cf_candidate_share, PoolPolicy().cf_share]))\n"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == [
+        BUILT_IN_POOL,
+        BUILT_IN_CF_SHARE,
+        BUILT_IN_CF_SHARE,
+    ]
+
+
+def test_the_manifest_records_the_pool_the_build_used(sample_bundle_root: Path) -> None:
+    settings = Bundle.open(sample_bundle_root).manifest["settings"]
+    assert settings["candidate_pool"] == BUILT_IN_POOL
+    assert settings["cf_candidate_share"] == BUILT_IN_CF_SHARE
+
+
+def test_a_build_records_its_options_not_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name, value in SERVING_ENV.items():
+        monkeypatch.setenv(name, value)
+    # No cross-encoder: the cheapest real build (encoder, index, CF, fusion, manifest).
+    bundle = build_bundle(
+        sample_options(tmp_path / "bundle", ranker=None, candidate_pool=37, cf_candidate_share=0.25)
+    )
+    settings = Bundle.open(tmp_path / "bundle", bundle.version).manifest["settings"]
+    assert (settings["candidate_pool"], settings["cf_candidate_share"]) == (37, 0.25)
