@@ -360,6 +360,14 @@ class StepProgress(TrainerCallback):
     ) -> None:
         if self.bar is not None:
             self.bar.update(state.global_step - self.bar.n)
+            if control.should_evaluate:  # set by the Trainer's flow callback, which runs first
+                self.bar.set_description("fine-tuning (validating)")
+
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        if self.bar is not None:
+            self.bar.set_description("fine-tuning")
 
     def on_log(
         self,

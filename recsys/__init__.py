@@ -1,1 +1,1 @@
-"""Shared package: contract stubs, settings, serving bootstrap, metrics, artifacts and the CLI."""
+"""Shared package in layers (docs/architecture.md): core < v1 stubs < rpc < [services] < app."""

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from recsys.core.settings import Settings
-from recsys.rpc.launcher import Launcher, on_free_ports
+from recsys.rpc.launcher import SERVICES, Launcher, on_free_ports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -73,3 +74,37 @@ def stack(sample_bundle_root: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield launcher
     finally:
         launcher.close()
+
+
+@pytest.fixture
+def own_stack(sample_bundle_root: Path, tmp_path: Path) -> Iterator[Callable[..., Launcher]]:
+    """Stacks private to one test, for tests that stop, restart or reconfigure services.
+
+    `own_stack(*names, wait=True, **settings)` starts the named services (all three when none
+    is named) over the sample bundle with those Settings fields changed, in parallel, and
+    waits until each is SERVING (`wait=False`: only starts them). Each call is a separate
+    stack with its own ports and journal; everything is stopped after the test, so a failure
+    cannot leave a stopped or changed service to the next test.
+    """
+    launchers: list[Launcher] = []
+
+    def start(*names: str, wait: bool = True, **settings: Any) -> Launcher:
+        workdir = tmp_path / f"stack-{len(launchers)}"
+        launcher = Launcher(
+            stack_settings(sample_bundle_root, workdir).model_copy(update=settings),
+            log_dir=workdir,
+            env={"OMP_NUM_THREADS": "1"},
+        )
+        launchers.append(launcher)
+        for name in names or SERVICES:
+            launcher.start(name, wait=False)
+        if wait:
+            for name in names or SERVICES:
+                launcher.wait_serving(name, timeout=240)
+        return launcher
+
+    try:
+        yield start
+    finally:
+        for launcher in launchers:
+            launcher.close()

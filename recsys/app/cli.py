@@ -14,10 +14,9 @@ from typing import Any
 from recsys.app.logs import LEVELS, configure_logging
 from recsys.core.errors import InvalidInput, RecsysError
 from recsys.core.settings import Settings, default
+from recsys.rpc.launcher import SERVICES
 
 log = logging.getLogger("recsys")
-
-SERVICES = ("retrieval", "ranking", "gateway")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -38,6 +38,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
     max_concurrent_rpcs: int = Field(64, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
     grace_period_s: float = Field(10.0, ge=0, description="Drain time after SIGTERM/SIGINT.")
+    drain_delay_s: float = Field(
+        0.0,
+        ge=0,
+        description="After SIGTERM/SIGINT, keep answering this long with health NOT_SERVING "
+        "before refusing new RPCs, so load balancers that watch health stop routing here first "
+        "(Kubernetes' preStop sleep does this job in deploy/k8s).",
+    )
     max_connection_age_s: float = Field(
         300.0, ge=0, description="Clients reconnect after this, so new pods get traffic."
     )

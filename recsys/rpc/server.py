@@ -73,25 +73,28 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                     f"server overloaded: {self._limit} concurrent RPCs in flight; retry with backoff",
                 )
             self._in_flight += 1
-            code = grpc.StatusCode.OK
             try:
-                return await inner(_decode(decode, raw, method), context)
+                response = await inner(_decode(decode, raw, method), context)
             except RecsysError as exc:
-                code = status_code(exc)
-                await context.abort(code, str(exc))
+                code, message = status_code(exc), str(exc)
             except asyncio.CancelledError:
-                code = grpc.StatusCode.CANCELLED
+                finish(grpc.StatusCode.CANCELLED.name)
                 raise
-            except Exception as exc:
-                if isinstance(exc, grpc.aio.AbortError):
-                    code = context.code() or grpc.StatusCode.UNKNOWN
-                    raise
-                code = grpc.StatusCode.INTERNAL
+            except grpc.aio.AbortError:
+                finish((context.code() or grpc.StatusCode.UNKNOWN).name)
+                raise
+            except Exception:
                 log.exception("unhandled error in %s", method)
-                await context.abort(code, f"internal error in {method}; see the server log")
+                code = grpc.StatusCode.INTERNAL
+                message = f"internal error in {method}; see the server log"
+            else:
+                finish(grpc.StatusCode.OK.name)
+                return response
             finally:
                 self._in_flight -= 1
-                finish(code.name)
+            # Counted before the status leaves, so a scrape right after the answer sees it.
+            finish(code.name)
+            await context.abort(code, message)
 
         # Requests arrive as bytes and are decoded inside `behavior`: gRPC would answer a body
         # that fails to parse with UNKNOWN, and the caller's mistake deserves INVALID_ARGUMENT.
@@ -176,9 +179,13 @@ async def serve(
         await stop.wait()
     else:
         load.cancel()
-    log.info("%s draining for up to %.1fs", service.name, settings.grace_period_s)
     await _set_health(health_servicer, names, serving=False)
     metrics.SERVING.labels(service=service.name).set(0)
+    if load in done and settings.drain_delay_s > 0:
+        # Still answering, but NOT_SERVING: whoever routes by health moves away first.
+        log.info("%s NOT_SERVING; answering for %.1fs more", service.name, settings.drain_delay_s)
+        await asyncio.sleep(settings.drain_delay_s)
+    log.info("%s draining for up to %.1fs", service.name, settings.grace_period_s)
     await server.stop(settings.grace_period_s)
     await service.close()
     log.info("%s stopped", service.name)

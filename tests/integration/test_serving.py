@@ -1,9 +1,15 @@
-"""End to end over real sockets: three servers, the sample bundle, real models."""
+"""End to end over real sockets: three servers, the sample bundle, real models.
+
+Tests that only call share the module's `stack`; tests that stop, restart or change a service
+get stacks of their own (`own_stack`), so a failure there cannot leave the others a service
+down or a changed catalog.
+"""
 
 from __future__ import annotations
 
 import time
 import urllib.request
+from collections.abc import Callable
 
 import grpc
 import pandas as pd
@@ -58,7 +64,7 @@ def gateway_recovers(stack: Launcher, within_s: float = 10.0) -> None:
     """Waits until the gateway answers undegraded again after a stage restarted.
 
     Its channels retry a restarted stage within their reconnect backoff (at most 2 s,
-    recsys.rpc.server.RECONNECT_BACKOFF_MS); until then calls fail fast or degrade, by design.
+    recsys.rpc.channels.RECONNECT_BACKOFF_MS); until then calls fail fast or degrade, by design.
     """
     deadline = time.monotonic() + within_s
     while True:
@@ -142,7 +148,10 @@ def test_health_and_reflection_on_every_server(stack: Launcher) -> None:
         assert {FULL_NAMES[name], "grpc.health.v1.Health"} <= services
 
 
-def test_upsert_then_search_finds_it_first_also_after_restart(stack: Launcher) -> None:
+def test_upsert_then_search_finds_it_first_also_after_restart(
+    own_stack: Callable[..., Launcher],
+) -> None:
+    stack = own_stack("retrieval")  # only retrieval takes part
     item = common_pb2.Item(
         item_id="NEW-1",
         title="Zephyrine Quantum Burr Espresso Grinder",
@@ -168,7 +177,6 @@ def test_upsert_then_search_finds_it_first_also_after_restart(stack: Launcher) -
     stack.stop("retrieval")
     stack.start("retrieval")
     assert "NEW-1" not in search(stack, item.title, k=20)
-    gateway_recovers(stack)
 
 
 def test_get_items_reports_unknown_ids(stack: Launcher, catalog: pd.DataFrame) -> None:
@@ -183,8 +191,9 @@ def test_get_items_reports_unknown_ids(stack: Launcher, catalog: pd.DataFrame) -
 
 
 def test_ranking_down_gives_degraded_answers_then_recovers(
-    stack: Launcher, catalog: pd.DataFrame
+    own_stack: Callable[..., Launcher], catalog: pd.DataFrame
 ) -> None:
+    stack = own_stack()
     query = catalog.iloc[5]["title"]
     stack.stop("ranking")
     try:
@@ -203,7 +212,8 @@ def test_ranking_down_gives_degraded_answers_then_recovers(
     assert all(item.scores.HasField("cross_encoder") for item in reply.items)
 
 
-def test_retrieval_down_fails_fast_with_unavailable(stack: Launcher) -> None:
+def test_retrieval_down_fails_fast_with_unavailable(own_stack: Callable[..., Launcher]) -> None:
+    stack = own_stack()
     stack.stop("retrieval")
     try:
         with pytest.raises(grpc.RpcError) as info:
@@ -273,31 +283,57 @@ def scrape(stack: Launcher, name: str) -> str:
         return response.read().decode()
 
 
-def handled(text: str, service: str, method: str, code: str) -> float:
-    """grpc_server_handled_total for one service, method and code, parsed from /metrics text."""
+def value(text: str, name: str, **labels: str) -> float:
+    """One sample's value (0 when absent) from /metrics text, matched on all its labels."""
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = sample.labels
-            if (
-                sample.name == "grpc_server_handled_total"
-                and labels.get("grpc_service") == service
-                and labels.get("grpc_method") == method
-                and labels.get("grpc_code") == code
-            ):
+            if sample.name == name and sample.labels == labels:
                 return float(sample.value)
     return 0.0
 
 
+def handled(text: str, side: str, service: str, method: str, code: str) -> float:
+    """grpc_{server,client}_handled_total of one unary method and status code."""
+    return value(
+        text,
+        f"grpc_{side}_handled_total",
+        grpc_type="unary",
+        grpc_service=FULL_NAMES[service],
+        grpc_method=method,
+        grpc_code=code,
+    )
+
+
 def test_metrics_show_each_called_method_with_its_codes(stack: Launcher) -> None:
-    recommend(stack, query="metrics probe", k=2)
-    with pytest.raises(grpc.RpcError):
-        recommend(stack, query="x", k=5000)
-    gateway = scrape(stack, "gateway")
-    assert handled(gateway, FULL_NAMES["gateway"], "Recommend", "OK") >= 1
-    assert handled(gateway, FULL_NAMES["gateway"], "Recommend", "INVALID_ARGUMENT") >= 1
-    assert "grpc_client_handled_total" in gateway
-    assert 'recsys_stage_duration_seconds_count{stage="total"}' in gateway
-    assert handled(scrape(stack, "retrieval"), FULL_NAMES["retrieval"], "Search", "OK") >= 1
-    ranking = scrape(stack, "ranking")
-    assert handled(ranking, FULL_NAMES["ranking"], "Rank", "OK") >= 1
-    assert "recsys_ranking_batch_size_count" in ranking
+    """Counters grow by exactly the calls made (every series may already exist at zero)."""
+    ok_calls, bad_calls = 3, 2
+    before = {name: scrape(stack, name) for name in SERVICES}
+    for i in range(ok_calls):
+        # A query alone: one Search and one Rank behind each Recommend.
+        assert not recommend(stack, query=f"metrics probe {i}", k=2).degraded
+    for _ in range(bad_calls):
+        with pytest.raises(grpc.RpcError) as info:
+            recommend(stack, query="x", k=5000)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    after = {name: scrape(stack, name) for name in SERVICES}
+
+    def grew(name: str, metric: Callable[[str], float]) -> float:
+        return metric(after[name]) - metric(before[name])
+
+    def calls(name: str, side: str, service: str, method: str, code: str) -> float:
+        return grew(name, lambda text: handled(text, side, service, method, code))
+
+    assert calls("gateway", "server", "gateway", "Recommend", "OK") == ok_calls
+    assert calls("gateway", "server", "gateway", "Recommend", "INVALID_ARGUMENT") == bad_calls
+    # Refused requests never reach the pipeline or the stages.
+    assert calls("gateway", "client", "retrieval", "Search", "OK") == ok_calls
+    assert calls("gateway", "client", "ranking", "Rank", "OK") == ok_calls
+    stage_total = "recsys_stage_duration_seconds_count"
+    assert grew("gateway", lambda text: value(text, stage_total, stage="total")) == ok_calls
+    assert calls("retrieval", "server", "retrieval", "Search", "OK") == ok_calls
+    assert calls("ranking", "server", "ranking", "Rank", "OK") == ok_calls
+    # Each ranked candidate went through the cross-encoder once, in at least one batch a call.
+    assert grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_count")) >= ok_calls
+    ranked = grew("gateway", lambda text: value(text, "recsys_candidates_sum", stage="ranked"))
+    assert ranked > 0
+    assert grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_sum")) == ranked

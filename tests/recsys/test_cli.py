@@ -11,6 +11,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -256,13 +257,18 @@ def test_fine_tuning_shows_one_bar_not_the_trainers_metric_dicts(tmp_path: Path)
 
     assert _training_args(RankerTrainConfig(steps=4), "cpu", tmp_path, evaluate=True).disable_tqdm
     progress = StepProgress()
-    state = SimpleNamespace(max_steps=4, global_step=0)
-    progress.on_train_begin(None, state, None)  # type: ignore[arg-type]
+    args: Any = None
+    state: Any = SimpleNamespace(max_steps=4, global_step=0)
+    control: Any = SimpleNamespace(should_evaluate=True)
+    progress.on_train_begin(args, state, control)
     state.global_step = 2
-    progress.on_step_end(None, state, None)  # type: ignore[arg-type]
-    progress.on_log(None, state, None, logs={"loss": 0.5, "grad_norm": 1.0})  # type: ignore[arg-type]
-    progress.on_log(None, state, None, logs={"eval_validation_ndcg@10": 0.25})  # type: ignore[arg-type]
+    progress.on_step_end(args, state, control)
     assert progress.bar is not None and progress.bar.n == 2
-    assert progress.postfix == {"loss": "0.5000", "val ndcg@10": "0.2500"}
-    progress.on_train_end(None, state, None)  # type: ignore[arg-type]
+    assert progress.bar.desc.startswith("fine-tuning (validating)")
+    progress.on_log(args, state, control, logs={"loss": 0.5, "grad_norm": 1.0})
+    progress.on_evaluate(args, state, control)
+    progress.on_log(args, state, control, logs={"eval_validation_ndcg@10": 0.25})
+    assert progress.bar.desc.rstrip(": ") == "fine-tuning"
+    assert progress.postfix == {"loss": "0.5000", "val ndcg@10": "0.2500"}  # no grad_norm
+    progress.on_train_end(args, state, control)
     assert progress.bar is None
