@@ -54,6 +54,18 @@ class ProgressAwareHandler(logging.Handler):
             self.handleError(record)
 
 
+class LibraryFilter(logging.Filter):
+    """Drops library records below `level`: some libraries (bm25s) reset their own logger's
+    level when imported, after ours was set."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name.split(".", 1)[0] not in LIBRARY_LOGGERS or record.levelno >= self.level
+
+
 def parse_level(level: str) -> int:
     """The logging level named `level` (any case); anything else is an input error."""
     name = level.strip().upper()
@@ -71,11 +83,12 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     for handler in [h for h in root.handlers if isinstance(h, ProgressAwareHandler)]:
         root.removeHandler(handler)
+    verbose = value <= logging.DEBUG
     handler = ProgressAwareHandler()
     handler.setFormatter(logging.Formatter(FORMAT))
+    handler.addFilter(LibraryFilter(logging.DEBUG if verbose else logging.ERROR))
     root.addHandler(handler)
     root.setLevel(value)
-    verbose = value <= logging.DEBUG
     for name in LIBRARY_LOGGERS:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.ERROR)
     for variable in VERBOSITY_VARIABLES:

@@ -173,6 +173,24 @@ def test_log_level_flag_reaches_our_loggers_and_libraries_only_at_debug() -> Non
 
 
 @pytest.mark.usefixtures("restored_logging")
+def test_a_library_that_resets_its_level_on_import_stays_quiet(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["bundle", "info", "/nonexistent/root"]) == 2
+    capsys.readouterr()
+    # bm25s sets its logger to DEBUG when imported, after our setup (seen in `recsys evaluate`).
+    import bm25s
+
+    bm25s.BM25().index(bm25s.tokenize(["a red shoe"], show_progress=False), show_progress=False)
+    assert logging.getLogger("bm25s").level == logging.DEBUG
+    logging.getLogger("bm25s").debug("library internals")
+    logging.getLogger("recsys.app.build").info("our progress")
+    err = capsys.readouterr().err
+    assert "library internals" not in err and "Building index" not in err
+    assert "our progress" in err
+
+
+@pytest.mark.usefixtures("restored_logging")
 def test_serve_log_level_comes_from_settings(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
