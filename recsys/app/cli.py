@@ -524,7 +524,3 @@ def _run_evaluate(args: argparse.Namespace) -> int:
             )
     print(f"report: {args.out / 'report.md'}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
