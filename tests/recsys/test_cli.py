@@ -178,15 +178,13 @@ def test_a_library_that_resets_its_level_on_import_stays_quiet(
 ) -> None:
     assert main(["bundle", "info", "/nonexistent/root"]) == 2
     capsys.readouterr()
-    # bm25s sets its logger to DEBUG when imported, after our setup (seen in `recsys evaluate`).
-    import bm25s
-
-    bm25s.BM25().index(bm25s.tokenize(["a red shoe"], show_progress=False), show_progress=False)
-    assert logging.getLogger("bm25s").level == logging.DEBUG
+    # What bm25s does when first imported (after our setup, as in `recsys evaluate`): it sets
+    # its own logger to DEBUG. Done here directly: the module may already be imported.
+    logging.getLogger("bm25s").setLevel(logging.DEBUG)
     logging.getLogger("bm25s").debug("library internals")
     logging.getLogger("recsys.app.build").info("our progress")
     err = capsys.readouterr().err
-    assert "library internals" not in err and "Building index" not in err
+    assert "library internals" not in err
     assert "our progress" in err
 
 
