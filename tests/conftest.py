@@ -8,12 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from recsys.core.settings import Settings
 from recsys.rpc.launcher import SERVICES, Launcher, on_free_ports
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# Property-based suites: few derandomized examples in CI; `pytest --hypothesis-profile=full`
+# for a long run. Calls go to real servers: no per-example deadline.
+_REAL_SERVERS = {
+    "deadline": None,
+    "suppress_health_check": [HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+}
+settings.register_profile("ci", max_examples=25, derandomize=True, **_REAL_SERVERS)
+settings.register_profile("full", max_examples=400, **_REAL_SERVERS)
+settings.load_profile("ci")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS_ZIP = Path(
