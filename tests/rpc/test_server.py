@@ -1,8 +1,9 @@
 """recsys.rpc.server against real service processes over loopback: what every server promises.
 
 Request bodies that do not parse are the caller's mistake (INVALID_ARGUMENT), RPCs beyond
-max_concurrent_rpcs are refused with RESOURCE_EXHAUSTED, and health says NOT_SERVING while
-the service loads and while it drains after SIGTERM.
+max_concurrent_rpcs are refused with RESOURCE_EXHAUSTED, health says NOT_SERVING while
+the service loads and while it drains after SIGTERM, and a drain answers every RPC it had
+accepted before it exits.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import signal
 import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 import pandas as pd
@@ -22,7 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from recsys.app.sample import sample_paths
 from recsys.core.domain import item_text
 from recsys.rpc.launcher import FULL_NAMES, Launcher
-from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from recsys.v1 import (
+    gateway_pb2,
+    gateway_pb2_grpc,
+    ranking_pb2,
+    ranking_pb2_grpc,
+    retrieval_pb2,
+    retrieval_pb2_grpc,
+)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -31,21 +40,23 @@ SEARCH = f"/{FULL_NAMES['retrieval']}/Search"
 DRAIN_DELAY_S = 5.0
 
 
-def handled(launcher: Launcher, name: str, method: str, code: str) -> float:
-    """grpc_server_handled_total of one method and code, from the service's /metrics."""
+def server_metric(launcher: Launcher, name: str, sample_name: str, labels: dict[str, str]) -> float:
+    """One grpc_server_* sample of the service's own method, from its /metrics."""
     url = f"http://127.0.0.1:{launcher.metrics_port(name)}/metrics"
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
+    wanted = {"grpc_type": "unary", "grpc_service": FULL_NAMES[name], **labels}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "grpc_server_handled_total" and sample.labels == {
-                "grpc_type": "unary",
-                "grpc_service": FULL_NAMES[name],
-                "grpc_method": method,
-                "grpc_code": code,
-            }:
+            if sample.name == sample_name and sample.labels == wanted:
                 return float(sample.value)
     return 0.0
+
+
+def handled(launcher: Launcher, name: str, method: str, code: str) -> float:
+    """grpc_server_handled_total of one method and code."""
+    labels = {"grpc_method": method, "grpc_code": code}
+    return server_metric(launcher, name, "grpc_server_handled_total", labels)
 
 
 def health_or_code(launcher: Launcher, name: str) -> int | grpc.StatusCode:
@@ -153,3 +164,28 @@ def test_health_is_not_serving_while_loading_and_while_draining(
         )
     assert len(reply.hits) == 2
     assert stack.stop("retrieval") == 0
+
+
+def test_sigterm_under_load_drops_no_accepted_request(
+    own_stack: Callable[..., Launcher],
+) -> None:
+    """Every Recommend the gateway accepted before SIGTERM is answered, then it exits 0."""
+    stack = own_stack(grace_period_s=120)
+    calls = 8
+    request = gateway_pb2.RecommendRequest(query="wireless headphones", k=5, candidate_pool=100)
+    with (
+        grpc.insecure_channel(stack.address("gateway")) as channel,
+        ThreadPoolExecutor(calls) as pool,
+    ):
+        stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+        futures = [pool.submit(stub.Recommend, request, timeout=120) for _ in range(calls)]
+        give_up = time.monotonic() + 60
+        labels = {"grpc_method": "Recommend"}
+        # Accepted = counted as started by the gateway's server.
+        while server_metric(stack, "gateway", "grpc_server_started_total", labels) < calls:
+            assert time.monotonic() < give_up, "the gateway never had every call in flight"
+            time.sleep(0.01)
+        stack.send("gateway", signal.SIGTERM)
+        answers = [f.result() for f in futures]  # raises if any call failed
+    assert all(len(a.items) == 5 for a in answers)
+    assert stack.procs["gateway"].wait(timeout=120) == 0  # drained and exited by itself
