@@ -1,5 +1,6 @@
-"""Fusion of stage scores into one: the convex default, a learned logistic model, and a pair
-of fusions chosen by request kind (search or recommendation).
+"""Fusion of stage scores into one: the convex default, a learned logistic model, two passes
+(a cheap first fusion over the pool, the cross-encoder and a second fusion over its head), and a
+pair of fusions chosen by request kind (search or recommendation).
 
 Stage scores live on unrelated scales (cross-encoder logits, ALS dot products, cosines), so each
 is standardised within the request's candidate list before fusion. A missing score (cold item or
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -189,6 +190,97 @@ class LogisticFusion:
         )
 
 
+# A single-pass fusion (older bundles) reranks every candidate with the cross-encoder.
+RERANK_ALL = 1_000_000
+
+
+def subset(scores: StageScores, rows: np.ndarray) -> StageScores:
+    """The same request's scores for the candidates at `rows` only."""
+
+    def take(values: np.ndarray | None) -> np.ndarray | None:
+        return None if values is None else values[rows]
+
+    return StageScores(
+        cf=scores.cf[rows],
+        ce=take(scores.ce),
+        retrieval=take(scores.retrieval),
+        popularity=take(scores.popularity),
+        cf_recent=take(scores.cf_recent),
+        has_query=scores.has_query,
+    )
+
+
+def head(first: np.ndarray, depth: int) -> np.ndarray:
+    """Indices of the first pass's top `depth`, best first (ties keep candidate order)."""
+    return np.argsort(-first, kind="stable")[:depth]
+
+
+def place_head(first: np.ndarray, rows: np.ndarray, second: np.ndarray) -> np.ndarray:
+    """One score per candidate: the head (`rows`) keeps its second-pass scores, and the rest
+    keep the first pass's order, shifted below the head's lowest score."""
+    fused = np.asarray(first, np.float64).copy()
+    tail = np.ones(len(fused), dtype=bool)
+    tail[rows] = False
+    if rows.size and tail.any():
+        fused[tail] -= fused[tail].max() - float(np.min(second)) + 1.0
+    fused[rows] = second
+    return fused.astype(np.float32)
+
+
+@dataclass
+class TwoPassFusion:
+    """`first` ranks the whole pool without the cross-encoder; the cross-encoder scores the
+    first pass's top `rerank_depth` and `second` orders those.
+
+    `cross_encoder_pays` is False where the second pass did not raise validation NDCG for this
+    request kind: serving then answers with the first pass alone. `second` is None when the
+    bundle has no cross-encoder.
+    """
+
+    first: Fusion
+    second: Fusion | None
+    rerank_depth: int
+    cross_encoder_pays: bool
+    fitted_on: dict[str, Any] = field(default_factory=dict)
+    kind: str = field(default="two_pass", init=False)
+
+    def fuse(self, scores: StageScores) -> np.ndarray:
+        """Both passes when `scores.ce` covers every candidate and the cross-encoder pays."""
+        first = self.first.fuse(replace(scores, ce=None))
+        if scores.ce is None or self.second is None or not self.cross_encoder_pays:
+            return first
+        rows = head(first, self.rerank_depth)
+        return place_head(first, rows, self.second.fuse(subset(scores, rows)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "first": self.first.to_dict(),
+            "second": None if self.second is None else self.second.to_dict(),
+            "rerank_depth": self.rerank_depth,
+            "cross_encoder_pays": self.cross_encoder_pays,
+            "fitted_on": self.fitted_on,
+        }
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> TwoPassFusion:
+        depth = int(spec["rerank_depth"])
+        if depth < 0:
+            raise ValueError(f"rerank_depth {depth}: must be >= 0")
+        return cls(
+            first=_read(spec["first"]),
+            second=None if spec.get("second") is None else _read(spec["second"]),
+            rerank_depth=depth,
+            cross_encoder_pays=bool(spec["cross_encoder_pays"]),
+            fitted_on=spec.get("fitted_on", {}),
+        )
+
+    @classmethod
+    def single_pass(cls, fusion: Fusion) -> TwoPassFusion:
+        """An older one-fusion bundle: the cross-encoder scores every candidate."""
+        return cls(first=fusion, second=fusion, rerank_depth=RERANK_ALL, cross_encoder_pays=True)
+
+
 @dataclass
 class ContextFusion:
     """One fusion for searches (requests with a query), another for recommendations.
@@ -203,7 +295,10 @@ class ContextFusion:
     kind: str = field(default="by_context", init=False)
 
     def fuse(self, scores: StageScores) -> np.ndarray:
-        return (self.query if scores.has_query else self.history).fuse(scores)
+        return self.pick(scores.has_query).fuse(scores)
+
+    def pick(self, has_query: bool) -> Fusion:
+        return self.query if has_query else self.history
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "query": self.query.to_dict(), "history": self.history.to_dict()}
@@ -218,7 +313,15 @@ FUSION_KINDS: dict[str, Callable[[dict[str, Any]], Fusion]] = {
     "convex": ConvexFusion.from_dict,
     "logistic": LogisticFusion.from_dict,
     "by_context": ContextFusion.from_dict,
+    "two_pass": TwoPassFusion.from_dict,
 }
+
+
+def plan(fusion: Fusion, has_query: bool) -> TwoPassFusion:
+    """The two passes that rank one kind of request (search when `has_query`)."""
+    if isinstance(fusion, ContextFusion):
+        fusion = fusion.pick(has_query)
+    return fusion if isinstance(fusion, TwoPassFusion) else TwoPassFusion.single_pass(fusion)
 
 
 def _read(spec: Any) -> Fusion:

@@ -5,14 +5,23 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer, build_context
-from ranking_service.fusion import Fusion, StageScores, load_fusion
+from ranking_service.fusion import (
+    Fusion,
+    StageScores,
+    TwoPassFusion,
+    head,
+    load_fusion,
+    place_head,
+    subset,
+)
+from ranking_service.fusion import plan as fusion_plan
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Candidate, RankContext, Scored, Scores
@@ -24,6 +33,8 @@ log = logging.getLogger(__name__)
 # Short-term CF folds the user in from only this many most recent history items: on MovieLens
 # validation users it ranks the next items ~1.2x better than the whole history does.
 RECENT_HISTORY_ITEMS = 10
+# ModelVersions.cross_encoder of an answer the cross-encoder did not score.
+CROSS_ENCODER_SKIPPED = "skipped"
 
 
 @dataclass(frozen=True)
@@ -32,6 +43,8 @@ class RankOutcome:
 
     scored: list[Scored]
     cf_folded_in: bool
+    # The versions that answered this request (the cross-encoder's may say it was skipped).
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -52,12 +65,17 @@ class Ranker:
         batcher: DynamicBatcher | None,
         versions: dict[str, str],
         max_text_chars: int = default("max_text_chars"),
+        rerank_depth: int | None = None,
+        rerank_all_kinds: bool = False,
     ) -> None:
         self.cf = cf
         self.fusion = fusion
         self.batcher = batcher
         self.versions = versions
         self.max_text_chars = max_text_chars
+        # Overrides of the bundle's validated plan (benchmarks compare against single-pass).
+        self.rerank_depth = rerank_depth
+        self.rerank_all_kinds = rerank_all_kinds
 
     @classmethod
     def load(cls, bundle: Bundle, settings: Settings) -> Ranker:
@@ -86,7 +104,15 @@ class Ranker:
             "cf": f"als-{manifest['cf']['factors']}",
             "fusion": fusion.kind,
         }
-        return cls(cf, fusion, batcher, versions, settings.max_text_chars)
+        return cls(
+            cf,
+            fusion,
+            batcher,
+            versions,
+            settings.max_text_chars,
+            settings.rerank_depth,
+            settings.rerank_kinds == "all",
+        )
 
     def start(self) -> None:
         """Starts the batcher's worker on the running event loop."""
@@ -119,47 +145,106 @@ class Ranker:
                 raise InvalidInput(f"context.history[{i}].text: over {self.max_text_chars} chars")
 
     async def rank(self, context: RankContext, candidates: Sequence[Candidate]) -> RankOutcome:
-        """Scores every candidate; stages that cannot score (no model, no context) stay missing."""
+        """Two passes: fusion without the cross-encoder over every candidate, then, where the
+        bundle found it pays for this kind of request, the cross-encoder and a second fusion
+        over the first pass's top `rerank_depth`."""
         self.validate(context, candidates)
         if not candidates:
-            return RankOutcome([], cf_folded_in=False)
+            return RankOutcome([], cf_folded_in=False, versions=self._versions(False))
         # CF's solves and fusion are numpy work that would stall every request on the event
-        # loop, so they run in worker threads; CF needs no cross-encoder scores, so it runs
-        # while the batcher scores.
-        (stages, folded), ce = await asyncio.gather(
-            asyncio.to_thread(self._stages_without_ce, context, candidates),
-            self._cross_encoder(context, candidates),
+        # loop, so they run in worker threads.
+        stages, folded, first = await asyncio.to_thread(self._first_pass, context, candidates)
+        rows = self._rerank_rows(context, stages, first, self.batcher is not None)
+        if rows.size == 0:
+            return await asyncio.to_thread(self._outcome, candidates, stages, first, folded)
+        assert self.batcher is not None
+        text = build_context(context.query, [h.text for h in context.history if h.text])
+        ce = await self.batcher.submit([(text, candidates[i].text) for i in rows])
+        return await asyncio.to_thread(
+            self._second_pass, candidates, stages, first, folded, rows, ce
         )
-        return await asyncio.to_thread(self._fuse, candidates, replace(stages, ce=ce), folded)
 
     def combine(
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
     ) -> RankOutcome:
-        """Adds CF and retrieval to the cross-encoder scores, fuses, and sorts best first."""
-        stages, folded = self.stage_scores(context, candidates, ce)
-        return self._fuse(candidates, stages, folded)
+        """What `rank` answers, given cross-encoder scores for every candidate (offline, where
+        they are computed in large batches); only those `rank` would compute are used."""
+        stages, folded, first = self._first_pass(context, candidates)
+        rows = self._rerank_rows(context, stages, first, ce is not None)
+        if rows.size == 0:
+            return self._outcome(candidates, stages, first, folded)
+        assert ce is not None
+        return self._second_pass(candidates, stages, first, folded, rows, ce[rows])
 
-    def _fuse(
-        self, candidates: Sequence[Candidate], stages: StageScores, folded: bool
+    def plan(self, has_query: bool) -> TwoPassFusion:
+        """The bundle's two passes for this kind of request, with this process's overrides."""
+        two_pass = fusion_plan(self.fusion, has_query)
+        return replace(
+            two_pass,
+            rerank_depth=two_pass.rerank_depth if self.rerank_depth is None else self.rerank_depth,
+            cross_encoder_pays=two_pass.cross_encoder_pays
+            or (self.rerank_all_kinds and two_pass.second is not None),
+        )
+
+    def _first_pass(
+        self, context: RankContext, candidates: Sequence[Candidate]
+    ) -> tuple[StageScores, bool, np.ndarray]:
+        stages, folded = self._stages_without_ce(context, candidates)
+        return stages, folded, self.plan(stages.has_query).first.fuse(stages)
+
+    def _rerank_rows(
+        self, context: RankContext, stages: StageScores, first: np.ndarray, can_score: bool
+    ) -> np.ndarray:
+        """The candidates the cross-encoder rescores: none without a model (`can_score`), a
+        context to read, or a kind of request it pays for."""
+        two_pass = self.plan(stages.has_query)
+        has_text = bool(context.query.strip()) or any(h.text.strip() for h in context.history)
+        if not can_score or not has_text or not two_pass.cross_encoder_pays:
+            return np.zeros(0, dtype=np.int64)
+        return head(first, two_pass.rerank_depth)
+
+    def _second_pass(
+        self,
+        candidates: Sequence[Candidate],
+        stages: StageScores,
+        first: np.ndarray,
+        folded: bool,
+        rows: np.ndarray,
+        ce_rows: np.ndarray,
     ) -> RankOutcome:
-        """Fuses the stage scores and sorts the candidates best first, with each stage's score."""
-        fused = self.fusion.fuse(stages)
-        ce = stages.ce
-        cf = stages.cf
+        two_pass = self.plan(stages.has_query)
+        assert two_pass.second is not None
+        ce = np.full(len(candidates), np.nan, np.float32)
+        ce[rows] = ce_rows
+        second = two_pass.second.fuse(subset(replace(stages, ce=ce), rows))
+        fused = place_head(first, rows, second)
+        return self._outcome(candidates, replace(stages, ce=ce), fused, folded)
+
+    def _outcome(
+        self, candidates: Sequence[Candidate], stages: StageScores, fused: np.ndarray, folded: bool
+    ) -> RankOutcome:
+        """The candidates best fused first, with each stage's score (None where it did not run)."""
+        ce, cf = stages.ce, stages.cf
         order = np.argsort(-fused, kind="stable")
         scored = [
             Scored(
                 item_id=candidates[i].item_id,
                 scores=Scores(
                     fused=float(fused[i]),
-                    cross_encoder=None if ce is None else float(ce[i]),
+                    cross_encoder=None if ce is None or np.isnan(ce[i]) else float(ce[i]),
                     cf=None if np.isnan(cf[i]) else float(cf[i]),
                     retrieval=candidates[i].retrieval_score,
                 ),
             )
             for i in order
         ]
-        return RankOutcome(scored, cf_folded_in=folded)
+        return RankOutcome(scored, cf_folded_in=folded, versions=self._versions(ce is not None))
+
+    def _versions(self, cross_encoder_ran: bool) -> dict[str, str]:
+        """The versions that answered; the cross-encoder's says when it was skipped."""
+        if cross_encoder_ran or not self.versions.get("cross_encoder"):
+            return dict(self.versions)
+        return {**self.versions, "cross_encoder": CROSS_ENCODER_SKIPPED}
 
     def stage_scores(
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
@@ -184,14 +269,6 @@ class Ranker:
             has_query=bool(context.query.strip()),
         )
         return stages, folded
-
-    async def _cross_encoder(
-        self, context: RankContext, candidates: Sequence[Candidate]
-    ) -> np.ndarray | None:
-        text = build_context(context.query, [h.text for h in context.history if h.text])
-        if self.batcher is None or not text:
-            return None
-        return await self.batcher.submit([(text, c.text) for c in candidates])
 
     def recall(
         self, user_id: str, history: Sequence[str], k: int, exclude: Collection[str] = ()

@@ -41,7 +41,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         )
         return ranking_pb2.RankResponse(
             candidates=[convert.scored_to_proto(s) for s in outcome.scored],
-            versions=common_pb2.ModelVersions(**ranker.versions),
+            versions=common_pb2.ModelVersions(**outcome.versions),
             cf_folded_in=outcome.cf_folded_in,
         )
 

@@ -17,13 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, HISTORY_IN_CONTEXT, build_context
-from ranking_service.fusion import LogisticFusion, StageScores, features
 from recsys.core.devices import resolve_device
 from recsys.core.domain import item_text
 from recsys.core.errors import InvalidInput
@@ -396,18 +394,3 @@ def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:
         "ndcg@10": round(float(metrics["validation_ndcg@10"]), 4),
         "mrr@10": round(float(metrics["validation_mrr@10"]), 4),
     }
-
-
-@dataclass(frozen=True)
-class FusionList:
-    """One held-out request: its stages' scores and which candidates were relevant."""
-
-    scores: StageScores
-    labels: np.ndarray
-
-
-def fit_fusion(lists: Sequence[FusionList], **meta: Any) -> LogisticFusion:
-    """Fits the learned fusion on held-out lists (features are standardised per list)."""
-    x = np.vstack([features(f.scores) for f in lists])
-    y = np.concatenate([f.labels for f in lists]).astype(np.float64)
-    return LogisticFusion.fit(x, y, lists=len(lists), positives=int(y.sum()), **meta)

@@ -43,6 +43,10 @@ class BuildOptions:
     # The pool serving ranks by default: fusion is fitted and negatives are mined on it.
     candidate_pool: int = default("default_candidate_pool")
     cf_candidate_share: float = default("cf_candidate_share")
+    # Validation: each user's most recent interactions (at most half of theirs) are held out to
+    # fit fusion; held-out interactions weighing at least this count as relevant (None: all).
+    holdout_per_user: int = 10
+    relevant_min_weight: float | None = None
     seed: int = 0
     split: str | None = None  # set when built from an evaluation protocol's train split
 
@@ -73,18 +77,21 @@ def build_bundle(
 ) -> Bundle:
     """Builds a complete version under options.out and switches CURRENT to it only at the end.
 
-    With `validation` interactions (later than the training ones), fusion is learned on them
-    (and, for searches, on a share of `train_queries` kept out of fine-tuning); otherwise the
-    convex default is stored.
+    Fusion is learned on `validation` interactions (later than the training ones; by default
+    each user's most recent ones, held out here) and, for searches, on held-out queries: those
+    among the validation interactions and a share of `train_queries` kept out of fine-tuning.
+    The CF model served is refitted on every interaction once fusion has been fitted.
     """
     # Imported here: the CLI starts fast and `bundle info` never loads torch.
     from ranking_service.cf import CFModel
-    from ranking_service.fusion import ConvexFusion, save_fusion
+    from ranking_service.fusion import save_fusion
     from retrieval_service.build import build_retrieval
     from retrieval_service.catalog import save_catalog
     from retrieval_service.encoder import default_encoder_dir
 
     inputs = inputs or load_inputs(options)
+    train, validation, validation_record = _validation(options, inputs.interactions, validation)
+    fitting = replace(inputs, interactions=train)
     encoder_dir = options.encoder or default_encoder_dir()
     started = time.perf_counter()
     timings: dict[str, float] = {}
@@ -103,30 +110,31 @@ def build_bundle(
         timings["retrieval_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        log.info("training CF (ALS) on %d interactions", len(inputs.interactions))
-        cf = CFModel.train(inputs.interactions, factors=options.cf_factors, seed=options.seed)
-        cf_section = cf.save(stage / bundle_files.CF_DIR)
+        log.info("training CF (ALS) on %d interactions before the validation ones", len(train))
+        cf = CFModel.train(train, factors=options.cf_factors, seed=options.seed)
         timings["cf_seconds"] = time.perf_counter() - t0
 
         ranker_section: dict[str, Any] | None = None
-        fusion_queries: list[tuple[str, Sequence[str]]] = []
-        if validation is not None:
-            train_queries, fusion_queries = hold_out_queries(train_queries, options.seed)
+        train_queries, fusion_queries = hold_out_queries(train_queries, options.seed)
         if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
-                options, inputs, retrieval, cf, encoder_dir, stage, train_queries
+                options, fitting, retrieval, cf, encoder_dir, stage, train_queries
             )
             timings["ranker_seconds"] = time.perf_counter() - t0
 
-        fusion: Any = ConvexFusion(alpha=options.fusion_alpha)
-        if validation is not None and options.ranker is not None:
-            t0 = time.perf_counter()
-            fusion = _fit_fusion(
-                options, inputs, validation, fusion_queries, retrieval, cf, stage, fusion
-            )
-            timings["fusion_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fusion_queries += validation_queries(validation)
+        fusion = _fit_fusion(options, fitting, validation, fusion_queries, retrieval, cf, stage)
         save_fusion(fusion, stage / bundle_files.FUSION)
+        timings["fusion_seconds"] = time.perf_counter() - t0
+
+        if len(validation):
+            t0 = time.perf_counter()
+            log.info("refitting CF on all %d interactions", len(inputs.interactions))
+            cf = CFModel.train(inputs.interactions, factors=options.cf_factors, seed=options.seed)
+            timings["cf_seconds"] += time.perf_counter() - t0
+        cf_section = cf.save(stage / bundle_files.CF_DIR)
         timings["total_seconds"] = time.perf_counter() - started
 
         manifest = write_manifest(
@@ -140,6 +148,7 @@ def build_bundle(
                     "interactions": len(inputs.interactions),
                     "dropped_interactions": inputs.report.dropped_unknown_items,
                 },
+                "validation": validation_record,
                 **retrieval.manifest,
                 "cf": cf_section,
                 "cross_encoder": ranker_section,
@@ -152,6 +161,44 @@ def build_bundle(
     publish(options.out, version)
     log.info("bundle %s published under %s", version, options.out)
     return Bundle.open(options.out, version)
+
+
+def _validation(
+    options: BuildOptions, interactions: pd.DataFrame, given: pd.DataFrame | None
+) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any]]:
+    """(interactions to train on, validation interactions, the manifest's record of them)."""
+    from recsys.app.splits import hold_out_recent
+
+    if given is not None:
+        train, validation, source = interactions, given, "given (the evaluation protocol's)"
+        interactions = pd.concat([train, validation], ignore_index=True)
+    else:
+        train, validation = hold_out_recent(interactions, options.holdout_per_user)
+        source = f"each user's most recent {options.holdout_per_user} (at most half)"
+    log.info(
+        "validation: %d interactions of %d users held out to fit fusion (%s)",
+        len(validation),
+        validation["user_id"].nunique() if len(validation) else 0,
+        source,
+    )
+    record = {
+        "source": source,
+        "interactions": len(validation),
+        "users": int(validation["user_id"].nunique()) if len(validation) else 0,
+        "relevant_min_weight": options.relevant_min_weight,
+    }
+    return train, validation, record
+
+
+def validation_queries(validation: pd.DataFrame) -> list[tuple[str, Sequence[str]]]:
+    """Held-out searches: each query text of the validation interactions with its items."""
+    if "query" not in validation or not len(validation):
+        return []
+    searched = validation[validation["query"].astype(str).str.strip() != ""]
+    return [
+        (str(query).strip(), sorted({str(i) for i in group["item_id"]}))
+        for query, group in searched.groupby(searched["query"].astype(str).str.strip(), sort=True)
+    ]
 
 
 def _staged_retriever(inputs: BuildInputs, retrieval: Any, stage: Path) -> Any:
@@ -246,40 +293,37 @@ def _fit_fusion(
     retrieval: Any,
     cf: Any,
     stage: Path,
-    default: Any,
 ) -> Any:
-    """Learns one fusion for recommendations (validation users: train history → the pool the
-    gateway would gather → stage scores) and one for searches (held-out training queries)."""
+    """Two passes for recommendations (validation users: train history → the pool the gateway
+    would gather → stage scores) and two for searches (held-out queries), each falling back to
+    the convex mix where too few lists have a relevant candidate."""
     from ranking_service.cross_encoder import CrossEncoderScorer
-    from ranking_service.fusion import ContextFusion
-    from ranking_service.train import fit_fusion
+    from ranking_service.fusion import ContextFusion, ConvexFusion
+    from ranking_service.fusion_fit import fit_two_pass
 
-    assert options.ranker is not None
+    convex = ConvexFusion(alpha=options.fusion_alpha)
     retriever = _staged_retriever(inputs, retrieval, stage)
-    scorer = CrossEncoderScorer.load(
-        stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
+    ranker = _offline_ranker(cf, convex)
+    score_pairs = None
+    if options.ranker is not None:
+        scorer = CrossEncoderScorer.load(
+            stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
+        )
+        score_pairs = scorer.score
+    meta: dict[str, Any] = {"pool": options.candidate_pool, "cf_share": options.cf_candidate_share}
+    history = fit_two_pass(
+        _history_lists(options, inputs, validation, retriever, ranker),
+        score_pairs,
+        convex,
+        requests="validation users",
+        **meta,
     )
-    ranker = _offline_ranker(cf, default)
-    history_lists = _history_lists(options, inputs, validation, retriever, ranker, scorer)
-    query_lists = _query_lists(options, queries, retriever, ranker, scorer)
-    if not history_lists:
-        log.warning("no validation list has a relevant candidate; keeping %s", default.to_dict())
-        return default
-    log.info(
-        "fitting fusion on %d validation users and %d held-out queries",
-        len(history_lists),
-        len(query_lists),
-    )
-    meta = {
-        "replaces": default.to_dict(),
-        "pool": options.candidate_pool,
-        "cf_share": options.cf_candidate_share,
-    }
-    history = fit_fusion(history_lists, requests="validation users", **meta)
-    query = (
-        fit_fusion(query_lists, requests="held-out train queries", **meta)
-        if query_lists
-        else default
+    query = fit_two_pass(
+        _query_lists(options, queries, retriever, ranker),
+        score_pairs,
+        convex,
+        requests="held-out queries",
+        **meta,
     )
     return ContextFusion(query=query, history=history)
 
@@ -290,16 +334,16 @@ def _history_lists(
     validation: pd.DataFrame,
     retriever: Any,
     ranker: Any,
-    scorer: Any,
 ) -> list[Any]:
     """Validation users' lists: train history → the pool serving would gather → was each
     candidate among the user's validation items?"""
-    from ranking_service.train import EXAMPLE_HISTORY, FusionList
+    from ranking_service.train import EXAMPLE_HISTORY
     from recsys.app.local import pool_request
     from recsys.app.splits import histories, relevant_items
 
     seen = histories(inputs.interactions)
-    relevant = relevant_items(validation)
+    least = options.relevant_min_weight
+    relevant = relevant_items(validation, -np.inf if least is None else least)
     users = sorted(u for u in relevant if seen.get(u))
     users = random.Random(options.seed).sample(users, min(FUSION_USERS, len(users)))
     requests = [
@@ -307,14 +351,7 @@ def _history_lists(
         for u in users
     ]
     pools = _pools(options, requests, retriever, ranker, desc="fusion: validation users")
-    lists = []
-    for user, pool in zip(users, pools, strict=True):
-        candidates = pool.candidates()
-        labels = np.array([c.item_id in relevant[user] for c in candidates], dtype=np.float64)
-        if labels.any():  # a list without a positive teaches the ranking nothing
-            scores = _stage_scores(ranker, scorer, pool.context(), candidates)
-            lists.append(FusionList(scores, labels))
-    return lists
+    return [_fusion_list(ranker, pool, relevant[u]) for u, pool in zip(users, pools, strict=True)]
 
 
 def _query_lists(
@@ -322,31 +359,28 @@ def _query_lists(
     queries: Sequence[tuple[str, Sequence[str]]],
     retriever: Any,
     ranker: Any,
-    scorer: Any,
 ) -> list[Any]:
-    """Held-out training queries' lists: the pool serving would gather for the query text."""
-    from ranking_service.train import FusionList
+    """Held-out queries' lists: the pool serving would gather for the query text."""
     from recsys.app.local import pool_request
 
     requests = [pool_request(options.candidate_pool, query=query) for query, _ in queries]
     pools = _pools(options, requests, retriever, ranker, desc="fusion: held-out queries")
-    lists = []
-    for (_, relevant), pool in zip(queries, pools, strict=True):
-        candidates = pool.candidates()
-        labels = np.array([c.item_id in set(relevant) for c in candidates], dtype=np.float64)
-        if labels.any():
-            scores = _stage_scores(ranker, scorer, pool.context(), candidates)
-            lists.append(FusionList(scores, labels))
-    return lists
+    return [
+        _fusion_list(ranker, pool, set(relevant))
+        for (_, relevant), pool in zip(queries, pools, strict=True)
+    ]
 
 
-def _stage_scores(ranker: Any, scorer: Any, context: Any, candidates: Sequence[Any]) -> Any:
+def _fusion_list(ranker: Any, pool: Any, relevant: set[str]) -> Any:
+    """One pool as fusion reads it: stage scores, labels and the cross-encoder's texts."""
     from ranking_service.cross_encoder import build_context
+    from ranking_service.fusion_fit import FusionList
 
-    text = build_context(context.query, [h.text for h in context.history])
-    ce = scorer.score([(text, c.text) for c in candidates])
-    stages, _ = ranker.stage_scores(context, candidates, ce)
-    return stages
+    context, candidates = pool.context(), pool.candidates()
+    stages, _ = ranker.stage_scores(context, candidates, None)
+    labels = np.array([c.item_id in relevant for c in candidates], dtype=np.float64)
+    text = build_context(context.query, [h.text for h in context.history if h.text])
+    return FusionList(stages, labels, text, tuple(c.text for c in candidates))
 
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:

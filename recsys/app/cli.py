@@ -150,6 +150,21 @@ def _add_build(sub: Any) -> None:
         action="store_true",
         help="reject interactions naming unknown items instead of dropping them",
     )
+    p.add_argument(
+        "--holdout-per-user",
+        type=int,
+        default=10,
+        metavar="N",
+        help="validation: each user's N most recent interactions (at most half of theirs) are "
+        "held out to fit fusion and the rerank depth, then CF is refitted on all (default 10)",
+    )
+    p.add_argument(
+        "--relevant-min-weight",
+        type=float,
+        metavar="W",
+        help="held-out interactions weighing at least W count as relevant when fitting fusion "
+        "(default: every one; e.g. 4 for ratings out of 5)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_log_level(p)
     p.set_defaults(handler=_run_build)
@@ -170,6 +185,8 @@ def _run_build(args: argparse.Namespace) -> int:
     if steps < 1:
         print("recsys: error: --ranker-steps must be >= 1 (or use --no-ranker)", file=sys.stderr)
         return 2
+    if args.holdout_per_user < 0:
+        raise InvalidInput(f"--holdout-per-user {args.holdout_per_user}: must be >= 0")
     bundle = build_bundle(
         BuildOptions(
             catalog=args.catalog,
@@ -181,6 +198,8 @@ def _run_build(args: argparse.Namespace) -> int:
             ranker=None if args.no_ranker else RankerTrainConfig(steps=steps),
             device=args.device,
             strict=args.strict,
+            holdout_per_user=args.holdout_per_user,
+            relevant_min_weight=args.relevant_min_weight,
             seed=args.seed,
         )
     )
@@ -499,6 +518,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions
     from recsys.app.evaluation.runner import SPLIT_MARK, run_evaluation
+    from recsys.app.splits import RELEVANT_MIN_RATING
 
     options = BuildOptions(
         catalog=args.data / "catalog.csv",
@@ -507,6 +527,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         index_factory=args.index_factory,
         ranker=RankerTrainConfig(steps=resolve(args.ranker_steps)),
         device=args.device,
+        relevant_min_weight=RELEVANT_MIN_RATING,
         split=SPLIT_MARK,
         **({"candidate_pool": args.pool} if args.pool is not None else {}),
     )

@@ -67,7 +67,7 @@ class LocalRankingStage:
         self, context: RankContext, candidates: Sequence[Candidate], timeout: float
     ) -> RankResult:
         outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
-        versions = {name: value for name, value in self.ranker.versions.items() if value}
+        versions = {name: value for name, value in outcome.versions.items() if value}
         return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
 
     async def recall(

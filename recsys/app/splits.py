@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import pandas as pd
 
 TEST_PER_USER = 10
@@ -59,3 +60,13 @@ def histories(seen: pd.DataFrame) -> dict[str, list[str]]:
     return {
         str(user): list(group["item_id"]) for user, group in ordered.groupby("user_id", sort=False)
     }
+
+
+def hold_out_recent(interactions: pd.DataFrame, per_user: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(train, held out): per user, the most recent min(`per_user`, half) interactions are held
+    out, so every user keeps at least as much history as is held out."""
+    ordered = interactions.sort_values(["user_id", "timestamp"], kind="stable")
+    from_end = ordered.groupby("user_id", sort=False).cumcount(ascending=False)
+    size = ordered.groupby("user_id", sort=False)["item_id"].transform("size")
+    held = from_end < np.minimum(per_user, size // 2)
+    return ordered[~held].reset_index(drop=True), ordered[held].reset_index(drop=True)

@@ -70,6 +70,17 @@ class Settings(BaseSettings):
     rank_max_batch_pairs: int = Field(64, ge=1)
     rank_max_wait_ms: float = Field(5.0, ge=0)
     rank_max_queue_pairs: int = Field(8192, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
+    rerank_depth: int | None = Field(
+        None,
+        ge=0,
+        description="The cross-encoder rescores this many of the first pass's best candidates "
+        "(default: the depth the bundle's validation sweep chose; 0 turns it off).",
+    )
+    rerank_kinds: Literal["validated", "all"] = Field(
+        "validated",
+        description="Request kinds the cross-encoder reranks: those where it raised the "
+        "bundle's validation NDCG (validated), or searches and recommendations alike (all).",
+    )
 
     # Gateway
     default_budget_ms: float = Field(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,7 @@ def retrieval_order(**fields: Any) -> list[str]:
 class Outcome:
     scored: list[Scored]
     cf_folded_in: bool
+    versions: dict[str, str] = field(default_factory=dict)
 
 
 # The stand-in CF's fixed preference, and the users it was "trained" on.
@@ -153,4 +154,4 @@ class OverlapRanker:
             fused = 0.7 * ce + 0.3 * (c.retrieval_score or 0.0)
             scored.append(Scored(c.item_id, Scores(fused, ce, None, c.retrieval_score)))
         scored.sort(key=lambda s: -s.scores.fused)
-        return Outcome(scored, cf_folded_in=False)
+        return Outcome(scored, cf_folded_in=False, versions=dict(self.versions))

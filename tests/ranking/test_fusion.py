@@ -11,13 +11,17 @@ import pytest
 from ranking_service.fusion import (
     FEATURES,
     FUSION_KINDS,
+    RERANK_ALL,
     ContextFusion,
     ConvexFusion,
     LogisticFusion,
     StageScores,
+    TwoPassFusion,
     features,
     load_fusion,
     normalise,
+    place_head,
+    plan,
     save_fusion,
 )
 from recsys.core.errors import InvalidInput
@@ -155,3 +159,42 @@ def test_context_fusion_picks_by_request_kind(tmp_path: Path) -> None:
     loaded = load_fusion(path)
     assert isinstance(loaded, ContextFusion) and loaded.to_dict() == fusion.to_dict()
     assert len(loaded.to_dict()["query"]["weights"]) == n
+
+
+def test_place_head_puts_the_reranked_head_above_the_rest_in_first_pass_order() -> None:
+    first = np.array([0.9, 5.0, 0.1, 3.0, 0.5])
+    rows = np.array([1, 3])  # the first pass's top two
+    fused = place_head(first, rows, np.array([-2.0, -1.0]))
+    assert list(np.argsort(-fused, kind="stable")) == [3, 1, 0, 4, 2]
+    assert fused[3] == -1.0 and fused[1] == -2.0
+
+
+def test_two_pass_round_trip_and_offline_fuse(tmp_path: Path) -> None:
+    by = {
+        name: LogisticFusion([1.0 if f == name else 0.0 for f in FEATURES], 0.0)
+        for name in ("cf", "ce")
+    }
+    two = TwoPassFusion(
+        by["cf"], by["ce"], rerank_depth=2, cross_encoder_pays=True, fitted_on={"lists": 3}
+    )
+    path = tmp_path / "fusion.json"
+    save_fusion(ContextFusion(query=two, history=two), path)
+    loaded = load_fusion(path)
+    assert isinstance(loaded, ContextFusion) and loaded.to_dict()["query"] == two.to_dict()
+    scores = StageScores(cf=np.array([3.0, 2.0, 1.0]), ce=np.array([0.0, 1.0, 9.0]))
+    # Item 2 has the best cross-encoder score but is outside the first pass's top two.
+    assert list(np.argsort(-loaded.fuse(scores))) == [1, 0, 2]
+    skipped = TwoPassFusion(by["cf"], by["ce"], rerank_depth=2, cross_encoder_pays=False)
+    assert list(np.argsort(-skipped.fuse(scores))) == [0, 1, 2]
+    path.write_text(json.dumps({**two.to_dict(), "rerank_depth": -1}))
+    with pytest.raises(InvalidInput, match="rerank_depth"):
+        load_fusion(path)
+
+
+def test_a_single_fusion_plans_one_pass_over_every_candidate() -> None:
+    convex = ConvexFusion()
+    single = plan(convex, has_query=False)
+    assert single.first is convex and single.second is convex
+    assert single.rerank_depth == RERANK_ALL and single.cross_encoder_pays
+    two = TwoPassFusion(convex, None, 0, False)
+    assert plan(ContextFusion(query=convex, history=two), has_query=False) is two

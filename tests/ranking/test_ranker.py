@@ -12,9 +12,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
-from ranking_service.fusion import ConvexFusion
-from ranking_service.ranker import Ranker
+from ranking_service.fusion import (
+    FEATURES,
+    ContextFusion,
+    ConvexFusion,
+    LogisticFusion,
+    TwoPassFusion,
+)
+from ranking_service.ranker import CROSS_ENCODER_SKIPPED, Ranker, RankOutcome
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Candidate, HistoryItem, RankContext
@@ -241,3 +248,94 @@ def test_rank_leaves_the_event_loop_free_while_cf_folds_in(
             task.cancel()
 
     assert asyncio.run(ticks_during_rank()) >= 3
+
+
+class RecordingScorer:
+    """Scores a pair by its item text's length, and remembers every pair it was given."""
+
+    def __init__(self) -> None:
+        self.pairs: list[tuple[str, str]] = []
+
+    def __call__(self, pairs: list[tuple[str, str]]) -> np.ndarray:
+        self.pairs.extend(pairs)
+        return np.array([float(len(item)) for _, item in pairs], np.float32)
+
+
+def by_feature(name: str) -> LogisticFusion:
+    return LogisticFusion([1.0 if f == name else 0.0 for f in FEATURES], 0.0)
+
+
+def two_pass_ranker(
+    cf: CFModel, history_pays: bool, **overrides: object
+) -> tuple[Ranker, RecordingScorer]:
+    """First pass by CF alone, second by the cross-encoder alone, over the top 2."""
+    first, second = by_feature("cf"), by_feature("ce")
+    fusion = ContextFusion(
+        query=TwoPassFusion(first, second, rerank_depth=2, cross_encoder_pays=True),
+        history=TwoPassFusion(first, second, rerank_depth=2, cross_encoder_pays=history_pays),
+    )
+    scorer = RecordingScorer()
+    batcher = DynamicBatcher(scorer, max_batch_pairs=64, max_wait_s=0.001, max_queue_pairs=1024)
+    versions = {"bundle_version": "v1", "cross_encoder": "v1/cross_encoder", "fusion": "by_context"}
+    return Ranker(cf, fusion, batcher, versions, **overrides), scorer  # type: ignore[arg-type]
+
+
+def rank_once(ranker: Ranker, context: RankContext, candidates: list[Candidate]) -> RankOutcome:
+    async def run() -> RankOutcome:
+        ranker.start()
+        try:
+            return await ranker.rank(context, candidates)
+        finally:
+            await ranker.close()
+
+    return asyncio.run(run())
+
+
+def texts_by_length() -> list[Candidate]:
+    """The shop's candidates with texts whose length (the recording scorer's score) differs."""
+    return [Candidate(c.item_id, "x" * (5 + 3 * k)) for k, c in enumerate(shop_candidates())]
+
+
+def test_the_cross_encoder_scores_only_the_first_pass_head(shop_cf: CFModel) -> None:
+    ranker, scorer = two_pass_ranker(shop_cf, history_pays=True)
+    candidates = texts_by_length()
+    context = RankContext(query="running", history=running_context().history)
+    first = by_feature("cf").fuse(ranker.stage_scores(context, candidates, None)[0])
+    top_two = {candidates[i].item_id for i in np.argsort(-first)[:2]}
+    outcome = rank_once(ranker, context, candidates)
+    assert {c.text for c in candidates if c.item_id in top_two} == {t for _, t in scorer.pairs}
+    assert len(scorer.pairs) == 2
+    # The head comes first, ordered by the cross-encoder; the rest follow in the first pass's
+    # order and carry no cross-encoder score.
+    head, tail = outcome.scored[:2], outcome.scored[2:]
+    assert {s.item_id for s in head} == top_two
+    assert head[0].scores.cross_encoder is not None and head[1].scores.cross_encoder is not None
+    assert head[0].scores.cross_encoder >= head[1].scores.cross_encoder
+    assert all(s.scores.cross_encoder is None for s in tail)
+    assert [s.scores.fused for s in outcome.scored] == sorted(
+        (s.scores.fused for s in outcome.scored), reverse=True
+    )
+    assert outcome.versions["cross_encoder"] == "v1/cross_encoder"
+    # The offline path agrees, given scores for every candidate.
+    all_scores = np.array([float(len(c.text)) for c in candidates], np.float32)
+    assert ranker.combine(context, candidates, all_scores) == outcome
+
+
+def test_a_kind_the_cross_encoder_does_not_pay_for_skips_it(shop_cf: CFModel) -> None:
+    ranker, scorer = two_pass_ranker(shop_cf, history_pays=False)
+    outcome = rank_once(ranker, running_context(), texts_by_length())
+    assert scorer.pairs == []
+    assert outcome.versions["cross_encoder"] == CROSS_ENCODER_SKIPPED
+    assert all(s.scores.cross_encoder is None for s in outcome.scored)
+    assert {s.item_id for s in outcome.scored[:2]} == {"D0I2", "D0I3"}  # CF's order
+
+
+def test_settings_override_the_bundle_plan(shop_cf: CFModel) -> None:
+    ranker, scorer = two_pass_ranker(
+        shop_cf, history_pays=False, rerank_depth=3, rerank_all_kinds=True
+    )
+    outcome = rank_once(ranker, running_context(), texts_by_length())
+    assert len(scorer.pairs) == 3 and outcome.versions["cross_encoder"] == "v1/cross_encoder"
+    off, off_scorer = two_pass_ranker(shop_cf, history_pays=True, rerank_depth=0)
+    skipped = rank_once(off, running_context(), texts_by_length())
+    assert off_scorer.pairs == [] and skipped.versions["cross_encoder"] == CROSS_ENCODER_SKIPPED

@@ -1,4 +1,5 @@
-"""recsys.app.build: a build takes its candidate pool and CF share from its options only.
+"""recsys.app.build: a build takes its candidate pool and CF share from its options only, and
+learns its ranking from interactions it held out itself.
 
 Offline numbers must describe the pool serving ranks with the options the build was given,
 so RECSYS_* variables (a serving process's settings) must never change what a build does.
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
@@ -74,3 +76,40 @@ def test_a_build_records_its_options_not_the_environment(
     )
     settings = Bundle.open(tmp_path / "bundle", bundle.version).manifest["settings"]
     assert (settings["candidate_pool"], settings["cf_candidate_share"]) == (37, 0.25)
+
+
+def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
+    sample_bundle_root: Path,
+) -> None:
+    manifest = Bundle.open(sample_bundle_root).manifest
+    validation = manifest["validation"]
+    assert validation["interactions"] > 0 and validation["users"] > 0
+    assert validation["source"].startswith("each user's most recent 10")
+    history = manifest["fusion"]["history"]
+    assert history["kind"] == "two_pass" and "fallback" not in history["fitted_on"]
+    assert history["fitted_on"]["lists"] >= MIN_LISTS
+    assert history["first"]["kind"] == history["second"]["kind"] == "logistic"
+    sweep = history["fitted_on"]["sweep"]
+    assert [row["depth"] for row in sweep] == sorted(DEPTHS)
+    assert history["rerank_depth"] in DEPTHS
+    assert all(row["ms_per_request"] > 0 for row in sweep)
+    # CF serves every interaction, the held-out ones included: it is refitted after fusion.
+    assert manifest["cf"]["users"] == manifest["counts"]["users"]
+
+
+def test_too_little_data_to_fit_falls_back_to_the_convex_mix(tmp_path: Path) -> None:
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title\n" + "".join(f"i{k},Item number {k}\n" for k in range(6)))
+    interactions = tmp_path / "interactions.csv"
+    rows = [(u, f"i{(u + k) % 6}", 1000 * k) for u in range(3) for k in range(4)]
+    interactions.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{t}\n" for u, i, t in rows)
+    )
+    bundle = build_bundle(
+        BuildOptions(catalog=catalog, interactions=interactions, out=tmp_path / "b", ranker=None)
+    )
+    fusion = bundle.manifest["fusion"]
+    for kind in ("history", "query"):
+        assert fusion[kind]["first"]["kind"] == "convex"
+        assert "with a relevant candidate (need 20)" in fusion[kind]["fitted_on"]["fallback"]
+    assert bundle.manifest["validation"]["interactions"] == 3 * 2  # half of each user's four

@@ -1,0 +1,211 @@
+"""Fits the two passes on held-out requests: the first fusion over whole pools, a sweep of
+rerank depths, whether the cross-encoder pays for this kind of request, and the second fusion.
+
+Depths and the decision to use the cross-encoder are judged by NDCG@10 of the second pass
+cross-fitted over two halves of the lists (fitted on one, scored on the other), against the
+first pass alone: the cross-encoder must earn its time on lists it was not fitted on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from ranking_service.fusion import (
+    FEATURES,
+    Fusion,
+    LogisticFusion,
+    StageScores,
+    TwoPassFusion,
+    features,
+    head,
+    place_head,
+    subset,
+)
+
+log = logging.getLogger(__name__)
+
+PairScorer = Callable[[Sequence[tuple[str, str]]], np.ndarray]
+
+DEPTHS = (10, 20, 30, 50)  # rerank depths the sweep tries
+MIN_LISTS = 20  # held-out lists with a relevant candidate needed to fit instead of falling back
+# Relative NDCG@10 gain over the first pass the cross-encoder must bring to be used at all.
+MIN_GAIN = 0.01
+# The chosen depth is the smallest whose NDCG@10 is within this share of the sweep's best.
+DEPTH_TOLERANCE = 0.01
+K = 10
+_CE_COLUMNS = [FEATURES.index("ce"), FEATURES.index("ce_missing")]
+
+
+@dataclass(frozen=True)
+class FusionList:
+    """One held-out request: stage scores without the cross-encoder, which candidates were
+    relevant, and the texts the cross-encoder would read (empty context: it cannot score)."""
+
+    scores: StageScores
+    labels: np.ndarray
+    context: str = ""
+    texts: tuple[str, ...] = ()
+
+
+def first_pass_features(scores: StageScores) -> np.ndarray:
+    """`features` with the cross-encoder's columns zeroed: the first pass never sees it."""
+    x = features(replace(scores, ce=None))
+    x[:, _CE_COLUMNS] = 0.0
+    return x
+
+
+def fit_logistic(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], **meta: Any) -> LogisticFusion:
+    y = np.concatenate(ys).astype(np.float64)
+    return LogisticFusion.fit(np.vstack(xs), y, lists=len(xs), positives=int(y.sum()), **meta)
+
+
+def ndcg(labels_in_order: np.ndarray, relevant: int, k: int = K) -> float:
+    """NDCG@k of one ranked list of binary labels, out of `relevant` relevant items."""
+    if relevant == 0:
+        return 0.0
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
+    gains = np.asarray(labels_in_order[:k], np.float64)
+    return float(gains @ discounts[: len(gains)] / discounts[: min(relevant, k)].sum())
+
+
+def fit_two_pass(
+    lists: Sequence[FusionList],
+    score_pairs: PairScorer | None,
+    fallback: Fusion,
+    requests: str,
+    depths: Sequence[int] = DEPTHS,
+    **meta: Any,
+) -> TwoPassFusion:
+    """The two passes for one kind of request, fitted on `lists` (their `fitted_on` records
+    the sweep); `fallback` for both passes when too few lists have a relevant candidate."""
+    lists = [f for f in lists if f.labels.any()]
+    record: dict[str, Any] = {"requests": requests, "lists": len(lists), **meta}
+    if len(lists) < MIN_LISTS:
+        reason = f"only {len(lists)} {requests} with a relevant candidate (need {MIN_LISTS})"
+        log.warning("fusion for %s: %s; keeping %s", requests, reason, fallback.to_dict())
+        second = fallback if score_pairs is not None else None
+        return TwoPassFusion(
+            first=fallback,
+            second=second,
+            rerank_depth=max(depths),
+            cross_encoder_pays=second is not None,
+            fitted_on={**record, "fallback": reason},
+        )
+    first = fit_logistic([first_pass_features(f.scores) for f in lists], [f.labels for f in lists])
+    firsts = [first.fuse(f.scores) for f in lists]
+    first_ndcg = _mean_ndcg(lists, [np.argsort(-s, kind="stable") for s in firsts])
+    record["first_pass_ndcg@10"] = round(first_ndcg, 4)
+    scorable = score_pairs is not None and all(f.context for f in lists)
+    if not scorable:
+        log.info("fusion for %s: first pass only, validation NDCG@10 %.4f", requests, first_ndcg)
+        return TwoPassFusion(first, None, 0, False, record)
+    assert score_pairs is not None
+    heads = [head(s, max(depths)) for s in firsts]
+    ce, pairs_per_s = _score_heads(lists, heads, score_pairs)
+    sweep = [_depth_row(lists, firsts, heads, ce, depth, pairs_per_s) for depth in sorted(depths)]
+    depth, pays = choose_depth(sweep, first_ndcg)
+    second = fit_logistic(*_head_lists(lists, firsts, ce, depth))
+    record |= {"sweep": sweep, "cross_encoder_pairs_per_s": round(pairs_per_s, 1)}
+    log.info(
+        "fusion for %s: first pass NDCG@10 %.4f; rerank depth sweep %s -> depth %d, "
+        "cross-encoder %s",
+        requests,
+        first_ndcg,
+        ", ".join(
+            f"{r['depth']}: {r['ndcg@10']:.4f} ({r['ms_per_request']:.0f} ms)" for r in sweep
+        ),
+        depth,
+        "used" if pays else f"skipped (gains < {MIN_GAIN:.0%})",
+    )
+    return TwoPassFusion(first, second, depth, pays, record)
+
+
+def choose_depth(sweep: Sequence[dict[str, Any]], first_ndcg: float) -> tuple[int, bool]:
+    """(depth, whether the cross-encoder pays): the smallest depth within DEPTH_TOLERANCE of the
+    sweep's best among those that beat the first pass by MIN_GAIN; the best depth if none does."""
+    best = max(sweep, key=lambda row: row["ndcg@10"])
+    paying = [row for row in sweep if row["ndcg@10"] >= first_ndcg * (1 + MIN_GAIN)]
+    if not paying:
+        return int(best["depth"]), False
+    floor = best["ndcg@10"] * (1 - DEPTH_TOLERANCE)
+    return int(min(row["depth"] for row in paying if row["ndcg@10"] >= floor)), True
+
+
+def _score_heads(
+    lists: Sequence[FusionList], heads: Sequence[np.ndarray], score_pairs: PairScorer
+) -> tuple[list[np.ndarray], float]:
+    """Cross-encoder scores of every list's head in one call, and the pairs/s it ran at."""
+    pairs = [(f.context, f.texts[i]) for f, rows in zip(lists, heads, strict=True) for i in rows]
+    started = time.perf_counter()
+    flat = score_pairs(pairs)
+    pairs_per_s = len(pairs) / max(time.perf_counter() - started, 1e-9)
+    out, offset = [], 0
+    for rows in heads:
+        out.append(np.asarray(flat[offset : offset + len(rows)], np.float32))
+        offset += len(rows)
+    return out, pairs_per_s
+
+
+def _head_lists(
+    lists: Sequence[FusionList],
+    firsts: Sequence[np.ndarray],
+    ce: Sequence[np.ndarray],
+    depth: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Second-pass training rows: each list's top `depth` with cross-encoder scores."""
+    xs, ys = [], []
+    for f, first, scores in zip(lists, firsts, ce, strict=True):
+        rows = head(first, depth)
+        labels = f.labels[rows]
+        if labels.any():
+            xs.append(features(_head_scores(f, rows, scores[: len(rows)])))
+            ys.append(labels)
+    return xs, ys
+
+
+def _head_scores(f: FusionList, rows: np.ndarray, ce: np.ndarray) -> StageScores:
+    return replace(subset(f.scores, rows), ce=ce)
+
+
+def _depth_row(
+    lists: Sequence[FusionList],
+    firsts: Sequence[np.ndarray],
+    heads: Sequence[np.ndarray],
+    ce: Sequence[np.ndarray],
+    depth: int,
+    pairs_per_s: float,
+) -> dict[str, Any]:
+    """Cross-fitted NDCG@10 of reranking the top `depth`, and its cross-encoder time."""
+    folds = np.arange(len(lists)) % 2
+    orders: list[np.ndarray] = [np.zeros(0, int)] * len(lists)
+    for fold in (0, 1):
+        train = [i for i in range(len(lists)) if folds[i] != fold]
+        xs, ys = _head_lists(
+            [lists[i] for i in train], [firsts[i] for i in train], [ce[i] for i in train], depth
+        )
+        second = fit_logistic(xs, ys)
+        for i in (i for i in range(len(lists)) if folds[i] == fold):
+            rows = heads[i][:depth]
+            fused = place_head(
+                firsts[i], rows, second.fuse(_head_scores(lists[i], rows, ce[i][:depth]))
+            )
+            orders[i] = np.argsort(-fused, kind="stable")
+    return {
+        "depth": depth,
+        "ndcg@10": round(_mean_ndcg(lists, orders), 4),
+        "ms_per_request": round(1000 * depth / max(pairs_per_s, 1e-9), 1),
+    }
+
+
+def _mean_ndcg(lists: Sequence[FusionList], orders: Sequence[np.ndarray]) -> float:
+    return float(
+        np.mean(
+            [ndcg(f.labels[o], int(f.labels.sum())) for f, o in zip(lists, orders, strict=True)]
+        )
+    )

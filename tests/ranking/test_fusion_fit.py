@@ -1,0 +1,121 @@
+"""Fitting the two passes: the cross-encoder is kept where it raises held-out NDCG, skipped where
+it does not, the depth sweep is recorded, and too few lists fall back to the convex mix."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from ranking_service.fusion import ConvexFusion, StageScores, TwoPassFusion
+from ranking_service.fusion_fit import (
+    MIN_LISTS,
+    FusionList,
+    choose_depth,
+    first_pass_features,
+    fit_two_pass,
+    ndcg,
+)
+
+POOL = 40
+
+
+def synthetic_lists(n: int, ce_signal: float, seed: int = 0) -> list[FusionList]:
+    """Lists where CF finds relevant items roughly and a hidden 'true' score says which are
+    relevant; the cross-encoder reads that hidden score with `ce_signal` of its weight."""
+    rng = np.random.default_rng(seed)
+    lists = []
+    for k in range(n):
+        truth = rng.normal(size=POOL)
+        labels = (truth > np.sort(truth)[-3]).astype(np.float64)  # two relevant items
+        cf = truth + 1.5 * rng.normal(size=POOL)
+        texts = tuple(f"{ce_signal}|{t}|{rng.normal()}" for t in truth)
+        lists.append(
+            FusionList(StageScores(cf=cf, popularity=rng.normal(size=POOL)), labels, f"c{k}", texts)
+        )
+    return lists
+
+
+class CountingScorer:
+    """A 'cross-encoder' that reads the hidden truth out of the item text, plus noise."""
+
+    def __init__(self) -> None:
+        self.pairs = 0
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        self.pairs += len(pairs)
+        out = []
+        for _, text in pairs:
+            signal, truth, noise = (float(v) for v in text.split("|"))
+            out.append(signal * truth + (1 - signal) * noise)
+        return np.array(out, np.float32)
+
+
+def test_ndcg_of_one_list() -> None:
+    assert ndcg(np.array([1.0, 0, 0]), 1) == pytest.approx(1.0)
+    assert ndcg(np.array([0.0, 1, 0]), 1) == pytest.approx(1 / np.log2(3))
+    assert ndcg(np.array([0.0, 0]), 0) == 0.0
+
+
+def test_the_first_pass_never_sees_the_cross_encoder() -> None:
+    scores = StageScores(cf=np.array([1.0, 2.0]), ce=np.array([5.0, -5.0]))
+    with_ce = first_pass_features(scores)
+    without = first_pass_features(StageScores(cf=np.array([1.0, 2.0])))
+    np.testing.assert_array_equal(with_ce, without)
+
+
+def test_a_cross_encoder_that_knows_relevance_is_used_at_a_swept_depth() -> None:
+    scorer = CountingScorer()
+    lists = synthetic_lists(60, ce_signal=0.9)
+    fused = fit_two_pass(lists, scorer, ConvexFusion(), requests="users", depths=(5, 10, 20))
+    record = fused.fitted_on
+    assert fused.cross_encoder_pays and fused.second is not None
+    assert [row["depth"] for row in record["sweep"]] == [5, 10, 20]
+    best = max(row["ndcg@10"] for row in record["sweep"])
+    assert best > record["first_pass_ndcg@10"]
+    assert fused.rerank_depth in (5, 10, 20)
+    # Only the first pass's top 20 of each list were ever scored.
+    assert scorer.pairs == 60 * 20
+    # The second pass leans on the cross-encoder.
+    assert fused.second.to_dict()["weights"][0] > 0
+
+
+def test_a_cross_encoder_of_noise_is_skipped_but_its_second_pass_kept() -> None:
+    fused = fit_two_pass(
+        synthetic_lists(60, ce_signal=0.0), CountingScorer(), ConvexFusion(), requests="users"
+    )
+    assert not fused.cross_encoder_pays
+    # Kept so that an operator can still force it (rerank_kinds=all).
+    assert fused.second is not None and fused.rerank_depth > 0
+
+
+def test_without_a_cross_encoder_only_the_first_pass_is_fitted() -> None:
+    fused = fit_two_pass(synthetic_lists(30, 0.5), None, ConvexFusion(), requests="users")
+    assert fused.second is None and not fused.cross_encoder_pays
+    assert "first_pass_ndcg@10" in fused.fitted_on and "sweep" not in fused.fitted_on
+
+
+def test_too_few_lists_fall_back_to_the_convex_mix() -> None:
+    lists = synthetic_lists(MIN_LISTS - 1, 0.5)
+    fallback = ConvexFusion(alpha=0.6)
+    fused = fit_two_pass(lists, CountingScorer(), fallback, requests="held-out queries")
+    assert isinstance(fused, TwoPassFusion)
+    assert fused.first is fallback and fused.second is fallback and fused.cross_encoder_pays
+    assert f"only {MIN_LISTS - 1} held-out queries" in fused.fitted_on["fallback"]
+    # Lists without a relevant candidate do not count.
+    empty = [FusionList(f.scores, np.zeros(POOL), f.context, f.texts) for f in lists]
+    assert "only 0" in fit_two_pass(empty * 3, None, fallback, "users").fitted_on["fallback"]
+
+
+def test_the_chosen_depth_is_the_smallest_that_pays_and_is_near_the_best() -> None:
+    sweep = [
+        {"depth": 10, "ndcg@10": 0.775},
+        {"depth": 20, "ndcg@10": 0.7803},
+        {"depth": 30, "ndcg@10": 0.7803},
+        {"depth": 50, "ndcg@10": 0.7873},
+    ]
+    # Only depth 50 beats the first pass (0.7783) by 1%: depth 20 is near the best but not a gain.
+    assert choose_depth(sweep, 0.7783) == (50, True)
+    assert choose_depth(sweep, 0.70) == (20, True)
+    assert choose_depth(sweep, 0.79) == (50, False)
