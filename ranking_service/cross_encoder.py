@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,6 +21,13 @@ log = logging.getLogger(__name__)
 HISTORY_IN_CONTEXT = 5
 # Tokens per (context, item) pair when a bundle or caller names none: training's default too.
 DEFAULT_MAX_LENGTH = 128
+# Padded tokens per forward pass (pairs × longest pair in the batch). On 2 CPU threads
+# (benchmarks/ce_backends.py, MovieLens pairs of 64-119 tokens) PyTorch fp32 lost ~30% at 1024
+# and was flat from 4096 up, the int8 model was flat from 1024 to 8192 and slower at 16384.
+# 8192 = 64 pairs × 128 tokens, the serving defaults, so usual batches stay whole, while a longer
+# max_length (256, 512) gets fewer pairs per pass: bounded attention memory and batch latency.
+DEFAULT_MAX_BATCH_TOKENS = 8192
+_MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
 def build_context(
@@ -37,6 +45,56 @@ def build_context(
     if recent:
         return f"Recently: {recent}"
     return query
+
+
+def token_batches(lengths: Sequence[int], max_tokens: int, max_pairs: int) -> list[np.ndarray]:
+    """Groups pair indices into batches of at most `max_pairs` and `max_tokens` padded tokens.
+
+    Indices are sorted longest first (stable) and taken greedily, so a batch costs
+    len(batch) × its first (longest) length ≤ max_tokens; a pair longer than `max_tokens` on its
+    own goes alone. Every index appears exactly once.
+    """
+    if max_tokens < 1 or max_pairs < 1:
+        raise ValueError(
+            f"max_tokens and max_pairs must be positive, got {max_tokens}, {max_pairs}"
+        )
+    sizes = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(-sizes, kind="stable")
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < len(order):
+        longest = max(int(sizes[order[start]]), 1)
+        size = max(1, min(max_pairs, max_tokens // longest))
+        batches.append(order[start : start + size])
+        start += size
+    return batches
+
+
+def encode_batches(
+    tokenizer: Any,
+    lock: threading.Lock,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    max_pairs: int,
+    max_tokens: int,
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """(indices, padded int64 arrays) per token batch: one truncating tokenizer call for all pairs.
+
+    Shared by every scorer backend, so they all see the same tokens and the same batches.
+    """
+    if not pairs:
+        return
+    with lock:
+        encoded = tokenizer(
+            [a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=max_length
+        )
+    keys = [k for k in _MODEL_INPUTS if k in encoded]
+    lengths = [len(ids) for ids in encoded["input_ids"]]
+    for idx in token_batches(lengths, max_tokens, max_pairs):
+        features = [{k: encoded[k][i] for k in keys} for i in idx]
+        with lock:
+            padded = tokenizer.pad(features, padding=True, return_tensors="np")
+        yield idx, {k: np.asarray(padded[k], dtype=np.int64) for k in keys}
 
 
 def _is_classifier(config: object) -> bool:
@@ -92,25 +150,29 @@ class CrossEncoderScorer:
         model.eval()
         return cls(model_dir.name, resolved, max_length, model, tokenizer)
 
-    def score(self, pairs: Sequence[tuple[str, str]], batch_size: int = 64) -> np.ndarray:
-        """Raw logits for each pair, in input order; batches are length-sorted to cut padding."""
-        if not pairs:
-            return np.zeros(0, np.float32)
-        order = np.argsort([-(len(a) + len(b)) for a, b in pairs], kind="stable")
+    def score(
+        self,
+        pairs: Sequence[tuple[str, str]],
+        batch_size: int = 64,
+        max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    ) -> np.ndarray:
+        """Raw logits for each pair, in input order.
+
+        Batches hold at most `batch_size` pairs and `max_batch_tokens` padded tokens, grouped by
+        token length so short pairs do not pay for a long one's padding.
+        """
         out = np.empty(len(pairs), np.float32)
+        batches = encode_batches(
+            self.tokenizer,
+            self._tokenizer_lock,
+            pairs,
+            self.max_length,
+            batch_size,
+            max_batch_tokens,
+        )
         with torch.inference_mode():
-            for start in range(0, len(pairs), batch_size):
-                idx = order[start : start + batch_size]
-                with self._tokenizer_lock:
-                    batch = self.tokenizer(  # type: ignore[operator]
-                        [pairs[i][0] for i in idx],
-                        [pairs[i][1] for i in idx],
-                        padding=True,
-                        truncation=True,
-                        max_length=self.max_length,
-                        return_tensors="pt",
-                    )
-                batch = {k: v.to(self.device) for k, v in batch.items()}
+            for idx, arrays in batches:
+                batch = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
                 logits = self.model(**batch).logits.squeeze(-1)
                 out[idx] = logits.float().cpu().numpy()
         return out

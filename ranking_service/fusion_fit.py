@@ -126,6 +126,23 @@ def fit_two_pass(
     return TwoPassFusion(first, second, depth, pays, record)
 
 
+def two_pass_ndcg(
+    two_pass: TwoPassFusion, lists: Sequence[FusionList], score_pairs: PairScorer
+) -> tuple[float, float]:
+    """(NDCG@10 of `two_pass` on `lists` with this copy of the cross-encoder reranking at the
+    fitted depth, pairs/s of the copy): how copies of one cross-encoder compare."""
+    assert two_pass.second is not None
+    lists = [f for f in lists if f.labels.any()]
+    firsts = [two_pass.first.fuse(f.scores) for f in lists]
+    heads = [head(s, two_pass.rerank_depth) for s in firsts]
+    ce, pairs_per_s = _score_heads(lists, heads, score_pairs)
+    orders = []
+    for f, first, rows, scores in zip(lists, firsts, heads, ce, strict=True):
+        second = two_pass.second.fuse(_head_scores(f, rows, scores))
+        orders.append(np.argsort(-place_head(first, rows, second), kind="stable"))
+    return _mean_ndcg(lists, orders), pairs_per_s
+
+
 def choose_depth(sweep: Sequence[dict[str, Any]], first_ndcg: float) -> tuple[int, bool]:
     """(depth, whether the cross-encoder pays): the smallest depth within DEPTH_TOLERANCE of the
     sweep's best among those that beat the first pass by MIN_GAIN; the best depth if none does."""

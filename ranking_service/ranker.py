@@ -11,7 +11,8 @@ import numpy as np
 
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
-from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer, build_context
+from ranking_service.copies import DIRS, Scorer, load_copy, served_copy
+from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, build_context
 from ranking_service.fusion import (
     Fusion,
     StageScores,
@@ -24,6 +25,7 @@ from ranking_service.fusion import (
 from ranking_service.fusion import plan as fusion_plan
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
+from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext, Scored, Scores
 from recsys.core.errors import InvalidInput, NotFound
 from recsys.core.settings import Settings, default
@@ -86,14 +88,13 @@ class Ranker:
         batcher = None
         ce_name = ""
         if manifest.get("cross_encoder"):
-            scorer = CrossEncoderScorer.load(
-                bundle.file(bundle_files.CROSS_ENCODER_DIR),
-                device=settings.device,
-                max_length=manifest["cross_encoder"].get("max_length", DEFAULT_MAX_LENGTH),
-            )
-            ce_name = f"{bundle.version}/cross_encoder"
+            scorer, ce_name = load_cross_encoder(bundle, settings)
             batcher = DynamicBatcher(
-                lambda pairs: scorer.score(pairs, batch_size=settings.rank_max_batch_pairs),
+                lambda pairs: scorer.score(
+                    pairs,
+                    batch_size=settings.rank_max_batch_pairs,
+                    max_batch_tokens=settings.rank_max_batch_tokens,
+                ),
                 max_batch_pairs=settings.rank_max_batch_pairs,
                 max_wait_s=settings.rank_max_wait_ms / 1000,
                 max_queue_pairs=settings.rank_max_queue_pairs,
@@ -300,6 +301,22 @@ class Ranker:
         if user is None:
             return np.full(len(candidates), np.nan, np.float32), False
         return self.cf.scores(user, [c.item_id for c in candidates]), folded
+
+
+def load_cross_encoder(bundle: Bundle, settings: Settings) -> tuple[Scorer, str]:
+    """The copy of the bundle's cross-encoder that serves here, and its version name: the one
+    the build validated, or the one the settings name (see ranking_service.copies)."""
+    section = bundle.manifest["cross_encoder"]
+    max_length = int(section.get("max_length", DEFAULT_MAX_LENGTH))
+    device = resolve_device(settings.device)
+    asked = settings.cross_encoder_copy
+    copy = served_copy(section.get("serving_copy", "fp32") if asked == "bundle" else asked, device)
+    if copy != "fp32" and copy not in section:
+        raise InvalidInput(
+            f"bundle {bundle.version} has no {copy} cross-encoder (RECSYS_CROSS_ENCODER_COPY={asked})"
+        )
+    scorer = load_copy(copy, bundle.path, max_length, device, settings.rank_threads)
+    return scorer, f"{bundle.version}/{DIRS[copy]}"
 
 
 def _retrieval_scores(candidates: Sequence[Candidate]) -> np.ndarray:

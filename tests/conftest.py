@@ -44,6 +44,7 @@ def movielens_zip() -> Path:
 @pytest.fixture(scope="session")
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""
+    from ranking_service.distill import DistillConfig
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions, build_bundle
     from recsys.app.sample import sample_paths
@@ -56,6 +57,8 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             interactions=interactions,
             out=root,
             ranker=RankerTrainConfig(steps=8, batch_size=8, max_length=64, validation_users=24),
+            student=DistillConfig(steps=20, batch_size=16),
+            fusion_lists=40,
             device="cpu",
         )
     )

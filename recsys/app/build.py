@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ranking_service.distill import DistillConfig
 from ranking_service.train import RankerTrainConfig
 from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.core import bundle as bundle_files
@@ -36,6 +37,8 @@ class BuildOptions:
     index_factory: str = "Flat"
     # None builds no cross-encoder (--no-ranker); ranking then fuses CF and retrieval.
     ranker: RankerTrainConfig | None = field(default_factory=RankerTrainConfig)
+    # The smaller cross-encoder distilled from the fine-tuned one (None: none, --no-student).
+    student: DistillConfig | None = field(default_factory=DistillConfig)
     device: str = "auto"
     strict: bool = False
     cf_factors: int = 64
@@ -47,6 +50,9 @@ class BuildOptions:
     # fit fusion; held-out interactions weighing at least this count as relevant (None: all).
     holdout_per_user: int = 10
     relevant_min_weight: float | None = None
+    # Held-out lists per request kind that fusion is fitted on (the cross-encoder scores the
+    # first pass's top 50 of each, the build's main cost after fine-tuning).
+    fusion_lists: int = 200
     seed: int = 0
     split: str | None = None  # set when built from an evaluation protocol's train split
 
@@ -84,7 +90,7 @@ def build_bundle(
     """
     # Imported here: the CLI starts fast and `bundle info` never loads torch.
     from ranking_service.cf import CFModel
-    from ranking_service.fusion import save_fusion
+    from ranking_service.fusion import ConvexFusion, save_fusion
     from retrieval_service.build import build_retrieval
     from retrieval_service.catalog import save_catalog
     from retrieval_service.encoder import default_encoder_dir
@@ -114,19 +120,31 @@ def build_bundle(
         cf = CFModel.train(train, factors=options.cf_factors, seed=options.seed)
         timings["cf_seconds"] = time.perf_counter() - t0
 
+        # The version being built, served in this process: pools come from it as from serving.
+        retriever = _staged_retriever(fitting, retrieval, stage)
+        offline = _offline_ranker(cf, ConvexFusion(alpha=options.fusion_alpha))
         ranker_section: dict[str, Any] | None = None
         train_queries, fusion_queries = hold_out_queries(train_queries, options.seed)
         if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
-                options, fitting, retrieval, cf, encoder_dir, stage, train_queries
+                options, fitting, retriever, offline, encoder_dir, stage, train_queries
             )
             timings["ranker_seconds"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            contexts = _train_side_contexts(options)
+            pairs = _train_side_pairs(options, fitting, retriever, offline, train_queries, contexts)
+            ranker_section |= _cheaper_copies(options, stage, encoder_dir, pairs)
+            timings["copies_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
         fusion_queries += validation_queries(validation)
-        fusion = _fit_fusion(options, fitting, validation, fusion_queries, retrieval, cf, stage)
+        fusion, parity = _fit_fusion(
+            options, fitting, validation, fusion_queries, retriever, offline, stage
+        )
         save_fusion(fusion, stage / bundle_files.FUSION)
+        if ranker_section is not None:
+            ranker_section |= parity
         timings["fusion_seconds"] = time.perf_counter() - t0
 
         if len(validation):
@@ -233,18 +251,14 @@ def _pools(
 def _train_ranker(
     options: BuildOptions,
     inputs: BuildInputs,
-    retrieval: Any,
-    cf: Any,
+    retriever: Any,
+    ranker: Any,
     encoder_dir: Path,
     stage: Path,
     train_queries: Sequence[tuple[str, Sequence[str]]],
 ) -> dict[str, Any]:
-    from ranking_service.fusion import ConvexFusion
     from ranking_service.train import Example, train_cross_encoder
     from recsys.app.local import pool_request
-
-    retriever = _staged_retriever(inputs, retrieval, stage)
-    ranker = _offline_ranker(cf, ConvexFusion(alpha=options.fusion_alpha))
 
     def negatives(examples: Sequence[Example]) -> list[list[str]]:
         """The pool serving would rank for each example's query and history."""
@@ -267,7 +281,84 @@ def _train_ranker(
     )
 
 
-FUSION_USERS = 200  # validation users whose lists fit the recommendation fusion
+TRAIN_SIDE_CONTEXTS = 300  # at most, training contexts whose pools the student learns from
+PAIRS_PER_CONTEXT = 30  # of each pool, in the order serving gathers it
+
+
+def _train_side_contexts(options: BuildOptions) -> int:
+    """Contexts enough for one pass of the student's training (or int8 calibration alone)."""
+    from ranking_service.quantized import CALIBRATION_PAIRS
+
+    student = options.student
+    pairs = CALIBRATION_PAIRS if student is None else student.steps * student.batch_size
+    return min(TRAIN_SIDE_CONTEXTS, max(1, -(-pairs // PAIRS_PER_CONTEXT)))
+
+
+def _train_side_pairs(
+    options: BuildOptions,
+    inputs: BuildInputs,
+    retriever: Any,
+    ranker: Any,
+    train_queries: Sequence[tuple[str, Sequence[str]]],
+    contexts: int,
+) -> list[tuple[str, str]]:
+    """Serving-like (context, candidate) pairs from training data only (never validation):
+    about `contexts` contexts, three in four users' histories cut at a random earlier point and
+    one in four training queries, each with the first PAIRS_PER_CONTEXT candidates of the pool
+    serving would gather."""
+    from ranking_service.cross_encoder import build_context
+    from ranking_service.train import EXAMPLE_HISTORY
+    from recsys.app.local import pool_request
+    from recsys.app.splits import histories
+
+    rng = random.Random(options.seed)
+    seen = histories(inputs.interactions)
+    users = sorted(u for u, items in seen.items() if len(items) >= 2)
+    requests = []
+    for user in rng.sample(users, min(contexts - contexts // 4, len(users))):
+        earlier = seen[user][rng.randrange(1, len(seen[user])) :]
+        requests.append(
+            pool_request(options.candidate_pool, history=earlier[:EXAMPLE_HISTORY], exclude=earlier)
+        )
+    logged = inputs.interactions.get("query", pd.Series(dtype=str)).astype(str).str.strip()
+    texts = sorted({*logged[logged != ""], *(q for q, _ in train_queries)})
+    for query in rng.sample(texts, min(max(contexts // 4, 1), len(texts))):
+        requests.append(pool_request(options.candidate_pool, query=query))
+    pairs: list[tuple[str, str]] = []
+    for pool in _pools(options, requests, retriever, ranker, desc="student: training contexts"):
+        context = pool.context()
+        text = build_context(context.query, [h.text for h in context.history if h.text])
+        if text:
+            pairs.extend((text, c.text) for c in pool.candidates()[:PAIRS_PER_CONTEXT])
+    return pairs
+
+
+def _cheaper_copies(
+    options: BuildOptions, stage: Path, encoder_dir: Path, pairs: Sequence[tuple[str, str]]
+) -> dict[str, Any]:
+    """The student distilled from the fine-tuned cross-encoder, and int8 copies of both, all
+    from training-side pairs (int8 calibration only reads them for activation ranges)."""
+    from ranking_service.copies import DIRS
+    from ranking_service.distill import distill
+    from ranking_service.quantized import export_int8
+
+    assert options.ranker is not None
+    max_length = options.ranker.max_length
+    teacher = stage / bundle_files.CROSS_ENCODER_DIR
+    out: dict[str, Any] = {}
+    out["int8"] = export_int8(teacher, stage / DIRS["int8"], max_length, calibration_pairs=pairs)
+    if options.student is not None:
+        config = replace(
+            options.student, device=options.device, seed=options.seed, max_length=max_length
+        )
+        student = stage / DIRS["student"]
+        out["student"] = distill(teacher, encoder_dir, pairs, student, config)
+        out["student_int8"] = export_int8(
+            student, stage / DIRS["student_int8"], max_length, calibration_pairs=pairs
+        )
+    return out
+
+
 FUSION_QUERY_SHARE = 0.3  # of the training queries, kept out of fine-tuning to fit search fusion
 
 
@@ -290,42 +381,114 @@ def _fit_fusion(
     inputs: BuildInputs,
     validation: pd.DataFrame,
     queries: Sequence[tuple[str, Sequence[str]]],
-    retrieval: Any,
-    cf: Any,
+    retriever: Any,
+    ranker: Any,
     stage: Path,
-) -> Any:
+) -> tuple[Any, dict[str, Any]]:
     """Two passes for recommendations (validation users: train history → the pool the gateway
     would gather → stage scores) and two for searches (held-out queries), each falling back to
-    the convex mix where too few lists have a relevant candidate."""
+    the convex mix where too few lists have a relevant candidate; with a cross-encoder, also
+    the record of which of its copies serves."""
     from ranking_service.cross_encoder import CrossEncoderScorer
     from ranking_service.fusion import ContextFusion, ConvexFusion
     from ranking_service.fusion_fit import fit_two_pass
 
     convex = ConvexFusion(alpha=options.fusion_alpha)
-    retriever = _staged_retriever(inputs, retrieval, stage)
-    ranker = _offline_ranker(cf, convex)
+    history_lists = _history_lists(options, inputs, validation, retriever, ranker)
+    query_lists = _query_lists(options, queries, retriever, ranker)
     score_pairs = None
     if options.ranker is not None:
         scorer = CrossEncoderScorer.load(
             stage / bundle_files.CROSS_ENCODER_DIR, options.device, options.ranker.max_length
         )
-        score_pairs = scorer.score
+        # Remembered: the copies are compared on the very pairs the sweep scored.
+        score_pairs = _Remembered(scorer.score)
     meta: dict[str, Any] = {"pool": options.candidate_pool, "cf_share": options.cf_candidate_share}
-    history = fit_two_pass(
-        _history_lists(options, inputs, validation, retriever, ranker),
-        score_pairs,
-        convex,
-        requests="validation users",
-        **meta,
+    history = fit_two_pass(history_lists, score_pairs, convex, requests="validation users", **meta)
+    query = fit_two_pass(query_lists, score_pairs, convex, requests="held-out queries", **meta)
+    fusion = ContextFusion(query=query, history=history)
+    if score_pairs is None:
+        return fusion, {}
+    fitted = {"history": (history, history_lists), "query": (query, query_lists)}
+    return fusion, _choose_copy(options, stage, score_pairs, fitted)
+
+
+class _Remembered:
+    """A pair scorer that scores each distinct pair once."""
+
+    def __init__(self, score: Any) -> None:
+        self._score = score
+        self._known: dict[tuple[str, str], float] = {}
+
+    def __call__(self, pairs: Sequence[tuple[str, str]]) -> np.ndarray:
+        new = list(dict.fromkeys(p for p in pairs if p not in self._known))
+        if new:
+            self._known.update(zip(new, self._score(new).tolist(), strict=True))
+        return np.array([self._known[p] for p in pairs], np.float32)
+
+
+INT8_TOLERANCE = 0.01  # an int8 copy serves only within 1% of its fp32 model's NDCG@10
+STUDENT_KEEPS = 0.97  # the student serves only with at least 97% of the teacher's NDCG@10
+
+
+def _choose_copy(
+    options: BuildOptions,
+    stage: Path,
+    fp32: _Remembered,
+    fitted: dict[str, tuple[Any, list[Any]]],
+) -> dict[str, Any]:
+    """Compares every copy on the held-out lists (the two passes as fitted, each copy
+    reranking the head) and picks the fastest that keeps the teacher's NDCG@10 for every
+    kind: int8 within INT8_TOLERANCE of its fp32 model, the student within STUDENT_KEEPS."""
+    from ranking_service.copies import DIRS, load_copy
+    from ranking_service.fusion_fit import two_pass_ndcg
+
+    assert options.ranker is not None
+    copies: dict[str, Any] = {"fp32": fp32}
+    for name in ("int8", "student", "student_int8"):
+        if (stage / DIRS[name]).is_dir():
+            copies[name] = load_copy(name, stage, options.ranker.max_length, "cpu").score
+    parity: dict[str, Any] = {}
+    for kind, (two_pass, lists) in fitted.items():
+        lists = [f for f in lists if f.context and f.labels.any()]
+        if two_pass.second is None or not lists:
+            continue
+        rows = {}
+        for name, score in copies.items():
+            value, pairs_per_s = two_pass_ndcg(two_pass, lists, score)
+            rows[name] = {"ndcg@10": round(value, 4), "pairs_per_s": round(pairs_per_s, 1)}
+        # fp32 answered from memory: its speed is the sweep's.
+        rows["fp32"]["pairs_per_s"] = two_pass.fitted_on.get("cross_encoder_pairs_per_s", 0.0)
+        parity[kind] = rows
+    allowed = [name for name in copies if parity and _keeps(name, parity)]
+    speed = {name: min(rows[name]["pairs_per_s"] for rows in parity.values()) for name in allowed}
+    serving = max(allowed, key=lambda name: speed[name]) if allowed else "fp32"
+    log.info(
+        "cross-encoder copies on held-out lists: %s -> serving %s",
+        "; ".join(
+            f"{kind}: "
+            + ", ".join(
+                f"{n} {r['ndcg@10']:.4f} at {r['pairs_per_s']:.0f} pairs/s" for n, r in rows.items()
+            )
+            for kind, rows in parity.items()
+        )
+        or "no held-out list to compare on",
+        serving,
     )
-    query = fit_two_pass(
-        _query_lists(options, queries, retriever, ranker),
-        score_pairs,
-        convex,
-        requests="held-out queries",
-        **meta,
-    )
-    return ContextFusion(query=query, history=history)
+    return {"parity": parity, "serving_copy": serving}
+
+
+def _keeps(name: str, parity: dict[str, Any]) -> bool:
+    """Whether copy `name` keeps enough of the teacher's NDCG@10 on every kind."""
+    for rows in parity.values():
+        teacher = rows["fp32"]["ndcg@10"]
+        if name in ("int8", "student_int8"):
+            model = rows["fp32" if name == "int8" else "student"]["ndcg@10"]
+            if rows[name]["ndcg@10"] < (1 - INT8_TOLERANCE) * model:
+                return False
+        if name.startswith("student") and rows[name]["ndcg@10"] < STUDENT_KEEPS * teacher:
+            return False
+    return True
 
 
 def _history_lists(
@@ -345,7 +508,7 @@ def _history_lists(
     least = options.relevant_min_weight
     relevant = relevant_items(validation, -np.inf if least is None else least)
     users = sorted(u for u in relevant if seen.get(u))
-    users = random.Random(options.seed).sample(users, min(FUSION_USERS, len(users)))
+    users = random.Random(options.seed).sample(users, min(options.fusion_lists, len(users)))
     requests = [
         pool_request(options.candidate_pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u])
         for u in users
@@ -363,6 +526,9 @@ def _query_lists(
     """Held-out queries' lists: the pool serving would gather for the query text."""
     from recsys.app.local import pool_request
 
+    queries = random.Random(options.seed).sample(
+        list(queries), min(options.fusion_lists, len(queries))
+    )
     requests = [pool_request(options.candidate_pool, query=query) for query, _ in queries]
     pools = _pools(options, requests, retriever, ranker, desc="fusion: held-out queries")
     return [

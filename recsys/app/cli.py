@@ -140,6 +140,12 @@ def _add_build(sub: Any) -> None:
         help="skip the cross-encoder (ranking uses CF + retrieval)",
     )
     p.add_argument(
+        "--no-student",
+        action="store_true",
+        help="skip distilling the smaller cross-encoder (serving then picks between the "
+        "fine-tuned model and its int8 copy)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -178,6 +184,7 @@ def _build_ranker_steps() -> int:
 
 
 def _run_build(args: argparse.Namespace) -> int:
+    from ranking_service.distill import DistillConfig
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions, build_bundle
 
@@ -198,6 +205,7 @@ def _run_build(args: argparse.Namespace) -> int:
             ranker=None if args.no_ranker else RankerTrainConfig(steps=steps),
             device=args.device,
             strict=args.strict,
+            student=None if args.no_student else DistillConfig(),
             holdout_per_user=args.holdout_per_user,
             relevant_min_weight=args.relevant_min_weight,
             seed=args.seed,
@@ -268,10 +276,33 @@ def format_manifest(m: dict[str, Any], path: Path) -> str:
             f"{before.get('ndcg@10', float('nan')):.4f} → {after.get('ndcg@10', float('nan')):.4f}, "
             f"mrr@10 {before.get('mrr@10', float('nan')):.4f} → {after.get('mrr@10', float('nan')):.4f}"
         )
+        if ce.get("serving_copy"):
+            lines.append(f"serving copy  {ce['serving_copy']} (of the validated copies)")
     else:
         lines.append("cross-encoder none (built with --no-ranker)")
-    lines.append(f"fusion        {json.dumps(m['fusion'], sort_keys=True)}")
+    lines.extend(_fusion_lines(m["fusion"]))
     return "\n".join(lines)
+
+
+def _fusion_lines(fusion: dict[str, Any]) -> list[str]:
+    """One line per request kind of a two-pass fusion; older fusions as their JSON."""
+    if fusion.get("kind") != "by_context" or fusion["history"].get("kind") != "two_pass":
+        return [f"fusion        {json.dumps(fusion, sort_keys=True)}"]
+    lines = []
+    for kind, label in (("query", "searches"), ("history", "recommendations")):
+        two_pass = fusion[kind]
+        fitted = two_pass.get("fitted_on", {})
+        if "fallback" in fitted:
+            how = f"convex fallback ({fitted['fallback']})"
+        elif two_pass.get("second") is None:
+            how = "first pass only (no cross-encoder)"
+        else:
+            ce = "cross-encoder" if two_pass["cross_encoder_pays"] else "cross-encoder skipped"
+            how = f"{ce}, rerank depth {two_pass['rerank_depth']}"
+        first = fitted.get("first_pass_ndcg@10")
+        shown = f"; first pass validation ndcg@10 {first:.4f}" if first is not None else ""
+        lines.append(f"fusion        {label}: {how}{shown}")
+    return lines
 
 
 # -- search --------------------------------------------------------------------------------------

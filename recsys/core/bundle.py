@@ -28,6 +28,10 @@ INDEX = "index.faiss"
 ENCODER_DIR = "encoder"
 CF_DIR = "cf"
 CROSS_ENCODER_DIR = "cross_encoder"
+# Cheaper copies of the cross-encoder for CPU serving (the build validates which may serve).
+CROSS_ENCODER_INT8_DIR = "cross_encoder_int8"
+CROSS_ENCODER_STUDENT_DIR = "cross_encoder_student"
+CROSS_ENCODER_STUDENT_INT8_DIR = "cross_encoder_student_int8"
 FUSION = "fusion.json"
 
 

@@ -69,12 +69,27 @@ class Settings(BaseSettings):
     # Ranking (dynamic batching)
     rank_max_batch_pairs: int = Field(64, ge=1)
     rank_max_wait_ms: float = Field(5.0, ge=0)
+    rank_max_batch_tokens: int = Field(
+        8192,
+        ge=1,
+        description="Tokens per cross-encoder forward pass (pairs x longest pair): batches are "
+        "length-sorted and cut at this budget, so short pairs are not padded to long ones.",
+    )
     rank_max_queue_pairs: int = Field(8192, ge=1, description="Beyond this: RESOURCE_EXHAUSTED.")
     rerank_depth: int | None = Field(
         None,
         ge=0,
         description="The cross-encoder rescores this many of the first pass's best candidates "
         "(default: the depth the bundle's validation sweep chose; 0 turns it off).",
+    )
+    cross_encoder_copy: Literal["bundle", "fp32", "int8", "student", "student_int8"] = Field(
+        "bundle",
+        description="Which copy of the cross-encoder serves: the fastest one the bundle "
+        "validated against the fine-tuned model's NDCG (bundle), or one by name. On CUDA the "
+        "int8 copies give way to their PyTorch model in half precision.",
+    )
+    rank_threads: int = Field(
+        0, ge=0, description="Threads per cross-encoder forward pass (0: every core)."
     )
     rerank_kinds: Literal["validated", "all"] = Field(
         "validated",

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from ranking_service.distill import DistillConfig
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions
 from recsys.app.cli import main
@@ -46,6 +47,8 @@ def evaluated(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         interactions=data_dir / "interactions.csv",
         out=root,
         ranker=RankerTrainConfig(steps=6, batch_size=8, max_length=64, validation_users=12),
+        student=DistillConfig(steps=10, batch_size=16),
+        fusion_lists=30,
         device="cpu",
         split=SPLIT_MARK,
     )

@@ -115,6 +115,19 @@ def base_model_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def cross_encoder_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The backbone saved as a sentence-transformers CrossEncoder with a seeded 1-logit head."""
+    import torch
+    from sentence_transformers.cross_encoder import CrossEncoder
+
+    torch.manual_seed(0)
+    model = CrossEncoder(str(base_model_dir), num_labels=1, device="cpu", local_files_only=True)
+    out = tmp_path_factory.mktemp("ce") / "model"
+    model.save_pretrained(str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def shop_catalog() -> pd.DataFrame:
     rows = []
     for d, (department, (titles, _)) in enumerate(DEPARTMENTS.items()):

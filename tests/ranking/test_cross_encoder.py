@@ -1,4 +1,5 @@
-"""Cross-encoder scoring: the context text, parity with sentence-transformers, order, bad dirs."""
+"""Cross-encoder scoring: the context text, parity with sentence-transformers, order, token
+batches, bad dirs."""
 
 from __future__ import annotations
 
@@ -7,8 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer, build_context
+from ranking_service.cross_encoder import (
+    DEFAULT_MAX_LENGTH,
+    CrossEncoderScorer,
+    build_context,
+    token_batches,
+)
 from ranking_service.train import RankerTrainConfig
 from recsys.core.errors import InvalidInput
 
@@ -22,15 +30,9 @@ PAIRS = [
 
 
 @pytest.fixture(scope="module")
-def model_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The backbone saved as a sentence-transformers CrossEncoder with a seeded 1-logit head."""
-    from sentence_transformers.cross_encoder import CrossEncoder
-
-    torch.manual_seed(0)
-    model = CrossEncoder(str(base_model_dir), num_labels=1, device="cpu", local_files_only=True)
-    out = tmp_path_factory.mktemp("ce") / "model"
-    model.save_pretrained(str(out))
-    return out
+def model_dir(cross_encoder_dir: Path) -> Path:
+    """The backbone with a seeded 1-logit head, saved as a CrossEncoder (conftest)."""
+    return cross_encoder_dir
 
 
 def test_build_context_cases() -> None:
@@ -83,3 +85,56 @@ def test_not_a_model_is_an_input_error(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     with pytest.raises(InvalidInput, match="nowhere"):
         CrossEncoderScorer.load(missing, device="cpu")
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lengths=st.lists(st.integers(0, 600), max_size=80),
+    max_tokens=st.integers(1, 4096),
+    max_pairs=st.integers(1, 100),
+)
+def test_token_batches_cover_every_pair_once_within_the_budget(
+    lengths: list[int], max_tokens: int, max_pairs: int
+) -> None:
+    batches = token_batches(lengths, max_tokens, max_pairs)
+    flat = np.concatenate(batches) if batches else np.zeros(0, np.int64)
+    # Every index once, longest first, ties in input order.
+    assert sorted(flat.tolist()) == list(range(len(lengths)))
+    assert flat.tolist() == sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    for n, batch in enumerate(batches):
+        longest = max(lengths[i] for i in batch)
+        assert 1 <= len(batch) <= max_pairs
+        assert len(batch) * longest <= max_tokens or len(batch) == 1
+        if longest > max_tokens:
+            assert len(batch) == 1
+        if n + 1 < len(batches):  # greedy: the next pair would not have fitted
+            assert len(batch) + 1 > max_pairs or (len(batch) + 1) * longest > max_tokens
+
+
+def test_token_batches_examples() -> None:
+    got = token_batches([5, 50, 10, 10, 200], max_tokens=100, max_pairs=3)
+    assert [b.tolist() for b in got] == [[4], [1, 2], [3, 0]]
+    assert token_batches([], 100, 3) == []
+    with pytest.raises(ValueError):
+        token_batches([1], 0, 3)
+
+
+LONGER_PAIRS = [
+    *PAIRS,
+    ("Recently: " + "; ".join(["Stainless steel garden trowel. Garden"] * 12), "Garden hose"),
+    ("a", "b"),
+    ("camping tent. Recently: Down sleeping bag", "Two-person backpacking tent. Camping"),
+]
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "max_batch_tokens"), [(64, 1), (64, 40), (2, 100), (3, 4096), (64, 1 << 20)]
+)
+def test_scores_equal_one_at_a_time_whatever_the_token_budget(
+    model_dir: Path, batch_size: int, max_batch_tokens: int
+) -> None:
+    scorer = CrossEncoderScorer.load(model_dir, device="cpu", max_length=64)
+    one_by_one = np.array([scorer.score([pair])[0] for pair in LONGER_PAIRS])
+    got = scorer.score(LONGER_PAIRS, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    assert got.dtype == np.float32 and got.shape == (len(LONGER_PAIRS),)
+    np.testing.assert_allclose(got, one_by_one, atol=1e-5)

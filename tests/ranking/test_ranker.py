@@ -202,7 +202,9 @@ def test_rank_with_the_cross_encoder_scores_only_with_a_context(sample_bundle_ro
 
     async def rank_twice() -> tuple[list[float | None], list[float | None]]:
         # A fresh ranker: its batcher's worker lives on this test's event loop.
-        ranker = Ranker.load(Bundle.open(sample_bundle_root), Settings(device="cpu"))
+        # Whatever the bundle found, the cross-encoder scores every kind here.
+        settings = Settings.built_in(device="cpu", rerank_kinds="all")
+        ranker = Ranker.load(Bundle.open(sample_bundle_root), settings)
         ranker.start()
         try:
             query = await ranker.rank(RankContext(query="noise-cancelling headphones"), candidates)
@@ -339,3 +341,16 @@ def test_settings_override_the_bundle_plan(shop_cf: CFModel) -> None:
     off, off_scorer = two_pass_ranker(shop_cf, history_pays=True, rerank_depth=0)
     skipped = rank_once(off, running_context(), texts_by_length())
     assert off_scorer.pairs == [] and skipped.versions["cross_encoder"] == CROSS_ENCODER_SKIPPED
+
+
+def test_the_copy_of_the_cross_encoder_that_serves_is_the_validated_one(
+    sample_bundle_root: Path,
+) -> None:
+    bundle = Bundle.open(sample_bundle_root)
+    validated = bundle.manifest["cross_encoder"]["serving_copy"]
+    served = Ranker.load(bundle, Settings.built_in(device="cpu")).versions["cross_encoder"]
+    expected = {"int8": "cross_encoder_int8", "fp32": "cross_encoder"}[validated]
+    assert served == f"{bundle.version}/{expected}"
+    for copy, directory in (("fp32", "cross_encoder"), ("int8", "cross_encoder_int8")):
+        ranker = Ranker.load(bundle, Settings.built_in(device="cpu", cross_encoder_copy=copy))
+        assert ranker.versions["cross_encoder"] == f"{bundle.version}/{directory}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
-from recsys.app.build import BuildOptions, build_bundle
+from recsys.app.build import INT8_TOLERANCE, BuildOptions, build_bundle
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
@@ -113,3 +113,18 @@ def test_too_little_data_to_fit_falls_back_to_the_convex_mix(tmp_path: Path) -> 
         assert fusion[kind]["first"]["kind"] == "convex"
         assert "with a relevant candidate (need 20)" in fusion[kind]["fitted_on"]["fallback"]
     assert bundle.manifest["validation"]["interactions"] == 3 * 2  # half of each user's four
+
+
+def test_the_int8_copy_serves_only_within_one_percent_of_fp32(sample_bundle_root: Path) -> None:
+    section = Bundle.open(sample_bundle_root).manifest["cross_encoder"]
+    assert section["int8"]["backend"] and section["int8"]["calibration_pairs"] > 0
+    parity = section["parity"]
+    assert set(parity) <= {"history", "query"} and parity
+    for rows in parity.values():
+        assert set(rows) == {"fp32", "int8"}
+        assert all(0 <= r["ndcg@10"] <= 1 and r["pairs_per_s"] > 0 for r in rows.values())
+    within = all(
+        rows["int8"]["ndcg@10"] >= (1 - INT8_TOLERANCE) * rows["fp32"]["ndcg@10"]
+        for rows in parity.values()
+    )
+    assert section["serving_copy"] == ("int8" if within else "fp32")

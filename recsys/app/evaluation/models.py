@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
+import shutil
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +15,10 @@ from tqdm import tqdm
 from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-from ranking_service.ranker import Ranker
+from ranking_service.ranker import Ranker, Scorer, load_cross_encoder
 from recsys.app.local import gather_pools
-from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
+from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext
 from recsys.core.settings import Settings, default
 from retrieval_service.retriever import Retriever
@@ -25,14 +28,14 @@ Pair = tuple[str, str]
 
 @dataclass
 class EvalModels:
-    """Retriever, ranker (CF + fusion), the fine-tuned and the base cross-encoder, and the
-    candidate pool the bundle's fusion was fitted on."""
+    """Retriever, ranker (CF + fusion), the fine-tuned cross-encoder (the copy serving uses)
+    and the base one, and the candidate pool the bundle's fusion was fitted on."""
 
     bundle: Bundle
     retriever: Retriever
     ranker: Ranker
-    tuned: CrossEncoderScorer
-    base: CrossEncoderScorer
+    tuned: Scorer
+    base: Scorer
     pool: int
     policy: PoolPolicy
 
@@ -44,11 +47,9 @@ class EvalModels:
         section = bundle.manifest["cross_encoder"]
         # Both read pairs cut to the length the ranking service uses.
         max_length = int(section["max_length"])
-        tuned = CrossEncoderScorer.load(
-            bundle.file(bundle_files.CROSS_ENCODER_DIR), device, max_length
-        )
-        # The untuned baseline: the same backbone with a fresh (seeded) one-logit head.
-        base = CrossEncoderScorer.load(Path(section["base"]), device, max_length)
+        # The copy serving uses (int8 where the build validated it).
+        tuned, _ = load_cross_encoder(bundle, settings)
+        base = untuned_baseline(Path(section["base"]), device, max_length)
         # Bundles from before the pool was recorded were fitted on serving's default share.
         built = bundle.manifest.get("settings", {})
         pool = int(built.get("candidate_pool", default("default_candidate_pool")))
@@ -67,8 +68,21 @@ class EvalModels:
         return gather_pools(requests, self.retriever, self.ranker, policy, desc)
 
 
+def untuned_baseline(base_dir: Path, device: str, max_length: int) -> Scorer:
+    """The same backbone with a fresh (seeded) one-logit head; on a CPU its int8 copy (weights
+    only), as the tuned model serves from an int8 copy, so the baseline costs minutes."""
+    if resolve_device(device) != "cpu":
+        return CrossEncoderScorer.load(base_dir, device, max_length)
+    from ranking_service.quantized import Int8CrossEncoderScorer, export_int8
+
+    out = Path(tempfile.mkdtemp(prefix="ce-base-int8-"))
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    export_int8(base_dir, out, max_length)
+    return Int8CrossEncoderScorer.load(out, max_length)
+
+
 def score_lists(
-    scorer: CrossEncoderScorer,
+    scorer: Scorer,
     contexts: Sequence[RankContext],
     pools: Sequence[Sequence[Candidate]],
     desc: str = "cross-encoder",
