@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import grpc
 import pandas as pd
@@ -20,7 +21,10 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
+from ranking_service.fusion import load_fusion, plan
+from ranking_service.ranker import CROSS_ENCODER_SKIPPED
 from recsys.app.sample import sample_paths
+from recsys.core.bundle import FUSION, Bundle
 from recsys.rpc.launcher import FULL_NAMES, SERVICES, Launcher
 from recsys.v1 import (
     common_pb2,
@@ -119,9 +123,10 @@ def test_history_without_a_query_ranks_cf_candidates_too(
     assert not {item.item_id for item in reply.items} & set(history)
     from_cf = [item for item in reply.items if not item.scores.HasField("retrieval")]
     # CF folded the user in from history and proposed items of its own, which were ranked.
-    assert from_cf and all(
-        item.scores.HasField("cf") and item.scores.HasField("cross_encoder") for item in from_cf
-    )
+    assert from_cf and all(item.scores.HasField("cf") for item in from_cf)
+    # The cross-encoder reranked the first pass's head, or the answer says it was skipped.
+    reranked = [item for item in reply.items if item.scores.HasField("cross_encoder")]
+    assert (reply.versions.cross_encoder == CROSS_ENCODER_SKIPPED) == (not reranked)
 
 
 def test_user_id_alone_is_answered_from_cf(
@@ -304,7 +309,9 @@ def handled(text: str, side: str, service: str, method: str, code: str) -> float
     )
 
 
-def test_metrics_show_each_called_method_with_its_codes(stack: Launcher) -> None:
+def test_metrics_show_each_called_method_with_its_codes(
+    stack: Launcher, sample_bundle_root: Path
+) -> None:
     """Counters grow by exactly the calls made (every series may already exist at zero)."""
     ok_calls, bad_calls = 3, 2
     before = {name: scrape(stack, name) for name in SERVICES}
@@ -332,8 +339,13 @@ def test_metrics_show_each_called_method_with_its_codes(stack: Launcher) -> None
     assert grew("gateway", lambda text: value(text, stage_total, stage="total")) == ok_calls
     assert calls("retrieval", "server", "retrieval", "Search", "OK") == ok_calls
     assert calls("ranking", "server", "ranking", "Rank", "OK") == ok_calls
-    # Each ranked candidate went through the cross-encoder once, in at least one batch a call.
-    assert grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_count")) >= ok_calls
+    # The cross-encoder scored the first pass's top rerank_depth of each search once (when the
+    # bundle found it pays for searches), in at least one batch a call.
     ranked = grew("gateway", lambda text: value(text, "recsys_candidates_sum", stage="ranked"))
     assert ranked > 0
-    assert grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_sum")) == ranked
+    searches = plan(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
+    per_call = min(searches.rerank_depth, ranked / ok_calls) if searches.cross_encoder_pays else 0
+    scored = grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_sum"))
+    assert scored == ok_calls * per_call
+    batches = grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_count"))
+    assert batches >= (ok_calls if per_call else 0)

@@ -14,6 +14,7 @@ import pytest
 
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
+from ranking_service.copies import DIRS
 from ranking_service.fusion import (
     FEATURES,
     ContextFusion,
@@ -349,8 +350,7 @@ def test_the_copy_of_the_cross_encoder_that_serves_is_the_validated_one(
     bundle = Bundle.open(sample_bundle_root)
     validated = bundle.manifest["cross_encoder"]["serving_copy"]
     served = Ranker.load(bundle, Settings.built_in(device="cpu")).versions["cross_encoder"]
-    expected = {"int8": "cross_encoder_int8", "fp32": "cross_encoder"}[validated]
-    assert served == f"{bundle.version}/{expected}"
-    for copy, directory in (("fp32", "cross_encoder"), ("int8", "cross_encoder_int8")):
+    assert served == f"{bundle.version}/{DIRS[validated]}"
+    for copy in ("fp32", "int8", "student", "student_int8"):
         ranker = Ranker.load(bundle, Settings.built_in(device="cpu", cross_encoder_copy=copy))
-        assert ranker.versions["cross_encoder"] == f"{bundle.version}/{directory}"
+        assert ranker.versions["cross_encoder"] == f"{bundle.version}/{DIRS[copy]}"

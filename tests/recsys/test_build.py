@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
-from recsys.app.build import INT8_TOLERANCE, BuildOptions, build_bundle
+from recsys.app.build import INT8_TOLERANCE, STUDENT_KEEPS, BuildOptions, build_bundle
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
@@ -115,16 +115,25 @@ def test_too_little_data_to_fit_falls_back_to_the_convex_mix(tmp_path: Path) -> 
     assert bundle.manifest["validation"]["interactions"] == 3 * 2  # half of each user's four
 
 
-def test_the_int8_copy_serves_only_within_one_percent_of_fp32(sample_bundle_root: Path) -> None:
+def test_the_fastest_copy_that_keeps_the_teachers_ndcg_serves(sample_bundle_root: Path) -> None:
     section = Bundle.open(sample_bundle_root).manifest["cross_encoder"]
-    assert section["int8"]["backend"] and section["int8"]["calibration_pairs"] > 0
+    assert section["int8"]["calibration_pairs"] > 0 and section["student"]["layers"] >= 1
     parity = section["parity"]
-    assert set(parity) <= {"history", "query"} and parity
+    assert parity and set(parity) <= {"history", "query"}
     for rows in parity.values():
-        assert set(rows) == {"fp32", "int8"}
+        assert set(rows) == {"fp32", "int8", "student", "student_int8"}
         assert all(0 <= r["ndcg@10"] <= 1 and r["pairs_per_s"] > 0 for r in rows.values())
-    within = all(
-        rows["int8"]["ndcg@10"] >= (1 - INT8_TOLERANCE) * rows["fp32"]["ndcg@10"]
-        for rows in parity.values()
-    )
-    assert section["serving_copy"] == ("int8" if within else "fp32")
+
+    def keeps(name: str) -> bool:
+        for rows in parity.values():
+            ndcg = {n: r["ndcg@10"] for n, r in rows.items()}
+            model = {"int8": "fp32", "student_int8": "student"}.get(name)
+            if model and ndcg[name] < (1 - INT8_TOLERANCE) * ndcg[model]:
+                return False
+            if name.startswith("student") and ndcg[name] < STUDENT_KEEPS * ndcg["fp32"]:
+                return False
+        return True
+
+    allowed = [name for name in ("fp32", "int8", "student", "student_int8") if keeps(name)]
+    speed = {n: min(rows[n]["pairs_per_s"] for rows in parity.values()) for n in allowed}
+    assert section["serving_copy"] == max(allowed, key=lambda n: speed[n])
