@@ -139,8 +139,16 @@ def build_bundle(
 
         t0 = time.perf_counter()
         fusion_queries += validation_queries(validation)
+        student = (ranker_section or {}).get("student", {})
         fusion, parity = _fit_fusion(
-            options, fitting, validation, fusion_queries, retriever, offline, stage
+            options,
+            fitting,
+            validation,
+            fusion_queries,
+            retriever,
+            offline,
+            stage,
+            student.get("held_out", {}).get("spearman"),
         )
         save_fusion(fusion, stage / bundle_files.FUSION)
         if ranker_section is not None:
@@ -384,6 +392,7 @@ def _fit_fusion(
     retriever: Any,
     ranker: Any,
     stage: Path,
+    student_agreement: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Two passes for recommendations (validation users: train history → the pool the gateway
     would gather → stage scores) and two for searches (held-out queries), each falling back to
@@ -410,7 +419,7 @@ def _fit_fusion(
     if score_pairs is None:
         return fusion, {}
     fitted = {"history": (history, history_lists), "query": (query, query_lists)}
-    return fusion, _choose_copy(options, stage, score_pairs, fitted)
+    return fusion, _choose_copy(options, stage, score_pairs, fitted, student_agreement)
 
 
 class _Remembered:
@@ -429,6 +438,7 @@ class _Remembered:
 
 INT8_TOLERANCE = 0.01  # an int8 copy serves only within 1% of its fp32 model's NDCG@10
 STUDENT_KEEPS = 0.97  # the student serves only with at least 97% of the teacher's NDCG@10
+STUDENT_MIN_SPEARMAN = 0.9  # ... and its held-out scores' rank correlation with the teacher's
 
 
 def _choose_copy(
@@ -436,10 +446,12 @@ def _choose_copy(
     stage: Path,
     fp32: _Remembered,
     fitted: dict[str, tuple[Any, list[Any]]],
+    student_agreement: float | None,
 ) -> dict[str, Any]:
     """Compares every copy on the held-out lists (the two passes as fitted, each copy
     reranking the head) and picks the fastest that keeps the teacher's NDCG@10 for every
-    kind: int8 within INT8_TOLERANCE of its fp32 model, the student within STUDENT_KEEPS."""
+    kind: int8 within INT8_TOLERANCE of its fp32 model, the student within STUDENT_KEEPS (and
+    with a held-out Spearman of at least STUDENT_MIN_SPEARMAN with the teacher)."""
     from ranking_service.copies import DIRS, load_copy
     from ranking_service.fusion_fit import two_pass_ndcg
 
@@ -460,7 +472,14 @@ def _choose_copy(
         # fp32 answered from memory: its speed is the sweep's.
         rows["fp32"]["pairs_per_s"] = two_pass.fitted_on.get("cross_encoder_pairs_per_s", 0.0)
         parity[kind] = rows
-    allowed = [name for name in copies if parity and _keeps(name, parity)]
+    # Two-pass NDCG moves little with the head's order, so the student must also agree with
+    # the teacher on held-out training contexts before it may serve.
+    follows = student_agreement is not None and student_agreement >= STUDENT_MIN_SPEARMAN
+    allowed = [
+        name
+        for name in copies
+        if parity and _keeps(name, parity) and (follows or not name.startswith("student"))
+    ]
     speed = {name: min(rows[name]["pairs_per_s"] for rows in parity.values()) for name in allowed}
     serving = max(allowed, key=lambda name: speed[name]) if allowed else "fp32"
     log.info(
