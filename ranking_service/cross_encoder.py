@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -97,6 +97,22 @@ def encode_batches(
         yield idx, {k: np.asarray(padded[k], dtype=np.int64) for k in keys}
 
 
+def score_batches(
+    tokenizer: Any,
+    lock: threading.Lock,
+    pairs: Sequence[tuple[str, str]],
+    max_length: int,
+    max_pairs: int,
+    max_tokens: int,
+    forward: Callable[[dict[str, np.ndarray]], np.ndarray],
+) -> np.ndarray:
+    """One float32 logit per pair, in input order: `forward` runs each of `encode_batches`."""
+    out = np.empty(len(pairs), np.float32)
+    for idx, arrays in encode_batches(tokenizer, lock, pairs, max_length, max_pairs, max_tokens):
+        out[idx] = np.asarray(forward(arrays), np.float32).reshape(-1)
+    return out
+
+
 def _is_classifier(config: object) -> bool:
     architectures = getattr(config, "architectures", None) or []
     return any(a.endswith("ForSequenceClassification") for a in architectures)
@@ -161,18 +177,18 @@ class CrossEncoderScorer:
         Batches hold at most `batch_size` pairs and `max_batch_tokens` padded tokens, grouped by
         token length so short pairs do not pay for a long one's padding.
         """
-        out = np.empty(len(pairs), np.float32)
-        batches = encode_batches(
-            self.tokenizer,
-            self._tokenizer_lock,
-            pairs,
-            self.max_length,
-            batch_size,
-            max_batch_tokens,
-        )
+
+        def forward(arrays: dict[str, np.ndarray]) -> np.ndarray:
+            batch = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
+            return self.model(**batch).logits.squeeze(-1).float().cpu().numpy()
+
         with torch.inference_mode():
-            for idx, arrays in batches:
-                batch = {k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}
-                logits = self.model(**batch).logits.squeeze(-1)
-                out[idx] = logits.float().cpu().numpy()
-        return out
+            return score_batches(
+                self.tokenizer,
+                self._tokenizer_lock,
+                pairs,
+                self.max_length,
+                batch_size,
+                max_batch_tokens,
+                forward,
+            )

@@ -37,6 +37,7 @@ from ranking_service.cross_encoder import (
     DEFAULT_MAX_LENGTH,
     CrossEncoderScorer,
     encode_batches,
+    score_batches,
 )
 from recsys.core.errors import InvalidInput
 
@@ -210,17 +211,18 @@ class Int8CrossEncoderScorer:
         max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     ) -> np.ndarray:
         """Raw logits for each pair, in input order; batched as `CrossEncoderScorer.score` does."""
-        out = np.empty(len(pairs), np.float32)
-        batches = encode_batches(
+
+        def forward(arrays: dict[str, np.ndarray]) -> np.ndarray:
+            with self._infer_lock:
+                result = self._request.infer({k: arrays[k] for k in self._inputs})
+                return np.array(result[0], np.float32)
+
+        return score_batches(
             self.tokenizer,
             self._tokenizer_lock,
             pairs,
             self.max_length,
             batch_size,
             max_batch_tokens,
+            forward,
         )
-        for idx, arrays in batches:
-            with self._infer_lock:
-                result = self._request.infer({k: arrays[k] for k in self._inputs})
-                out[idx] = np.asarray(result[0], np.float32).reshape(-1)
-        return out
