@@ -14,7 +14,7 @@ import torch
 from scipy.stats import spearmanr
 
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-from ranking_service.distill import DistillConfig, distill, spread_layers
+from ranking_service.distill import DistillConfig, build_student, distill, spread_layers
 from recsys.core.domain import item_text
 from recsys.core.errors import InvalidInput
 
@@ -41,8 +41,8 @@ def shop_pairs(catalog: pd.DataFrame, seed: int, per_department: int) -> list[tu
 
 @pytest.fixture(scope="module")
 def teacher_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The 6-layer backbone with its own seeded 1-logit head: a teacher the student's fresh
-    head (seed 0) does not already copy."""
+    """The 6-layer backbone with its own seeded 1-logit head, not the student's (seed 0), scaled
+    so its logits spread like a fine-tuned teacher's (std ≈ 0.34 here, 0.49 on MovieLens)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     with torch.random.fork_rng(devices=[]):
@@ -50,6 +50,8 @@ def teacher_dir(base_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         model = AutoModelForSequenceClassification.from_pretrained(
             base_model_dir, num_labels=1, local_files_only=True
         )
+    with torch.no_grad():
+        model.classifier.weight.mul_(20.0)
     out = tmp_path_factory.mktemp("teacher") / "cross_encoder"
     model.save_pretrained(str(out))
     AutoTokenizer.from_pretrained(base_model_dir, local_files_only=True).save_pretrained(str(out))
@@ -92,10 +94,16 @@ def test_student_follows_the_teacher_on_unseen_contexts(
     fresh = shop_pairs(shop_catalog, seed=99, per_department=2)
     teacher = CrossEncoderScorer.load(teacher_dir, device="cpu").score(fresh)
     student = CrossEncoderScorer.load(out, device="cpu").score(fresh)
+    untrained, tokenizer, _ = build_student(base_model_dir, CONFIG.layers, CONFIG.seed)
+    before = CrossEncoderScorer("untrained", "cpu", 128, untrained.eval(), tokenizer).score(fresh)
     rho = float(spearmanr(teacher, student).statistic)
-    assert rho > 0.0, rho
+    rho_before = float(spearmanr(teacher, before).statistic)
+    # Observed: 0.84 distilled, 0.27 for the same cut-down student before training.
+    assert rho > 0.65 and rho > rho_before + 0.3, (rho, rho_before)
+    assert float(np.mean((teacher - student) ** 2)) < 0.5 * float(np.var(teacher))
+    # The section's own held-out agreement (2 contexts, 24 pairs; observed 0.75).
     held = section["held_out"]
-    assert held["pairs"] > 0 and held["spearman"] > 0.0, held
+    assert held["pairs"] == 24 and held["contexts"] == 2 and held["spearman"] > 0.5, held
 
 
 def test_the_section_has_the_promised_keys(distilled: tuple[Path, dict[str, Any]]) -> None:
