@@ -69,15 +69,21 @@ class Ranker:
         max_text_chars: int = default("max_text_chars"),
         rerank_depth: int | None = None,
         rerank_all_kinds: bool = False,
+        scorer: Scorer | None = None,
     ) -> None:
         self.cf = cf
         self.fusion = fusion
         self.batcher = batcher
         self.versions = versions
         self.max_text_chars = max_text_chars
-        # Overrides of the bundle's validated plan (benchmarks compare against single-pass).
-        self.rerank_depth = rerank_depth
-        self.rerank_all_kinds = rerank_all_kinds
+        # The cross-encoder copy behind the batcher, for offline callers that batch themselves.
+        self.scorer = scorer
+        # The bundle's validated plan per kind of request, with this process's overrides
+        # (benchmarks compare against single-pass); fixed for the Ranker's life.
+        self._plans = {
+            has_query: _overridden(fusion_plan(fusion, has_query), rerank_depth, rerank_all_kinds)
+            for has_query in (False, True)
+        }
 
     @classmethod
     def load(cls, bundle: Bundle, settings: Settings) -> Ranker:
@@ -86,6 +92,7 @@ class Ranker:
         cf = CFModel.load(bundle.file(bundle_files.CF_DIR))
         fusion = load_fusion(bundle.file(bundle_files.FUSION))
         batcher = None
+        scorer: Scorer | None = None
         ce_name = ""
         if manifest.get("cross_encoder"):
             scorer, ce_name = load_cross_encoder(bundle, settings)
@@ -113,6 +120,7 @@ class Ranker:
             settings.max_text_chars,
             settings.rerank_depth,
             settings.rerank_kinds == "all",
+            scorer,
         )
 
     def start(self) -> None:
@@ -177,15 +185,15 @@ class Ranker:
         assert ce is not None
         return self._second_pass(candidates, stages, first, folded, rows, ce[rows])
 
+    def rerank_rows(self, context: RankContext, candidates: Sequence[Candidate]) -> np.ndarray:
+        """The candidates `rank` would have the cross-encoder score (offline callers score only
+        these before `combine`)."""
+        stages, _, first = self._first_pass(context, candidates)
+        return self._rerank_rows(context, stages, first, can_score=True)
+
     def plan(self, has_query: bool) -> TwoPassFusion:
         """The bundle's two passes for this kind of request, with this process's overrides."""
-        two_pass = fusion_plan(self.fusion, has_query)
-        return replace(
-            two_pass,
-            rerank_depth=two_pass.rerank_depth if self.rerank_depth is None else self.rerank_depth,
-            cross_encoder_pays=two_pass.cross_encoder_pays
-            or (self.rerank_all_kinds and two_pass.second is not None),
-        )
+        return self._plans[has_query]
 
     def _first_pass(
         self, context: RankContext, candidates: Sequence[Candidate]
@@ -301,6 +309,19 @@ class Ranker:
         if user is None:
             return np.full(len(candidates), np.nan, np.float32), False
         return self.cf.scores(user, [c.item_id for c in candidates]), folded
+
+
+def _overridden(
+    two_pass: TwoPassFusion, rerank_depth: int | None, rerank_all_kinds: bool
+) -> TwoPassFusion:
+    """The plan with a settings' rerank depth and, for `rerank_kinds=all`, the cross-encoder on
+    wherever there is a second pass to use it."""
+    return replace(
+        two_pass,
+        rerank_depth=two_pass.rerank_depth if rerank_depth is None else rerank_depth,
+        cross_encoder_pays=two_pass.cross_encoder_pays
+        or (rerank_all_kinds and two_pass.second is not None),
+    )
 
 
 def load_cross_encoder(bundle: Bundle, settings: Settings) -> tuple[Scorer, str]:

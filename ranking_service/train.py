@@ -252,7 +252,7 @@ def train_cross_encoder(
         trainer.remove_callback(PrinterCallback)
         trainer.train()  # with validation, ends holding the best checkpoint
         steps_done = trainer.state.global_step
-    after = _validation_scores(evaluator(model)) if evaluator else None
+        after = _best_validation(trainer.state.log_history) if evaluator else None
     log.info("cross-encoder validation after fine-tuning: %s", after)
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(str(out_dir))
@@ -389,8 +389,16 @@ class StepProgress(TrainerCallback):
             self.bar = None
 
 
-def _validation_scores(metrics: dict[str, float]) -> dict[str, float]:
+def _validation_scores(metrics: dict[str, float], prefix: str = "") -> dict[str, float]:
     return {
-        "ndcg@10": round(float(metrics["validation_ndcg@10"]), 4),
-        "mrr@10": round(float(metrics["validation_mrr@10"]), 4),
+        "ndcg@10": round(float(metrics[f"{prefix}validation_ndcg@10"]), 4),
+        "mrr@10": round(float(metrics[f"{prefix}validation_mrr@10"]), 4),
     }
+
+
+def _best_validation(log_history: Sequence[dict[str, float]]) -> dict[str, float]:
+    """The validation scores of the checkpoint the trainer kept (the best NDCG@10, earliest on
+    ties, as the trainer picks it): read back from its log, not scored a second time."""
+    evals = [e for e in log_history if "eval_validation_ndcg@10" in e]
+    best = max(evals, key=lambda e: e["eval_validation_ndcg@10"])
+    return _validation_scores(best, prefix="eval_")

@@ -15,11 +15,12 @@ from tqdm import tqdm
 from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
-from ranking_service.ranker import Ranker, Scorer, load_cross_encoder
+from ranking_service.ranker import Ranker, Scorer
 from recsys.app.local import gather_pools
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext
+from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings, default
 from retrieval_service.retriever import Retriever
 
@@ -44,11 +45,13 @@ class EvalModels:
         settings = Settings.built_in(bundle=bundle.root, device=device)
         retriever = Retriever.load(bundle, state_dir=None, device=device)
         ranker = Ranker.load(bundle, settings)
+        # The copy serving uses (int8 where the build validated it).
+        tuned = ranker.scorer
+        if tuned is None:
+            raise InvalidInput(f"{bundle.path}: no cross-encoder to evaluate (built --no-ranker)")
         section = bundle.manifest["cross_encoder"]
         # Both read pairs cut to the length the ranking service uses.
         max_length = int(section["max_length"])
-        # The copy serving uses (int8 where the build validated it).
-        tuned, _ = load_cross_encoder(bundle, settings)
         base = untuned_baseline(Path(section["base"]), device, max_length)
         # Bundles from before the pool was recorded were fitted on serving's default share.
         built = bundle.manifest.get("settings", {})

@@ -83,8 +83,11 @@ def run_recommend(
         contexts.append(f.context() if f else RankContext())
         dense_pools.append(d.candidates() if d else [])
         full_pools.append(f.candidates() if f else [])
-    # The tuned cross-encoder scores the union of both pools once.
-    union = [_union(d, f) for d, f in zip(dense_pools, full_pools, strict=True)]
+    # The tuned cross-encoder scores, once, the dense pool and what the ranker would rerank.
+    union = [
+        _union(d, [f[i] for i in models.ranker.rerank_rows(c, f)]) if f else d
+        for c, d, f in zip(contexts, dense_pools, full_pools, strict=True)
+    ]
     tuned = score_lists(
         models.tuned, contexts, union, desc="recommend: dense+ce", progress=progress
     )
@@ -101,7 +104,7 @@ def run_recommend(
         )
         runs["dense+ce_base"][case.user_id] = _top(dense_pool, ce_base)
         outcome = models.ranker.combine(
-            context, full_pool, np.array([ce_of[c.item_id] for c in full_pool])
+            context, full_pool, np.array([ce_of.get(c.item_id, np.nan) for c in full_pool])
         )
         runs["full"][case.user_id] = [s.item_id for s in outcome.scored[:K]]
         ranked.append(outcome.scored)
