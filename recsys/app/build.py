@@ -97,6 +97,7 @@ def build_bundle(
 
     inputs = inputs or load_inputs(options)
     train, validation, validation_record = _validation(options, inputs.interactions, validation)
+    everything = pd.concat([train, validation], ignore_index=True)
     fitting = replace(inputs, interactions=train)
     encoder_dir = options.encoder or default_encoder_dir()
     started = time.perf_counter()
@@ -157,8 +158,8 @@ def build_bundle(
 
         if len(validation):
             t0 = time.perf_counter()
-            log.info("refitting CF on all %d interactions", len(inputs.interactions))
-            cf = CFModel.train(inputs.interactions, factors=options.cf_factors, seed=options.seed)
+            log.info("refitting CF on all %d interactions", len(everything))
+            cf = CFModel.train(everything, factors=options.cf_factors, seed=options.seed)
             timings["cf_seconds"] += time.perf_counter() - t0
         cf_section = cf.save(stage / bundle_files.CF_DIR)
         timings["total_seconds"] = time.perf_counter() - started
@@ -170,8 +171,8 @@ def build_bundle(
                 "settings": _settings_record(options),
                 "counts": {
                     "items": len(inputs.catalog),
-                    "users": int(inputs.interactions["user_id"].nunique()),
-                    "interactions": len(inputs.interactions),
+                    "users": int(everything["user_id"].nunique()),
+                    "interactions": len(everything),
                     "dropped_interactions": inputs.report.dropped_unknown_items,
                 },
                 "validation": validation_record,
@@ -197,7 +198,6 @@ def _validation(
 
     if given is not None:
         train, validation, source = interactions, given, "given (the evaluation protocol's)"
-        interactions = pd.concat([train, validation], ignore_index=True)
     else:
         train, validation = hold_out_recent(interactions, options.holdout_per_user)
         source = f"each user's most recent {options.holdout_per_user} (at most half)"

@@ -533,6 +533,14 @@ def _add_evaluate(sub: Any) -> None:
         "serving's default candidate_pool, or the pool an existing bundle was fitted on); the "
         "cross-encoder's cost grows with it, ~2.5 N pairs per user",
     )
+    p.add_argument(
+        "--fit-on",
+        choices=("protocol", "own-holdout"),
+        default="protocol",
+        help="what the build fits fusion on: the protocol's validation split and training "
+        "queries (default), or, as a plain `recsys build` does, its own hold-out of everything "
+        "before test, with no queries and every held-out interaction relevant",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     _add_log_level(p)
     p.set_defaults(handler=_run_evaluate)
@@ -548,7 +556,7 @@ def _evaluate_ranker_steps() -> int:
 def _run_evaluate(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions
-    from recsys.app.evaluation.runner import SPLIT_MARK, run_evaluation
+    from recsys.app.evaluation.runner import FIT_ON, run_evaluation
     from recsys.app.splits import RELEVANT_MIN_RATING
 
     options = BuildOptions(
@@ -558,8 +566,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         index_factory=args.index_factory,
         ranker=RankerTrainConfig(steps=resolve(args.ranker_steps)),
         device=args.device,
-        relevant_min_weight=RELEVANT_MIN_RATING,
-        split=SPLIT_MARK,
+        # A plain build does not know which of its interactions are good ones.
+        relevant_min_weight=RELEVANT_MIN_RATING if args.fit_on == "protocol" else None,
+        split=FIT_ON[args.fit_on],
         **({"candidate_pool": args.pool} if args.pool is not None else {}),
     )
     if args.pool is not None and args.pool < 10:

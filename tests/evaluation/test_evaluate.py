@@ -16,7 +16,7 @@ from recsys.app.build import BuildOptions
 from recsys.app.cli import main
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.models import EvalModels
-from recsys.app.evaluation.runner import SPLIT_MARK, load_data, run_evaluation
+from recsys.app.evaluation.runner import FIT_ON, SPLIT_MARK, load_data, run_evaluation
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
@@ -80,7 +80,9 @@ def test_bundle_saw_only_the_train_split(data_dir: Path, evaluated: tuple[Path, 
     data = load_data(data_dir)
     manifest = Bundle.open(root).manifest
     assert manifest["settings"]["split"] == SPLIT_MARK
-    assert manifest["counts"]["interactions"] == len(data.split.train)
+    # Fitted on the train split, fusion on validation, CF refitted on both: never on test.
+    assert manifest["counts"]["interactions"] == len(data.split.seen())
+    assert manifest["validation"]["interactions"] == len(data.split.validation)
     # Fusion was fitted on held-out data, one model per request kind.
     assert manifest["fusion"]["kind"] == "by_context"
 
@@ -110,3 +112,34 @@ def test_a_bundle_not_built_from_the_train_split_is_refused(
     assert main([*argv, "--out", str(tmp_path), "--pool", "5"]) == 2
     assert "--pool 5" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()
+
+
+def test_own_holdout_builds_as_a_plain_build_from_everything_before_test(
+    data_dir: Path, tmp_path: Path
+) -> None:
+    """`--fit-on own-holdout`: the bundle a plain `recsys build` makes of the data before test
+    (its own hold-out, no queries), evaluated on the same test users."""
+    root, out = tmp_path / "bundle", tmp_path / "report"
+    options = BuildOptions(
+        catalog=data_dir / "catalog.csv",
+        interactions=data_dir / "interactions.csv",
+        out=root,
+        ranker=RankerTrainConfig(steps=4, batch_size=8, max_length=64, validation_users=12),
+        student=None,
+        fusion_lists=30,
+        device="cpu",
+        split=FIT_ON["own-holdout"],
+    )
+    report = run_evaluation(data_dir, root, "recommend", out, options, pool=20, progress=False)
+    data = load_data(data_dir)
+    manifest = Bundle.open(root).manifest
+    assert manifest["counts"]["interactions"] == len(data.split.seen())
+    assert manifest["validation"]["source"].startswith("each user's most recent")
+    assert manifest["validation"]["relevant_min_weight"] is None
+    # No queries reach a plain build: searches keep the convex mix and say why.
+    assert "fallback" in manifest["fusion"]["query"]["fitted_on"]
+    assert report["meta"]["fit_on"] == "own-holdout"
+    assert report["recommend"]["users"] > 0
+    # The bundle never saw test, so evaluate accepts it again as it is.
+    again = run_evaluation(data_dir, root, "recommend", out, options, pool=20, progress=False)
+    assert again["meta"]["bundle"] == report["meta"]["bundle"]

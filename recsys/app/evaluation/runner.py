@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+import pandas as pd
 
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 Protocol = Literal["recommend", "search", "all"]
 SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for evaluation
+# What fusion is fitted on: the protocol's validation split, or, as a plain `recsys build`
+# does, the build's own hold-out of everything before test (with no search queries).
+FIT_ON = {"protocol": SPLIT_MARK, "own-holdout": "movielens-before-test"}
 DIVERSITY_SETTINGS = (0.0, 0.25, 0.5, 0.75)
 RANKER_STEPS = 100  # cross-encoder fine-tuning steps of a bundle built for evaluation
 
@@ -61,15 +65,23 @@ def load_data(data_dir: Path) -> EvalData:
 
 
 def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bundle:
-    """Opens ROOT if it was built from the train split; builds it there when ROOT has none."""
+    """Opens ROOT if it was built without the test split; builds it there when ROOT has none:
+    from the train split with the protocol's validation (`options.split` SPLIT_MARK), or as a
+    plain `recsys build` from everything before test (FIT_ON["own-holdout"])."""
     if (root / CURRENT).is_file():
         bundle = Bundle.open(root)
-        if bundle.manifest.get("settings", {}).get("split") != SPLIT_MARK:
+        if bundle.manifest.get("settings", {}).get("split") not in FIT_ON.values():
             raise InvalidInput(
                 f"{root}: bundle {bundle.version} was not built from the train split (it may have "
                 "seen test interactions); pass an empty --bundle ROOT and evaluate builds one"
             )
         return bundle
+    if options.split == FIT_ON["own-holdout"]:
+        before = pd.concat([data.split.train, data.split.validation], ignore_index=True)
+        report = replace(data.inputs.report, rows=len(before), kept=len(before))
+        return build_bundle(
+            options, inputs=replace(data.inputs, interactions=before, report=report)
+        )
     train_queries = [(q.query, q.item_ids) for q in data.queries if q.split == "train"]
     return build_bundle(
         options,
@@ -172,6 +184,7 @@ def run_evaluation(
     report["goals"] = goals(report)
     report["meta"] = {
         "bundle": str(bundle.path),
+        "fit_on": next(k for k, v in FIT_ON.items() if v == bundle.manifest["settings"]["split"]),
         "metrics": ", ".join(ACCURACY_METRICS) + " (ranx)",
         "candidate_pool": pool,
         "cross_encoder_validation": bundle.manifest.get("cross_encoder", {}).get("validation"),
