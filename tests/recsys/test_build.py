@@ -117,7 +117,9 @@ def test_too_little_data_to_fit_falls_back_to_the_convex_mix(tmp_path: Path) -> 
     fusion = bundle.manifest["fusion"]
     for kind in ("history", "query"):
         assert fusion[kind]["first"]["kind"] == "convex"
-        assert "with a relevant candidate (need 20)" in fusion[kind]["fitted_on"]["fallback"]
+        assert (
+            f"with a relevant candidate (need {MIN_LISTS})" in fusion[kind]["fitted_on"]["fallback"]
+        )
     assert bundle.manifest["validation"]["interactions"] == 3 * 2  # half of each user's four
 
 
