@@ -21,12 +21,13 @@ log = logging.getLogger(__name__)
 HISTORY_IN_CONTEXT = 5
 # Tokens per (context, item) pair when a bundle or caller names none: training's default too.
 DEFAULT_MAX_LENGTH = 128
-# Padded tokens per forward pass (pairs × longest pair in the batch). On 2 CPU threads
-# (benchmarks/ce_backends.py, MovieLens pairs of 64-119 tokens) PyTorch fp32 lost ~30% at 1024
-# and was flat from 4096 up, the int8 model was flat from 1024 to 8192 and slower at 16384.
-# 8192 = 64 pairs × 128 tokens, the serving defaults, so usual batches stay whole, while a longer
-# max_length (256, 512) gets fewer pairs per pass: bounded attention memory and batch latency.
-DEFAULT_MAX_BATCH_TOKENS = 8192
+# Padded tokens per forward pass (pairs × longest pair in the batch). On 2 idle CPU threads
+# (benchmarks/reports/ce_backends.md, MovieLens pairs of 64-119 tokens), pairs/s at 1024 / 2048 /
+# 4096 / 8192 / no budget: PyTorch fp32 90 / 90 / 88 / 77 / 71, the int8 model 464 / 479 / 463 /
+# 421 / 394 (an earlier run on a busy machine had fp32 ~30% slower at 1024). 4096 is near the
+# best of both; a longer max_length (256, 512) gets fewer pairs per pass: bounded attention
+# memory and batch latency. GPUs want more (the gpu overlay sets 32768).
+DEFAULT_MAX_BATCH_TOKENS = 4096
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 

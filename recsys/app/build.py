@@ -460,9 +460,6 @@ def _choose_copy(
     for name in ("int8", "student", "student_int8"):
         if (stage / DIRS[name]).is_dir():
             copies[name] = load_copy(name, stage, options.ranker.max_length, "cpu").score
-    # fp32 answers from memory here: its speed is the one the depth sweeps measured.
-    swept = [tp.fitted_on.get("cross_encoder_pairs_per_s") for tp, _ in fitted.values()]
-    fp32_speed = max((s for s in swept if s), default=None)
     parity: dict[str, Any] = {}
     for kind, (two_pass, lists) in fitted.items():
         lists = [f for f in lists if f.context and f.labels.any()]
@@ -472,9 +469,10 @@ def _choose_copy(
         for name, score in copies.items():
             value, pairs_per_s = two_pass_ndcg(two_pass, lists, score)
             rows[name] = {"ndcg@10": round(value, 4), "pairs_per_s": round(pairs_per_s, 1)}
-        if fp32_speed is None:  # no sweep ran (fallbacks only): time it on fresh pairs
-            fp32_speed = _fp32_speed(stage, options.ranker.max_length, lists)
-        rows["fp32"]["pairs_per_s"] = fp32_speed
+        # fp32 answered from memory: its speed is the sweep's, timed afresh where none ran.
+        rows["fp32"]["pairs_per_s"] = two_pass.fitted_on.get(
+            "cross_encoder_pairs_per_s"
+        ) or _fp32_speed(stage, options.ranker.max_length, lists)
         parity[kind] = rows
     # Two-pass NDCG moves little with the head's order, so the student must also agree with
     # the teacher on held-out training contexts before it may serve.

@@ -70,7 +70,7 @@ class Settings(BaseSettings):
     rank_max_batch_pairs: int = Field(64, ge=1)
     rank_max_wait_ms: float = Field(5.0, ge=0)
     rank_max_batch_tokens: int = Field(
-        8192,
+        4096,
         ge=1,
         description="Tokens per cross-encoder forward pass (pairs x longest pair): batches are "
         "length-sorted and cut at this budget, so short pairs are not padded to long ones.",

@@ -319,15 +319,20 @@ def test_the_cross_encoder_scores_only_the_first_pass_head(shop_cf: CFModel) -> 
         (s.scores.fused for s in outcome.scored), reverse=True
     )
     assert outcome.versions["cross_encoder"] == "v1/cross_encoder"
-    # The offline path agrees, given scores for every candidate.
+    # The offline path agrees, given scores for every candidate or only for those it reranks.
     all_scores = np.array([float(len(c.text)) for c in candidates], np.float32)
     assert ranker.combine(context, candidates, all_scores) == outcome
+    rows = ranker.rerank_rows(context, candidates)
+    assert {candidates[i].item_id for i in rows} == top_two
+    only_head = np.full(len(candidates), np.nan, np.float32)
+    only_head[rows] = all_scores[rows]
+    assert ranker.combine(context, candidates, only_head) == outcome
 
 
 def test_a_kind_the_cross_encoder_does_not_pay_for_skips_it(shop_cf: CFModel) -> None:
     ranker, scorer = two_pass_ranker(shop_cf, history_pays=False)
     outcome = rank_once(ranker, running_context(), texts_by_length())
-    assert scorer.pairs == []
+    assert scorer.pairs == [] and ranker.rerank_rows(running_context(), texts_by_length()).size == 0
     assert outcome.versions["cross_encoder"] == CROSS_ENCODER_SKIPPED
     assert all(s.scores.cross_encoder is None for s in outcome.scored)
     assert {s.item_id for s in outcome.scored[:2]} == {"D0I2", "D0I3"}  # CF's order
