@@ -26,6 +26,17 @@ settings.register_profile("ci", max_examples=25, derandomize=True, **_REAL_SERVE
 settings.register_profile("full", max_examples=400, **_REAL_SERVERS)
 settings.load_profile("ci")
 
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    # Here, not in tests/chaos/conftest.py: pytest reads options only from conftests it loads
+    # at start-up, and a plain `pytest --chaos-full` loads this one.
+    parser.addoption(
+        "--chaos-full",
+        action="store_true",
+        help="run tests/chaos at full size (more kills, writers and requests: minutes)",
+    )
+
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MOVIELENS_ZIP = Path(
     os.environ.get(
