@@ -178,8 +178,9 @@ def serving(service: Service, settings: Settings) -> Iterator[Running]:
     try:
         yield running
     finally:
-        loop.call_soon_threadsafe(stop.set)
-        thread.join(timeout=60)
+        if thread.is_alive():
+            loop.call_soon_threadsafe(stop.set)
+            thread.join(timeout=60)
 
 
 def retrieval_settings(bundle: Path, workdir: Path, **values: object) -> Settings:
