@@ -15,7 +15,7 @@ from recsys.core.domain import Candidate, Hit, Item, RankContext, Scored, Search
 from recsys.core.errors import DeadlineExceeded
 from recsys.core.settings import Settings
 from recsys.rpc import convert
-from recsys.rpc.channels import client_channel
+from recsys.rpc.channels import ServiceChannel
 from recsys.rpc.status import error_from_rpc
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -98,10 +98,13 @@ class GrpcRetrievalStage:
 
     def __init__(self, settings: Settings) -> None:
         self.target = settings.retrieval_address
-        self._channel = client_channel(self.target, settings)
-        self._stub = retrieval_pb2_grpc.RetrievalServiceStub(self._channel)
+        self._channel = ServiceChannel(self.target, settings)
         self._info: retrieval_pb2.GetIndexInfoResponse | None = None
         self._refresh: asyncio.Task[None] | None = None
+
+    @property
+    def _stub(self) -> retrieval_pb2_grpc.RetrievalServiceStub:
+        return self._channel.stub(retrieval_pb2_grpc.RetrievalServiceStub)
 
     async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
         try:
@@ -158,7 +161,7 @@ class GrpcRetrievalStage:
     async def close(self) -> None:
         if self._refresh is not None:
             self._refresh.cancel()
-        await self._channel.close(None)
+        await self._channel.close()
 
 
 class GrpcRankingStage:
@@ -166,8 +169,11 @@ class GrpcRankingStage:
 
     def __init__(self, settings: Settings) -> None:
         self.target = settings.ranking_address
-        self._channel = client_channel(self.target, settings)
-        self._stub = ranking_pb2_grpc.RankingServiceStub(self._channel)
+        self._channel = ServiceChannel(self.target, settings)
+
+    @property
+    def _stub(self) -> ranking_pb2_grpc.RankingServiceStub:
+        return self._channel.stub(ranking_pb2_grpc.RankingServiceStub)
 
     async def rank(
         self, context: RankContext, candidates: Sequence[Candidate], timeout: float
@@ -208,4 +214,4 @@ class GrpcRankingStage:
         return RecallResult([(i.item_id, i.cf_score) for i in reply.items], reply.cf_folded_in)
 
     async def close(self) -> None:
-        await self._channel.close(None)
+        await self._channel.close()

@@ -39,7 +39,7 @@ def run_service(name: str, settings: Settings) -> None:
         _open_bundle(settings)  # fail fast with one line, before binding ports
     port = getattr(settings, f"{name}_port")
     metrics_port = getattr(settings, f"{name}_metrics_port")
-    run(make_service(name, settings), settings, port, metrics_port)
+    run(make_service(name, settings), settings, port, metrics_port, settings.health_port(name))
 
 
 def run_all(settings: Settings) -> int:

@@ -23,6 +23,14 @@ class NotReady(RecsysError):
     """Still loading, draining, or a dependency is down."""
 
 
+class Unauthenticated(RecsysError):
+    """The caller proved no identity where one is required (no client certificate, no token)."""
+
+
+class PermissionDenied(RecsysError):
+    """The caller's identity is known but not allowed to do this (e.g. write the catalog)."""
+
+
 class DeadlineExceeded(RecsysError):
     """The caller's deadline cannot be met."""
 

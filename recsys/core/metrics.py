@@ -81,6 +81,12 @@ RANKING_INFERENCE = Histogram(
 # Retrieval
 INDEX_ITEMS = Gauge("recsys_index_items", "Live items in the ANN index.")
 
+# Any server: writes let through by the write policy (recsys.rpc.auth). Identities come from
+# the configured allow-list (or "anonymous" without one), so the label stays bounded.
+WRITES = Counter(
+    "recsys_writes_total", "Catalog writes accepted, by caller identity.", ("identity", "method")
+)
+
 
 def init_gateway_metrics() -> None:
     """Creates every degraded-reason series at 0 so rate() and alerts see them before any event."""

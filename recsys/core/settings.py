@@ -5,10 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Device = Literal["auto", "cpu", "cuda"]
+
+HEALTH_PORT = (
+    "Extra plaintext port serving only grpc.health.v1, for probes that cannot present a client "
+    "certificate (kubelet); health is always served on the gRPC port too. 0: none."
+)
 
 
 class Settings(BaseSettings):
@@ -31,8 +36,46 @@ class Settings(BaseSettings):
     gateway_metrics_port: int = 9091
     retrieval_metrics_port: int = 9092
     ranking_metrics_port: int = 9093
+    gateway_health_port: int = Field(0, ge=0, description=HEALTH_PORT)
+    retrieval_health_port: int = Field(0, ge=0, description=HEALTH_PORT)
+    ranking_health_port: int = Field(0, ge=0, description=HEALTH_PORT)
     retrieval_address: str = Field("localhost:50052", description="Gateway → retrieval target.")
     ranking_address: str = Field("localhost:50053", description="Gateway → ranking target.")
+
+    # Transport security (docs/operations.md, "Security"). Off by default: plaintext.
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain this process presents: as a server, and as a client "
+        "of the other services. Setting it (with tls_key_file) turns TLS on; the files are "
+        "re-read when they change.",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+    tls_ca_file: Path | None = Field(
+        None,
+        description="PEM CA bundle trusted for peers: servers verify client certificates with it, "
+        "clients verify servers with it (unset: clients use the system roots).",
+    )
+    tls_client_auth: bool = Field(
+        True,
+        description="With TLS on, servers refuse connections without a client certificate signed "
+        "by tls_ca_file (mTLS). false: server-side TLS only.",
+    )
+    tls_server_name: str | None = Field(
+        None,
+        description="Name clients expect in servers' certificates instead of the target's host "
+        "(e.g. when dialing a pod through a port-forward).",
+    )
+    write_identities: str = Field(
+        "",
+        description="Comma-separated identities allowed to call UpsertItems/DeleteItems: a client "
+        "certificate's CN or a SAN, or a NAME from write_tokens_file. Empty, with no "
+        "write_tokens_file: writes are open to anyone who can connect.",
+    )
+    write_tokens_file: Path | None = Field(
+        None,
+        description="File of NAME:TOKEN lines (re-read when it changes): a caller without a client "
+        "certificate authenticates with `authorization: Bearer TOKEN` metadata as NAME.",
+    )
 
     # Server limits
     max_message_bytes: int = Field(16 * 1024 * 1024, ge=1024)
@@ -112,6 +155,24 @@ class Settings(BaseSettings):
     )
 
     log_level: str = "INFO"
+
+    @model_validator(mode="after")
+    def _tls_files_in_pairs(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file: set both or neither")
+        if self.tls_cert_file is not None and self.tls_client_auth and self.tls_ca_file is None:
+            raise ValueError(
+                "tls_ca_file: required to verify client certificates (or set tls_client_auth=false)"
+            )
+        return self
+
+    def tls_enabled(self) -> bool:
+        """Whether servers listen with TLS and clients dial with it."""
+        return self.tls_cert_file is not None
+
+    def health_port(self, service: str) -> int:
+        """The plaintext health-only port of `service` (0: none)."""
+        return int(getattr(self, f"{service}_health_port"))
 
     @classmethod
     def built_in(cls, **values: Any) -> Settings:

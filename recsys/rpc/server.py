@@ -1,8 +1,9 @@
 """gRPC server bootstrap shared by the three services: health, reflection, metrics, limits, drain.
 
 Every unary recsys RPC passes through ErrorAndMetricsInterceptor, which decodes the request,
-enforces the concurrency limit, maps errors to status codes (recsys.rpc.status) and records
-grpc_server_* with the code actually sent.
+enforces the concurrency limit, lets writes through only for allowed callers (recsys.rpc.auth),
+maps errors to status codes (recsys.rpc.status) and records grpc_server_* with the code sent.
+TLS (recsys.rpc.tls) is on when the settings name a certificate, else the port is plaintext.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from prometheus_client import start_http_server
 from recsys.core import metrics
 from recsys.core.errors import InvalidInput, RecsysError
 from recsys.core.settings import Settings
+from recsys.rpc.auth import WriteAuthorizer
 from recsys.rpc.status import status_code
+from recsys.rpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +46,13 @@ class Service(Protocol):
 
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
-    """Decodes requests, maps exceptions to status codes, limits concurrency, records metrics."""
+    """Decodes requests, authorizes writes, maps exceptions to status codes, limits concurrency,
+    records metrics."""
 
-    def __init__(self, max_concurrent_rpcs: int) -> None:
+    def __init__(self, max_concurrent_rpcs: int, writes: WriteAuthorizer) -> None:
         self._limit = max_concurrent_rpcs
         self._in_flight = 0
+        self._writes = writes
 
     async def intercept_service(
         self,
@@ -74,6 +79,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 )
             self._in_flight += 1
             try:
+                self._writes.check(method, context)  # before decoding: strangers learn nothing
                 response = await inner(_decode(decode, raw, method), context)
             except RecsysError as exc:
                 code, message = status_code(exc), str(exc)
@@ -137,12 +143,50 @@ def _set_health(servicer: health_aio.HealthServicer, names: list[str], serving: 
     return asyncio.gather(*(servicer.set(name, status) for name in names))
 
 
+def _listen(server: grpc.aio.Server, address: str, settings: Settings, name: str) -> None:
+    """Binds the gRPC port: TLS when the settings give a certificate, else plaintext."""
+    credentials = server_credentials(settings)
+    if credentials is None:
+        bound = server.add_insecure_port(address)
+        log.warning("%s: PLAINTEXT on %s: callers are not authenticated", name, address)
+    else:
+        bound = server.add_secure_port(address, credentials)
+        who = (
+            "client certificate required (mTLS)"
+            if settings.tls_client_auth
+            else "no client certificate"
+        )
+        log.info("%s: TLS on %s, %s", name, address, who)
+    if bound == 0:
+        raise OSError(f"{name}: cannot bind {address}")
+
+
+async def _health_only_server(
+    servicer: health_aio.HealthServicer, settings: Settings, port: int, name: str
+) -> grpc.aio.Server:
+    """A plaintext server with nothing but health, for probes that cannot do mTLS (kubelet)."""
+    server = grpc.aio.server(options=server_options(settings))
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = f"{settings.host}:{port}"
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"{name}: cannot bind health port {address}")
+    await server.start()
+    log.info("%s: health only, plaintext, on %s", name, address)
+    return server
+
+
 async def serve(
-    service: Service, settings: Settings, port: int, metrics_port: int, stop: asyncio.Event
+    service: Service,
+    settings: Settings,
+    port: int,
+    metrics_port: int,
+    stop: asyncio.Event,
+    health_port: int = 0,
 ) -> None:
     """Runs one service until `stop` is set, then drains for the grace period."""
+    writes = WriteAuthorizer(settings)
     server = grpc.aio.server(
-        interceptors=[ErrorAndMetricsInterceptor(settings.max_concurrent_rpcs)],
+        interceptors=[ErrorAndMetricsInterceptor(settings.max_concurrent_rpcs, writes)],
         options=server_options(settings),
     )
     service.add_to_server(server)
@@ -154,9 +198,13 @@ async def serve(
         [service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"{settings.host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"{service.name}: cannot bind {address}")
+    _listen(server, address, settings, service.name)
     await server.start()
+    health_server = (
+        await _health_only_server(health_servicer, settings, health_port, service.name)
+        if health_port
+        else None
+    )
     if metrics_port:
         start_http_server(metrics_port, addr=settings.host)
     log.info(
@@ -166,6 +214,13 @@ async def serve(
         metrics_port,
         settings.limits() | {"max_message_bytes": settings.max_message_bytes},
     )
+    if writes.guards(service.full_name):
+        log.log(
+            logging.INFO if writes.policy.configured else logging.WARNING,
+            "%s: %s",
+            service.name,
+            writes.describe(),
+        )
     metrics.SERVING.labels(service=service.name).set(0)
     load = asyncio.create_task(service.load())
     waiter = asyncio.create_task(stop.wait())
@@ -187,11 +242,15 @@ async def serve(
         await asyncio.sleep(settings.drain_delay_s)
     log.info("%s draining for up to %.1fs", service.name, settings.grace_period_s)
     await server.stop(settings.grace_period_s)
+    if health_server is not None:
+        await health_server.stop(None)
     await service.close()
     log.info("%s stopped", service.name)
 
 
-def run(service: Service, settings: Settings, port: int, metrics_port: int) -> None:
+def run(
+    service: Service, settings: Settings, port: int, metrics_port: int, health_port: int = 0
+) -> None:
     """Entry point of a service process: serves until SIGTERM/SIGINT, then drains."""
 
     async def main() -> None:
@@ -199,6 +258,6 @@ def run(service: Service, settings: Settings, port: int, metrics_port: int) -> N
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await serve(service, settings, port, metrics_port, stop)
+        await serve(service, settings, port, metrics_port, stop, health_port)
 
     asyncio.run(main())

@@ -10,7 +10,9 @@ from recsys.core.errors import (
     NotFound,
     NotReady,
     Overloaded,
+    PermissionDenied,
     RecsysError,
+    Unauthenticated,
     UpstreamError,
 )
 
@@ -20,6 +22,8 @@ STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
 }
 
 
@@ -42,6 +46,10 @@ def error_from_rpc(service: str, target: str, exc: grpc.aio.AioRpcError) -> Recs
         return DeadlineExceeded(f"{service} did not answer within the deadline")
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return Overloaded(f"{service} overloaded: {details}")
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return Unauthenticated(f"{service} at {target}: {details}")
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return PermissionDenied(f"{service} at {target}: {details}")
     if code == grpc.StatusCode.UNAVAILABLE:
         return NotReady(f"{service} service unavailable at {target}: {details}")
     return UpstreamError(service, code.name, details)

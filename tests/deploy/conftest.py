@@ -21,7 +21,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
-OVERLAYS = ("cpu", "gpu")
+OVERLAYS = ("cpu", "gpu", "mtls")
 DASHBOARD = DEPLOY / "grafana" / "recsys-dashboard.json"
 RULES = DEPLOY / "prometheus" / "prometheusrule.yaml"
 SCHEMAS = DEPLOY / "schemas"

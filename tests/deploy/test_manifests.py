@@ -35,7 +35,9 @@ from tests.deploy.conftest import (
 
 Objects = tuple[dict[str, Any], ...]
 MONITORING_GROUP = "monitoring.coreos.com/"
+CERT_MANAGER_GROUP = "cert-manager.io/"
 CRD_SCHEMAS = {"PodMonitor": "podmonitor.json", "PrometheusRule": "prometheusrule.json"}
+CERT_MANAGER_SCHEMAS = {"Certificate": "certificate.json", "Issuer": "issuer.json"}
 GPU = "nvidia.com/gpu"
 
 
@@ -69,6 +71,14 @@ def env_of(objects: Objects, service: str) -> dict[str, str]:
     return env
 
 
+def settings_of(objects: Objects, service: str) -> Settings:
+    """The Settings a service's container builds from its environment."""
+    env = env_of(objects, service)
+    return Settings(
+        **{k.removeprefix("RECSYS_").lower(): v for k, v in env.items() if "RECSYS_" in k}
+    )
+
+
 def setting_default(name: str) -> Any:
     return Settings.model_fields[name].default
 
@@ -95,7 +105,7 @@ def test_overlays_render(objects: Objects) -> None:
 def test_builtin_objects_validate_strictly(objects: Objects) -> None:
     errors = []
     for obj in objects:
-        if obj["apiVersion"].startswith(MONITORING_GROUP):
+        if obj["apiVersion"].startswith((MONITORING_GROUP, CERT_MANAGER_GROUP)):
             continue
         try:
             kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
@@ -109,6 +119,18 @@ def test_monitoring_objects_validate_against_crd_schemas(objects: Objects) -> No
     assert {o["kind"] for o in monitoring} == set(CRD_SCHEMAS)
     for obj in monitoring:
         schema = json.loads((SCHEMAS / CRD_SCHEMAS[obj["kind"]]).read_text())
+        jsonschema.Draft7Validator.check_schema(schema)
+        jsonschema.validate(obj, schema, cls=jsonschema.Draft7Validator)
+
+
+def test_cert_manager_objects_validate_against_crd_schemas(overlay: str, objects: Objects) -> None:
+    issued = [o for o in objects if o["apiVersion"].startswith(CERT_MANAGER_GROUP)]
+    if overlay != "mtls":
+        assert issued == [], "only the mtls overlay needs cert-manager"
+        return
+    assert {o["kind"] for o in issued} == set(CERT_MANAGER_SCHEMAS)
+    for obj in issued:
+        schema = json.loads((SCHEMAS / CERT_MANAGER_SCHEMAS[obj["kind"]]).read_text())
         jsonschema.Draft7Validator.check_schema(schema)
         jsonschema.validate(obj, schema, cls=jsonschema.Draft7Validator)
 
@@ -160,10 +182,17 @@ def test_ports_probes_and_command(objects: Objects) -> None:
         assert c.get("args") == ["serve", service], "one image, the command picks the service"
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         grpc_port = setting_default(facts.port_setting)
-        assert ports == {"grpc": grpc_port, "metrics": setting_default(facts.metrics_port_setting)}
+        expected = {"grpc": grpc_port, "metrics": setting_default(facts.metrics_port_setting)}
+        settings = settings_of(objects, service)
+        # Kubelet probes speak plaintext only: with TLS on they need the health-only port.
+        health_port = settings.health_port(service)
+        assert bool(health_port) == settings.tls_enabled()
+        if health_port:
+            expected["health"] = health_port
+        assert ports == expected
         for probe_name in ("startupProbe", "readinessProbe", "livenessProbe"):
             probe = c[probe_name]
-            assert probe["grpc"]["port"] == grpc_port, f"{service} {probe_name}"
+            assert probe["grpc"]["port"] == (health_port or grpc_port), f"{service} {probe_name}"
         assert c["readinessProbe"]["grpc"]["service"] == facts.health_name
         assert c["startupProbe"]["grpc"]["service"] == facts.health_name
         assert c["livenessProbe"]["grpc"].get("service", "") == ""
@@ -295,6 +324,43 @@ def test_network_policies(objects: Objects) -> None:
             assert policy["spec"]["egress"] == []
         metrics = _ingress_sources(policy, setting_default(facts.metrics_port_setting))
         assert metrics and all(peer and "namespaceSelector" in peer for peer in metrics)
+
+
+def test_tls_files_come_from_issued_certificates(overlay: str, objects: Objects) -> None:
+    """With TLS on: each service mounts the Secret of a Certificate that names what callers
+    dial, and the identities allowed to write hold client certificates from the same CA."""
+    certificates = {c["spec"]["secretName"]: c for c in find(objects, "Certificate")}
+    issuers = {i["metadata"]["name"] for i in find(objects, "Issuer")}
+    for cert in certificates.values():
+        assert cert["spec"]["issuerRef"]["name"] in issuers
+    gateway_env = env_of(objects, "gateway")
+    for service in SERVICES:
+        settings = settings_of(objects, service)
+        assert settings.tls_enabled() == (overlay == "mtls"), f"{overlay}/{service}"
+        if not settings.tls_enabled():
+            continue
+        pod = one(objects, "Deployment", service)["spec"]["template"]["spec"]
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+        secrets = set()
+        for path in (settings.tls_cert_file, settings.tls_key_file, settings.tls_ca_file):
+            assert path is not None
+            mount = mounts[str(path.parent)]
+            # A subPath mount never sees the renewed Secret.
+            assert "subPath" not in mount and mount.get("readOnly") is True
+            secrets.add(volumes[mount["name"]]["secret"]["secretName"])
+        assert len(secrets) == 1, f"{service}: certificate, key and CA from one Secret"
+        cert = certificates[secrets.pop()]["spec"]
+        usages = set(cert["usages"])
+        assert "server auth" in usages
+        assert ("client auth" in usages) == (service == "gateway"), "only the gateway dials"
+        if service != "gateway":
+            host = gateway_env[f"RECSYS_{service.upper()}_ADDRESS"].removeprefix("dns:///")
+            assert host.rsplit(":", 1)[0] in cert["dnsNames"]
+    writers = settings_of(objects, "retrieval").write_identities
+    for name in filter(None, (n.strip() for n in writers.split(","))):
+        holders = [c for c in certificates.values() if c["spec"].get("commonName") == name]
+        assert holders and "client auth" in holders[0]["spec"]["usages"], name
 
 
 def test_gpu_only_for_retrieval_and_ranking(overlay: str, objects: Objects) -> None:
