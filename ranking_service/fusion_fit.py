@@ -77,16 +77,26 @@ def ndcg(labels_in_order: np.ndarray, relevant: int, k: int = K) -> float:
     return float(gains @ discounts[: len(gains)] / discounts[: min(relevant, k)].sum())
 
 
+def sweep_sample(lists: Sequence[FusionList], sweep_lists: int | None) -> list[FusionList]:
+    """The lists the cross-encoder scores: the first `sweep_lists` (all when None) with a
+    relevant candidate and a context it can read."""
+    scorable = [f for f in lists if f.labels.any() and f.context]
+    return scorable if sweep_lists is None else scorable[:sweep_lists]
+
+
 def fit_two_pass(
     lists: Sequence[FusionList],
     score_pairs: PairScorer | None,
     fallback: Fusion,
     requests: str,
     depths: Sequence[int] = DEPTHS,
+    sweep_lists: int | None = None,
     **meta: Any,
 ) -> TwoPassFusion:
-    """The two passes for one kind of request, fitted on `lists` (their `fitted_on` records
-    the sweep); `fallback` for both passes when too few lists have a relevant candidate."""
+    """The two passes for one kind of request (their `fitted_on` records the sweep): the first
+    fitted on every list, the depth sweep and second pass on `sweep_sample(lists, sweep_lists)`
+    (the cross-encoder's time is the cost); `fallback` for both passes when too few lists
+    have a relevant candidate."""
     lists = [f for f in lists if f.labels.any()]
     record: dict[str, Any] = {"requests": requests, "lists": len(lists), **meta}
     if len(lists) < MIN_LISTS:
@@ -104,17 +114,23 @@ def fit_two_pass(
     firsts = [first.fuse(f.scores) for f in lists]
     first_ndcg = _mean_ndcg(lists, [np.argsort(-s, kind="stable") for s in firsts])
     record["first_pass_ndcg@10"] = round(first_ndcg, 4)
-    scorable = score_pairs is not None and all(f.context for f in lists)
-    if not scorable:
+    sample = sweep_sample(lists, sweep_lists)
+    if score_pairs is None or len(sample) < MIN_LISTS:
         log.info("fusion for %s: first pass only, validation NDCG@10 %.4f", requests, first_ndcg)
         return TwoPassFusion(first, None, 0, False, record)
-    assert score_pairs is not None
+    firsts = [first.fuse(f.scores) for f in sample]
+    first_ndcg = _mean_ndcg(sample, [np.argsort(-s, kind="stable") for s in firsts])
     heads = [head(s, max(depths)) for s in firsts]
-    ce, pairs_per_s = _score_heads(lists, heads, score_pairs)
-    sweep = [_depth_row(lists, firsts, heads, ce, depth, pairs_per_s) for depth in sorted(depths)]
+    ce, pairs_per_s = _score_heads(sample, heads, score_pairs)
+    sweep = [_depth_row(sample, firsts, heads, ce, depth, pairs_per_s) for depth in sorted(depths)]
     depth, pays = choose_depth(sweep, first_ndcg)
-    second = fit_logistic(*_head_lists(lists, firsts, ce, depth))
-    record |= {"sweep": sweep, "cross_encoder_pairs_per_s": round(pairs_per_s, 1)}
+    second = fit_logistic(*_head_lists(sample, firsts, ce, depth))
+    record |= {
+        "sweep_lists": len(sample),
+        "sweep_first_pass_ndcg@10": round(first_ndcg, 4),
+        "sweep": sweep,
+        "cross_encoder_pairs_per_s": round(pairs_per_s, 1),
+    }
     log.info(
         "fusion for %s: first pass NDCG@10 %.4f; rerank depth sweep %s -> depth %d, "
         "cross-encoder %s",
@@ -144,6 +160,63 @@ def two_pass_ndcg(
         second = two_pass.second.fuse(_head_scores(f, rows, scores))
         orders.append(np.argsort(-place_head(first, rows, second), kind="stable"))
     return _mean_ndcg(lists, orders), pairs_per_s
+
+
+def within_budget(
+    two_pass: TwoPassFusion,
+    lists: Sequence[FusionList],
+    score_pairs: PairScorer,
+    pairs_per_s: float,
+    budget_ms: float,
+) -> TwoPassFusion:
+    """`two_pass` with its rerank depth cut to what the serving copy scores, at `pairs_per_s`,
+    within `budget_ms` per request: the sweep's choice among the depths that fit, the second
+    pass refitted on `lists` (the sweep's sample) there; the cross-encoder is skipped where no
+    depth that fits pays."""
+    if two_pass.second is None or not two_pass.cross_encoder_pays:
+        return two_pass
+
+    def ms(depth: int) -> float:
+        return round(1000 * depth / max(pairs_per_s, 1e-9), 1)
+
+    record = {**two_pass.fitted_on, "rerank_budget_ms": budget_ms}
+    if ms(two_pass.rerank_depth) <= budget_ms:
+        return replace(two_pass, fitted_on={**record, "ms_per_request": ms(two_pass.rerank_depth)})
+    sweep = two_pass.fitted_on.get("sweep")
+    if not sweep:  # the convex fallback: no sweep to choose from, only the depth to cut
+        depth = max(1, int(budget_ms * pairs_per_s / 1000))
+        return replace(
+            two_pass, rerank_depth=depth, fitted_on={**record, "ms_per_request": ms(depth)}
+        )
+    fits = [row for row in sweep if ms(row["depth"]) <= budget_ms]
+    depth, pays = (
+        choose_depth(fits, two_pass.fitted_on["sweep_first_pass_ndcg@10"]) if fits else (0, False)
+    )
+    if not pays:
+        log.info(
+            "fusion for %s: no rerank depth that pays fits %.0f ms at %.0f pairs/s; "
+            "cross-encoder skipped",
+            two_pass.fitted_on.get("requests"),
+            budget_ms,
+            pairs_per_s,
+        )
+        return replace(
+            two_pass, cross_encoder_pays=False, fitted_on={**record, "over_budget": True}
+        )
+    firsts = [two_pass.first.fuse(f.scores) for f in lists]
+    ce, _ = _score_heads(lists, [head(s, depth) for s in firsts], score_pairs)
+    second = fit_logistic(*_head_lists(lists, firsts, ce, depth))
+    log.info(
+        "fusion for %s: rerank depth %d -> %d to fit %.0f ms at %.0f pairs/s",
+        two_pass.fitted_on.get("requests"),
+        two_pass.rerank_depth,
+        depth,
+        budget_ms,
+        pairs_per_s,
+    )
+    return TwoPassFusion(
+        two_pass.first, second, depth, True, {**record, "ms_per_request": ms(depth)}
+    )
 
 
 def choose_depth(sweep: Sequence[dict[str, Any]], first_ndcg: float) -> tuple[int, bool]:

@@ -32,6 +32,9 @@ class BuildOptions:
     catalog: Path
     interactions: Path
     out: Path
+    # Searches with the items relevant to each (JSON lines: {"query": ..., "item_ids": [...]}),
+    # fine-tuned on and, a share held out, fitted on; None: only queries logged in interactions.
+    queries: Path | None = None
     encoder: Path | None = None
     pooling: str = "mean"
     index_factory: str = "Flat"
@@ -50,9 +53,13 @@ class BuildOptions:
     # fit fusion; held-out interactions weighing at least this count as relevant (None: all).
     holdout_per_user: int = 10
     relevant_min_weight: float | None = None
-    # Held-out lists per request kind that fusion is fitted on (the cross-encoder scores the
-    # first pass's top 50 of each, the build's main cost after fine-tuning).
+    # Held-out lists per request kind the rerank depth sweep and the second pass are fitted on
+    # (the cross-encoder scores the first pass's top 50 of each, the build's main cost after
+    # fine-tuning); the first pass is fitted on every held-out list.
     fusion_lists: int = 200
+    # The cross-encoder's share of a request's time: the rerank depth is cut to what the
+    # serving copy scores within it at the pairs/s measured in the build.
+    rerank_budget_ms: float = 60.0
     seed: int = 0
     split: str | None = None  # set when built from an evaluation protocol's train split
 
@@ -64,29 +71,46 @@ class BuildInputs:
     catalog: pd.DataFrame
     interactions: pd.DataFrame
     report: IngestReport
+    # Searches and their relevant items (fine-tuned on; a share held out to fit search fusion).
+    queries: Sequence[tuple[str, Sequence[str]]] = ()
 
 
 def load_inputs(options: BuildOptions) -> BuildInputs:
-    """Reads and validates the catalog and interactions (raises InvalidInput naming the file)."""
+    """Reads and validates the catalog, interactions and queries (raises InvalidInput naming
+    the file)."""
     catalog = load_catalog(options.catalog)
+    known = set(catalog["item_id"])
     interactions, report = load_interactions(
-        options.interactions, known_item_ids=set(catalog["item_id"]), strict=options.strict
+        options.interactions, known_item_ids=known, strict=options.strict
     )
-    return BuildInputs(catalog, interactions, report)
+    queries = () if options.queries is None else load_queries(options.queries, known)
+    return BuildInputs(catalog, interactions, report, queries)
+
+
+def load_queries(path: Path, known_item_ids: set[str]) -> list[tuple[str, tuple[str, ...]]]:
+    """Every record of a queries file (its `split` field is the evaluation protocol's and is
+    not read here), items unknown to the catalog left out, queries left with none dropped."""
+    from recsys.app.movielens import read_queries
+
+    records = read_queries(path)
+    queries = []
+    for record in records:
+        items = tuple(i for i in record.item_ids if i in known_item_ids)
+        if items:
+            queries.append((record.query, items))
+    log.info("queries: %d of %d in %s name a catalog item", len(queries), len(records), path)
+    return queries
 
 
 def build_bundle(
-    options: BuildOptions,
-    inputs: BuildInputs | None = None,
-    train_queries: Sequence[tuple[str, Sequence[str]]] = (),
-    validation: pd.DataFrame | None = None,
+    options: BuildOptions, inputs: BuildInputs | None = None, validation: pd.DataFrame | None = None
 ) -> Bundle:
     """Builds a complete version under options.out and switches CURRENT to it only at the end.
 
     Fusion is learned on `validation` interactions (later than the training ones; by default
     each user's most recent ones, held out here) and, for searches, on held-out queries: those
-    among the validation interactions and a share of `train_queries` kept out of fine-tuning.
-    The CF model served is refitted on every interaction once fusion has been fitted.
+    among the validation interactions and a share of the inputs' queries kept out of
+    fine-tuning. The CF model served is refitted on every interaction once fusion is fitted.
     """
     # Imported here: the CLI starts fast and `bundle info` never loads torch.
     from ranking_service.cf import CFModel
@@ -125,7 +149,9 @@ def build_bundle(
         retriever = _staged_retriever(fitting, retrieval, stage)
         offline = _offline_ranker(cf, ConvexFusion(alpha=options.fusion_alpha))
         ranker_section: dict[str, Any] | None = None
-        train_queries, fusion_queries = hold_out_queries(train_queries, options.seed)
+        train_queries, fusion_queries = hold_out_queries(inputs.queries, options.seed)
+        # The cross-encoder reads a search only where it was fine-tuned on some.
+        searched = bool(train_queries) or bool(_logged_queries(fitting.interactions))
         if options.ranker is not None:
             t0 = time.perf_counter()
             ranker_section = _train_ranker(
@@ -149,6 +175,7 @@ def build_bundle(
             retriever,
             offline,
             stage,
+            searched,
             student.get("held_out", {}).get("spearman"),
         )
         save_fusion(fusion, stage / bundle_files.FUSION)
@@ -328,8 +355,7 @@ def _train_side_pairs(
         requests.append(
             pool_request(options.candidate_pool, history=earlier[:EXAMPLE_HISTORY], exclude=earlier)
         )
-    logged = inputs.interactions.get("query", pd.Series(dtype=str)).astype(str).str.strip()
-    texts = sorted({*logged[logged != ""], *(q for q, _ in train_queries)})
+    texts = sorted({*_logged_queries(inputs.interactions), *(q for q, _ in train_queries)})
     for query in rng.sample(texts, min(max(contexts // 4, 1), len(texts))):
         requests.append(pool_request(options.candidate_pool, query=query))
     pairs: list[tuple[str, str]] = []
@@ -339,6 +365,12 @@ def _train_side_pairs(
         if text:
             pairs.extend((text, c.text) for c in pool.candidates()[:PAIRS_PER_CONTEXT])
     return pairs
+
+
+def _logged_queries(interactions: pd.DataFrame) -> set[str]:
+    """The distinct non-empty query texts of an interaction log."""
+    logged = interactions.get("query", pd.Series(dtype=str)).astype(str).str.strip()
+    return set(logged[logged != ""])
 
 
 def _cheaper_copies(
@@ -392,12 +424,14 @@ def _fit_fusion(
     retriever: Any,
     ranker: Any,
     stage: Path,
+    searched: bool,
     student_agreement: float | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Two passes for recommendations (validation users: train history → the pool the gateway
     would gather → stage scores) and two for searches (held-out queries), each falling back to
     the convex mix where too few lists have a relevant candidate; with a cross-encoder, also
-    the record of which of its copies serves."""
+    the record of which of its copies serves, and rerank depths cut to its time budget.
+    Searches never use a cross-encoder that was not fine-tuned on any (`searched`)."""
     from ranking_service.cross_encoder import CrossEncoderScorer
     from ranking_service.fusion import ContextFusion, ConvexFusion
     from ranking_service.fusion_fit import fit_two_pass
@@ -413,13 +447,58 @@ def _fit_fusion(
         # Remembered: the copies are compared on the very pairs the sweep scored.
         score_pairs = _Remembered(scorer.score)
     meta: dict[str, Any] = {"pool": options.candidate_pool, "cf_share": options.cf_candidate_share}
-    history = fit_two_pass(history_lists, score_pairs, convex, requests="validation users", **meta)
-    query = fit_two_pass(query_lists, score_pairs, convex, requests="held-out queries", **meta)
-    fusion = ContextFusion(query=query, history=history)
+    query_meta = dict(meta)
+    if not searched:
+        # With no second pass, searches keep the first pass (the fallback: retrieval's order).
+        query_meta["cross_encoder"] = "skipped: never fine-tuned on a query"
+        log.warning("fusion for searches: the data has no queries; the cross-encoder is skipped")
+    fitted = {
+        "history": fit_two_pass(
+            history_lists,
+            score_pairs,
+            convex,
+            requests="validation users",
+            sweep_lists=options.fusion_lists,
+            **meta,
+        ),
+        "query": fit_two_pass(
+            query_lists,
+            score_pairs if searched else None,
+            convex,
+            requests="held-out queries",
+            sweep_lists=options.fusion_lists,
+            **query_meta,
+        ),
+    }
     if score_pairs is None:
-        return fusion, {}
-    fitted = {"history": (history, history_lists), "query": (query, query_lists)}
-    return fusion, _choose_copy(options, stage, score_pairs, fitted, student_agreement)
+        return ContextFusion(**fitted), {}
+    lists = {"history": history_lists, "query": query_lists}
+    chosen = _choose_copy(options, stage, score_pairs, fitted, lists, student_agreement)
+    fitted = {
+        kind: _within_budget(options, kind, two_pass, lists[kind], score_pairs, chosen)
+        for kind, two_pass in fitted.items()
+    }
+    return ContextFusion(**fitted), chosen
+
+
+def _within_budget(
+    options: BuildOptions,
+    kind: str,
+    two_pass: Any,
+    lists: list[Any],
+    score_pairs: Any,
+    chosen: dict[str, Any],
+) -> Any:
+    """`two_pass` with its rerank depth cut to options.rerank_budget_ms at the speed of the
+    copy that serves (measured on this kind's held-out pairs)."""
+    from ranking_service.fusion_fit import sweep_sample, within_budget
+
+    rows = chosen["parity"].get(kind)
+    if rows is None:
+        return two_pass
+    speed = rows[chosen["serving_copy"]]["pairs_per_s"]
+    sample = sweep_sample(lists, options.fusion_lists)
+    return within_budget(two_pass, sample, score_pairs, speed, options.rerank_budget_ms)
 
 
 class _Remembered:
@@ -445,15 +524,16 @@ def _choose_copy(
     options: BuildOptions,
     stage: Path,
     fp32: _Remembered,
-    fitted: dict[str, tuple[Any, list[Any]]],
+    fitted: dict[str, Any],
+    held_out: dict[str, list[Any]],
     student_agreement: float | None,
 ) -> dict[str, Any]:
-    """Compares every copy on the held-out lists (the two passes as fitted, each copy
+    """Compares every copy on the sweep's held-out lists (the two passes as fitted, each copy
     reranking the head) and picks the fastest that keeps the teacher's NDCG@10 for every
     kind: int8 within INT8_TOLERANCE of its fp32 model, the student within STUDENT_KEEPS (and
     with a held-out Spearman of at least STUDENT_MIN_SPEARMAN with the teacher)."""
     from ranking_service.copies import DIRS, load_copy
-    from ranking_service.fusion_fit import two_pass_ndcg
+    from ranking_service.fusion_fit import sweep_sample, two_pass_ndcg
 
     assert options.ranker is not None
     copies: dict[str, Any] = {"fp32": fp32}
@@ -461,8 +541,8 @@ def _choose_copy(
         if (stage / DIRS[name]).is_dir():
             copies[name] = load_copy(name, stage, options.ranker.max_length, "cpu").score
     parity: dict[str, Any] = {}
-    for kind, (two_pass, lists) in fitted.items():
-        lists = [f for f in lists if f.context and f.labels.any()]
+    for kind, two_pass in fitted.items():
+        lists = sweep_sample(held_out[kind], options.fusion_lists)
         if two_pass.second is None or not lists:
             continue
         rows = {}
@@ -530,8 +610,8 @@ def _history_lists(
     retriever: Any,
     ranker: Any,
 ) -> list[Any]:
-    """Validation users' lists: train history → the pool serving would gather → was each
-    candidate among the user's validation items?"""
+    """Every validation user's list, in a seeded random order: train history → the pool
+    serving would gather → was each candidate among the user's validation items?"""
     from ranking_service.train import EXAMPLE_HISTORY
     from recsys.app.local import pool_request
     from recsys.app.splits import histories, relevant_items
@@ -540,7 +620,7 @@ def _history_lists(
     least = options.relevant_min_weight
     relevant = relevant_items(validation, -np.inf if least is None else least)
     users = sorted(u for u in relevant if seen.get(u))
-    users = random.Random(options.seed).sample(users, min(options.fusion_lists, len(users)))
+    random.Random(options.seed).shuffle(users)
     requests = [
         pool_request(options.candidate_pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u])
         for u in users
@@ -555,12 +635,12 @@ def _query_lists(
     retriever: Any,
     ranker: Any,
 ) -> list[Any]:
-    """Held-out queries' lists: the pool serving would gather for the query text."""
+    """Every held-out query's list, in a seeded random order: the pool serving would gather
+    for the query text."""
     from recsys.app.local import pool_request
 
-    queries = random.Random(options.seed).sample(
-        list(queries), min(options.fusion_lists, len(queries))
-    )
+    queries = list(queries)
+    random.Random(options.seed).shuffle(queries)
     requests = [pool_request(options.candidate_pool, query=query) for query, _ in queries]
     pools = _pools(options, requests, retriever, ranker, desc="fusion: held-out queries")
     return [

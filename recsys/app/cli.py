@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from recsys.app.logs import LEVELS, configure_logging
 from recsys.core.errors import InvalidInput, RecsysError
@@ -42,17 +42,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-class Deferred:
+Number = TypeVar("Number", int, float)
+
+
+class Deferred(Generic[Number]):
     """A default whose home module loads torch: read only for --help or when the flag is unset."""
 
-    def __init__(self, load: Callable[[], int]) -> None:
-        self.load = load
+    def __init__(self, load: Callable[[], Number]) -> None:
+        self.load: Callable[[], Number] = load
 
     def __str__(self) -> str:
         return str(self.load())
 
 
-def resolve(value: int | Deferred) -> int:
+def resolve(value: Number | Deferred[Number]) -> Number:
     """A flag's value, reading a deferred default from its home."""
     return value.load() if isinstance(value, Deferred) else value
 
@@ -106,6 +109,15 @@ def _add_build(sub: Any) -> None:
         type=Path,
         required=True,
         help="user_id, item_id [, timestamp, weight, query]",
+    )
+    p.add_argument(
+        "--queries",
+        type=Path,
+        metavar="FILE",
+        help='searches with their relevant items, JSON lines {"query": ..., "item_ids": [...]} '
+        "(e.g. `recsys datasets movielens`'s queries.jsonl): the cross-encoder is fine-tuned on "
+        "them and search fusion fitted on a held-out share; without any (here or as a `query` "
+        "column of the interactions) searches keep retrieval's order",
     )
     p.add_argument(
         "--out", type=Path, required=True, metavar="ROOT", help="bundle root (holds CURRENT)"
@@ -171,6 +183,15 @@ def _add_build(sub: Any) -> None:
         help="held-out interactions weighing at least W count as relevant when fitting fusion "
         "(default: every one; e.g. 4 for ratings out of 5)",
     )
+    p.add_argument(
+        "--rerank-budget-ms",
+        type=float,
+        default=Deferred(_build_rerank_budget_ms),
+        metavar="MS",
+        help="the cross-encoder's share of a request's time: the rerank depth is cut to what "
+        "the serving copy scores within it, at the speed measured in the build (default "
+        "%(default)s)",
+    )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     _add_log_level(p)
     p.set_defaults(handler=_run_build)
@@ -181,6 +202,13 @@ def _build_ranker_steps() -> int:
     from ranking_service.train import RankerTrainConfig
 
     return RankerTrainConfig().steps
+
+
+def _build_rerank_budget_ms() -> float:
+    """`recsys build`'s cross-encoder time budget: BuildOptions' default."""
+    from recsys.app.build import BuildOptions
+
+    return float(BuildOptions.rerank_budget_ms)
 
 
 def _run_build(args: argparse.Namespace) -> int:
@@ -194,6 +222,9 @@ def _run_build(args: argparse.Namespace) -> int:
         return 2
     if args.holdout_per_user < 0:
         raise InvalidInput(f"--holdout-per-user {args.holdout_per_user}: must be >= 0")
+    budget = resolve(args.rerank_budget_ms)
+    if budget <= 0:
+        raise InvalidInput(f"--rerank-budget-ms {budget}: must be > 0")
     bundle = build_bundle(
         BuildOptions(
             catalog=args.catalog,
@@ -208,6 +239,8 @@ def _run_build(args: argparse.Namespace) -> int:
             student=None if args.no_student else DistillConfig(),
             holdout_per_user=args.holdout_per_user,
             relevant_min_weight=args.relevant_min_weight,
+            queries=args.queries,
+            rerank_budget_ms=budget,
             seed=args.seed,
         )
     )
@@ -539,7 +572,7 @@ def _add_evaluate(sub: Any) -> None:
         default="protocol",
         help="what the build fits fusion on: the protocol's validation split and training "
         "queries (default), or, as a plain `recsys build` does, its own hold-out of everything "
-        "before test, with no queries and every held-out interaction relevant",
+        "before test, with the training queries and every held-out interaction relevant",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     _add_log_level(p)

@@ -168,6 +168,8 @@ def write_queries(queries: list[TagQuery], path: Path) -> None:
 
 def read_queries(path: Path) -> list[TagQuery]:
     """Reads a queries.jsonl written by write_queries (or by hand in the same shape)."""
+    if not Path(path).is_file():
+        raise InvalidInput(f"{path}: file not found")
     queries = []
     with Path(path).open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):

@@ -16,6 +16,8 @@ from ranking_service.fusion_fit import (
     first_pass_features,
     fit_two_pass,
     ndcg,
+    sweep_sample,
+    within_budget,
 )
 
 POOL = 40
@@ -119,3 +121,40 @@ def test_the_chosen_depth_is_the_smallest_that_pays_and_is_near_the_best() -> No
     assert choose_depth(sweep, 0.7783) == (50, True)
     assert choose_depth(sweep, 0.70) == (20, True)
     assert choose_depth(sweep, 0.79) == (50, False)
+
+
+def test_the_first_pass_fits_on_every_list_and_the_cross_encoder_only_on_the_sample() -> None:
+    scorer = CountingScorer()
+    lists = synthetic_lists(80, ce_signal=0.9)
+    fused = fit_two_pass(lists, scorer, ConvexFusion(), "users", depths=(5, 10), sweep_lists=30)
+    assert fused.first.fitted_on["lists"] == 80
+    assert fused.fitted_on["sweep_lists"] == 30
+    assert scorer.pairs == 30 * 10
+    assert sweep_sample(lists, 30) == lists[:30]
+    # A sample too small to sweep on leaves the first pass alone.
+    alone = fit_two_pass(lists, scorer, ConvexFusion(), "users", sweep_lists=MIN_LISTS - 1)
+    assert alone.second is None and not alone.cross_encoder_pays
+
+
+def test_the_time_budget_cuts_the_depth_and_refits_the_second_pass_there() -> None:
+    lists = synthetic_lists(60, ce_signal=0.9)
+    fused = fit_two_pass(lists, CountingScorer(), ConvexFusion(), "users", depths=(5, 10, 20))
+    # Sweep rows all pay by construction here: force the deepest so the budget has to cut it.
+    deepest = TwoPassFusion(
+        fused.first, fused.second, 20, True, {**fused.fitted_on, "requests": "users"}
+    )
+    # 1000 pairs/s: depth 20 costs 20 ms, depth 10 costs 10 ms.
+    fits = within_budget(deepest, lists, CountingScorer(), pairs_per_s=1000, budget_ms=12)
+    assert fits.rerank_depth in (5, 10) and fits.cross_encoder_pays
+    assert fits.second is not fused.second
+    assert fits.fitted_on["ms_per_request"] <= 12 and fits.fitted_on["rerank_budget_ms"] == 12
+    # Within budget: unchanged apart from the record.
+    same = within_budget(deepest, lists, CountingScorer(), pairs_per_s=1000, budget_ms=25)
+    assert same.rerank_depth == 20 and same.second is fused.second
+    # No depth fits: the cross-encoder is skipped for this kind.
+    none = within_budget(deepest, lists, CountingScorer(), pairs_per_s=100, budget_ms=10)
+    assert not none.cross_encoder_pays and none.fitted_on["over_budget"]
+    # The convex fallback has no sweep: only its depth is cut.
+    fallback = fit_two_pass(lists[: MIN_LISTS - 1], CountingScorer(), ConvexFusion(), "users")
+    cut = within_budget(fallback, lists, CountingScorer(), pairs_per_s=1000, budget_ms=12)
+    assert cut.rerank_depth == 12 and cut.cross_encoder_pays

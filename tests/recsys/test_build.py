@@ -15,13 +15,16 @@ from pathlib import Path
 import pytest
 
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
+from ranking_service.train import RankerTrainConfig
 from recsys.app.build import (
+    FUSION_QUERY_SHARE,
     INT8_TOLERANCE,
     STUDENT_KEEPS,
     STUDENT_MIN_SPEARMAN,
     BuildOptions,
     build_bundle,
 )
+from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
@@ -77,11 +80,23 @@ def test_a_build_records_its_options_not_the_environment(
     for name, value in SERVING_ENV.items():
         monkeypatch.setenv(name, value)
     # No cross-encoder: the cheapest real build (encoder, index, CF, fusion, manifest).
+    queries = sample_paths()[1].parent / "queries.jsonl"
     bundle = build_bundle(
-        sample_options(tmp_path / "bundle", ranker=None, candidate_pool=37, cf_candidate_share=0.25)
+        sample_options(
+            tmp_path / "bundle",
+            ranker=None,
+            candidate_pool=37,
+            cf_candidate_share=0.25,
+            queries=queries,
+        )
     )
-    settings = Bundle.open(tmp_path / "bundle", bundle.version).manifest["settings"]
+    manifest = Bundle.open(tmp_path / "bundle", bundle.version).manifest
+    settings = manifest["settings"]
     assert (settings["candidate_pool"], settings["cf_candidate_share"]) == (37, 0.25)
+    assert settings["queries"] == str(queries)
+    # A share of the file's queries, held out, fits the search fusion with the logged ones.
+    held_out = round(len(queries.read_text().splitlines()) * FUSION_QUERY_SHARE)
+    assert manifest["fusion"]["query"]["fitted_on"]["lists"] >= held_out * 0.8
 
 
 def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
@@ -150,3 +165,28 @@ def test_the_fastest_copy_that_keeps_the_teachers_ndcg_serves(sample_bundle_root
     ]
     speed = {n: min(rows[n]["pairs_per_s"] for rows in parity.values()) for n in allowed}
     assert section["serving_copy"] == max(allowed, key=lambda n: speed[n])
+
+
+def test_without_queries_searches_never_use_the_cross_encoder(tmp_path: Path) -> None:
+    """None logged and no --queries: the cross-encoder was never fine-tuned on a search, so
+    searches keep the first pass (retrieval's order) and the manifest says why."""
+    catalog, interactions = sample_paths()
+    frame, _ = load_interactions(interactions)
+    unlogged = tmp_path / "interactions.csv"
+    frame.drop(columns=["query"]).to_csv(unlogged, index=False)
+    bundle = build_bundle(
+        BuildOptions(
+            catalog=catalog,
+            interactions=unlogged,
+            out=tmp_path / "bundle",
+            ranker=RankerTrainConfig(steps=2, batch_size=4, max_length=32, validation_users=8),
+            student=None,
+            fusion_lists=20,
+            device="cpu",
+        )
+    )
+    query = bundle.manifest["fusion"]["query"]
+    assert query["second"] is None and not query["cross_encoder_pays"]
+    assert query["fitted_on"]["cross_encoder"].startswith("skipped")
+    # Recommendations still have their cross-encoder to weigh.
+    assert bundle.manifest["fusion"]["history"]["second"] is not None

@@ -80,9 +80,14 @@ def test_bad_catalogs_exit_2_with_one_line_and_keep_current(
         assert build(tmp_path, root_with_bundle, catalog=path) == 2, name
         err = error_line(capsys.readouterr().err)
         assert str(path) in err and expected in err, (name, err)
+    queries = tmp_path / "queries.jsonl"
+    queries.write_text('{"query": "tents", "item_ids": ["P0001"]}\n{"query": "no items"}\n')
     for args, expected in [
         (["--encoder", str(tmp_path)], str(tmp_path)),
         (["--index-factory", "IVFbogus,Flat"], "IVFbogus"),
+        (["--queries", str(queries)], f"{queries} line 2"),
+        (["--queries", str(tmp_path / "absent.jsonl")], "absent.jsonl"),
+        (["--rerank-budget-ms", "0"], "--rerank-budget-ms 0"),
     ]:
         assert build(tmp_path, root_with_bundle, *args) == 2
         assert expected in error_line(capsys.readouterr().err)

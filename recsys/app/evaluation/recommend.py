@@ -5,15 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pandas as pd
 
 from gateway.candidates import CandidatePool
 from recsys.app.evaluation.metrics import K
-from recsys.app.evaluation.models import EvalModels, score_lists
+from recsys.app.evaluation.models import EvalModels, rerank
 from recsys.app.local import pool_request
 from recsys.app.splits import Split, histories, relevant_items
-from recsys.core.domain import Candidate, RankContext, Scored
+from recsys.core.domain import RankContext, Scored
 from recsys.core.errors import NotFound
 from recsys.core.settings import default
 
@@ -83,31 +82,13 @@ def run_recommend(
         contexts.append(f.context() if f else RankContext())
         dense_pools.append(d.candidates() if d else [])
         full_pools.append(f.candidates() if f else [])
-    # The tuned cross-encoder scores, once, the dense pool and what the ranker would rerank.
-    union = [
-        _union(d, [f[i] for i in models.ranker.rerank_rows(c, f)]) if f else d
-        for c, d, f in zip(contexts, dense_pools, full_pools, strict=True)
-    ]
-    tuned = score_lists(
-        models.tuned, contexts, union, desc="recommend: dense+ce", progress=progress
-    )
-    base = score_lists(
-        models.base, contexts, dense_pools, desc="recommend: dense+ce_base", progress=progress
-    )
     ranked: list[list[Scored]] = []
-    for case, context, dense_pool, full_pool, candidates, ce, ce_base in zip(
-        users, contexts, dense_pools, full_pools, union, tuned, base, strict=True
-    ):
-        ce_of = dict(zip((c.item_id for c in candidates), ce, strict=True))
-        runs["dense+ce"][case.user_id] = _top(
-            dense_pool, np.array([ce_of[c.item_id] for c in dense_pool])
-        )
-        runs["dense+ce_base"][case.user_id] = _top(dense_pool, ce_base)
-        outcome = models.ranker.combine(
-            context, full_pool, np.array([ce_of.get(c.item_id, np.nan) for c in full_pool])
-        )
-        runs["full"][case.user_id] = [s.item_id for s in outcome.scored[:K]]
-        ranked.append(outcome.scored)
+    answers = rerank(models, contexts, dense_pools, full_pools, "recommend", progress)
+    for case, answer in zip(users, answers, strict=True):
+        runs["dense+ce"][case.user_id] = answer.dense_ce
+        runs["dense+ce_base"][case.user_id] = answer.dense_ce_base
+        runs["full"][case.user_id] = [s.item_id for s in answer.full[:K]]
+        ranked.append(answer.full)
     return runs, users, ranked
 
 
@@ -128,12 +109,3 @@ def _by_user(
 
 def _desc(text: str, progress: bool) -> str | None:
     return text if progress else None
-
-
-def _union(first: list[Candidate], second: list[Candidate]) -> list[Candidate]:
-    ids = {c.item_id for c in first}
-    return first + [c for c in second if c.item_id not in ids]
-
-
-def _top(candidates: Sequence[Candidate], scores: np.ndarray) -> list[str]:
-    return [candidates[i].item_id for i in np.argsort(-scores, kind="stable")[:K]]

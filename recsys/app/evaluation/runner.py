@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 Protocol = Literal["recommend", "search", "all"]
 SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for evaluation
 # What fusion is fitted on: the protocol's validation split, or, as a plain `recsys build`
-# does, the build's own hold-out of everything before test (with no search queries).
+# does, the build's own hold-out of everything before test (with the training queries, as
+# `recsys build --queries` would get them).
 FIT_ON = {"protocol": SPLIT_MARK, "own-holdout": "movielens-before-test"}
 DIVERSITY_SETTINGS = (0.0, 0.25, 0.5, 0.75)
 RANKER_STEPS = 100  # cross-encoder fine-tuning steps of a bundle built for evaluation
@@ -76,19 +77,13 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
                 "seen test interactions); pass an empty --bundle ROOT and evaluate builds one"
             )
         return bundle
+    train_queries = [(q.query, q.item_ids) for q in data.queries if q.split == "train"]
+    inputs = replace(data.inputs, queries=train_queries)
     if options.split == FIT_ON["own-holdout"]:
         before = pd.concat([data.split.train, data.split.validation], ignore_index=True)
         report = replace(data.inputs.report, rows=len(before), kept=len(before))
-        return build_bundle(
-            options, inputs=replace(data.inputs, interactions=before, report=report)
-        )
-    train_queries = [(q.query, q.item_ids) for q in data.queries if q.split == "train"]
-    return build_bundle(
-        options,
-        inputs=data.inputs,
-        train_queries=train_queries,
-        validation=data.split.validation,
-    )
+        return build_bundle(options, inputs=replace(inputs, interactions=before, report=report))
+    return build_bundle(options, inputs=inputs, validation=data.split.validation)
 
 
 def evaluate_recommend(

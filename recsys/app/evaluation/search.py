@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 from recsys.app.evaluation.metrics import K
-from recsys.app.evaluation.models import EvalModels, score_lists
+from recsys.app.evaluation.models import EvalModels, rerank
 from recsys.app.local import pool_request
 from recsys.app.movielens import TagQuery
 
@@ -44,12 +42,10 @@ def run_search(
     pools = [g.candidates() for g in gathered]
     for q, candidates in zip(queries, pools, strict=True):
         runs["dense"][q.query] = [c.item_id for c in candidates[:K]]
-    for name, scorer in (("dense+ce", models.tuned), ("dense+ce_base", models.base)):
-        scores = score_lists(scorer, contexts, pools, desc=f"search: {name}", progress=progress)
-        for q, context, candidates, ce in zip(queries, contexts, pools, scores, strict=True):
-            order = np.argsort(-ce, kind="stable")[:K]
-            runs[name][q.query] = [candidates[i].item_id for i in order]
-            if name == "dense+ce":
-                outcome = models.ranker.combine(context, candidates, ce)
-                runs["full"][q.query] = [s.item_id for s in outcome.scored[:K]]
+    # A search's pool is retrieval's: the dense baselines rerank its head.
+    answers = rerank(models, contexts, pools, pools, "search", progress)
+    for q, answer in zip(queries, answers, strict=True):
+        runs["dense+ce"][q.query] = answer.dense_ce
+        runs["dense+ce_base"][q.query] = answer.dense_ce_base
+        runs["full"][q.query] = [s.item_id for s in answer.full[:K]]
     return runs
