@@ -34,6 +34,10 @@ CROSS_ENCODER_STUDENT_DIR = "cross_encoder_student"
 CROSS_ENCODER_STUDENT_INT8_DIR = "cross_encoder_student_int8"
 FUSION = "fusion.json"
 
+# mkstemp creates 0600 files, but bundle files are read by the services' user (uid 10001 in the
+# images), seldom the builder's: written atomically, they get the mode of any other bundle file.
+FILE_MODE = 0o644
+
 
 def new_version() -> str:
     """A sortable, unique version name such as 20261123T040501Z-3f9a1c."""
@@ -58,9 +62,16 @@ def checksums(version_dir: Path) -> dict[str, str]:
     }
 
 
+def atomic_temp(path: Path) -> tuple[int, str]:
+    """An open temp file beside `path`, to rename over it once written, with FILE_MODE."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + fsync + rename so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = atomic_temp(path)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
