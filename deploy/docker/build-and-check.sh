@@ -18,8 +18,10 @@
 #              image (default torch==2.13.0)
 # IMAGE        tag to build (default localhost/recsys:check)
 # SERVICE      what the container serves: all (default), retrieval, ranking or gateway
+# WAIT_S       how long the services may take to report SERVING (default 300)
 # CACHE_DIR    debootstrap's package cache, the torch wheel, the default bundle (default build/image)
 # DEBIAN_MIRROR  where debootstrap downloads from (default http://deb.debian.org/debian)
+# HOST_CA_BUNDLE  CA bundle pip trusts inside the build (default /etc/ssl/certs/ca-certificates.crt)
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,8 +29,10 @@ PYTHON=${PYTHON:-$ROOT/.venv/bin/python}
 TORCH=${TORCH:-torch==2.13.0}
 IMAGE=${IMAGE:-localhost/recsys:check}
 SERVICE=${SERVICE:-all}
+WAIT_S=${WAIT_S:-300}
 CACHE_DIR=$(mkdir -p "${CACHE_DIR:-$ROOT/build/image}" && cd "${CACHE_DIR:-$ROOT/build/image}" && pwd)
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+HOST_CA_BUNDLE=${HOST_CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 # The name `FROM debian:bookworm-slim` resolves to, as a pull would store it.
 BASE=docker.io/library/debian:bookworm-slim
 SUITE=bookworm
@@ -37,11 +41,19 @@ declare -A GRPC_PORT=([gateway]=50051 [retrieval]=50052 [ranking]=50053)
 
 log() { echo "[$(date +%T)] $*" >&2; }
 
-podman() {
-  # PID 1 here is no systemd, so cgroups are managed directly and events go to a file (podman's
-  # defaults are systemd's cgroup manager and the journal).
-  command podman --cgroup-manager=cgroupfs --events-backend=file "$@"
-}
+# What podman needs on these machines (VMs where root lacks CAP_SYS_RESOURCE, cgroups are in
+# hybrid v1 + v2 mode and PID 1 is no systemd; podman itself picks cgroupfs and file events):
+# - runc: crun, Debian's default runtime, refuses hybrid cgroups ("cgroups in hybrid mode not
+#   supported, drop all controllers from cgroupv2");
+# - explicit limits for open files and processes: podman's default of 1048576 is above the hard
+#   limits here, which root cannot raise (setrlimit: operation not permitted). Podman runs with
+#   at most 32768 processes itself, and a container cannot get more than its runtime has.
+podman() { command podman --runtime=runc "$@"; }
+NOFILE=$(ulimit -Hn)
+NPROC=$(ulimit -Hu)
+[[ $NPROC == unlimited || $NPROC -gt 32768 ]] && NPROC=32768
+[[ $NOFILE == unlimited ]] && NOFILE=1048576
+LIMITS=(--ulimit "nofile=$NOFILE:$NOFILE" --ulimit "nproc=$NPROC:$NPROC")
 
 # ---- the base image: debian:bookworm-slim from Debian's packages -----------------------------
 
@@ -113,26 +125,32 @@ make_base() {
 
 # ---- the image ------------------------------------------------------------------------------
 
-# The torch wheel `make setup` installs on this machine (pip's configuration decides which: a
-# CPU build here), handed to the build through a read-only mount.
-torch_wheel() {
-  local dir=$CACHE_DIR/torch/${TORCH//[^A-Za-z0-9.=+_-]/_}
-  if ! compgen -G "$dir/torch-*.whl" > /dev/null; then
-    mkdir -p "$dir"
+# What the build reads from this machine, mounted read-only at /inputs: the torch wheel that
+# `make setup` installs here (pip's configuration picks it: a CPU build, where PyPI's own Linux
+# wheel is a CUDA one) and the CA bundle this machine trusts (HTTPS may go through an
+# intercepting proxy whose CA Debian's bundle lacks).
+build_inputs() {
+  local dir=$CACHE_DIR/inputs
+  mkdir -p "$dir"
+  if [[ ! -f $dir/torch.spec || $(cat "$dir/torch.spec") != "$TORCH" ]]; then
+    rm -f "$dir"/torch-*.whl
     "$PYTHON" -m pip download --quiet --no-deps --dest "$dir" "$TORCH" >&2
+    echo "$TORCH" > "$dir/torch.spec"
   fi
-  compgen -G "$dir/torch-*.whl" | head -n 1
+  cp "$HOST_CA_BUNDLE" "$dir/ca.crt"
+  echo "$dir"
 }
 
 build_image() {
-  local wheel
-  wheel=$(torch_wheel)
-  log "image: building $IMAGE with $(basename "$wheel")"
-  # --pull=never: the base is local, no registry is asked. --network=host: see README notes in
-  # the report; pip reaches PyPI through the host's network.
-  podman build --pull=never --network=host \
-    --volume "$(dirname "$wheel"):/wheelhouse:ro" \
-    --build-arg TORCH_SPEC="/wheelhouse/$(basename "$wheel")" \
+  local inputs wheel
+  inputs=$(build_inputs)
+  wheel=$(cd "$inputs" && compgen -G "torch-*.whl" | head -n 1)
+  log "image: building $IMAGE with $wheel"
+  # --pull=never: the base is local, no registry is asked.
+  podman build --pull=never "${LIMITS[@]}" \
+    --volume "$inputs:/inputs:ro" \
+    --build-arg PIP_CERT=/inputs/ca.crt \
+    --build-arg TORCH_SPEC="/inputs/$wheel" \
     --build-arg TORCH_INDEX_URL=https://pypi.org/simple \
     --file "$ROOT/deploy/docker/Dockerfile" --tag "$IMAGE" "$ROOT" >&2
 }
@@ -150,29 +168,32 @@ default_bundle() {
   echo "$bundle"
 }
 
-# Waits until every service answers health SERVING on its published port; prints the checks.
-check_health() {
-  local spec=$1
-  "$PYTHON" - "$spec" <<'EOF'
-import sys, time
+# The health status of the server at ADDRESS, checked from this machine as a probe would.
+health_of() {
+  "$PYTHON" - "$1" <<'EOF'
+import sys
 import grpc
 from recsys.rpc.launcher import SERVING, check_health
 
-deadline = time.monotonic() + 300
-for item in sys.argv[1].split():
-    name, address = item.split("=")
-    status = "UNREACHABLE"
-    while time.monotonic() < deadline:
-        try:
-            code = check_health(address)
-            status = "SERVING" if code == SERVING else str(code)
-            if code == SERVING:
-                break
-        except grpc.RpcError:
-            pass
-        time.sleep(1)
-    print(f"check health {name}={status}", flush=True)
+try:
+    code = check_health(sys.argv[1])
+    print("SERVING" if code == SERVING else f"status {code}")
+except grpc.RpcError as exc:
+    print(exc.code().name)
 EOF
+}
+
+# Prints `check health NAME=STATUS` once NAME answers SERVING, its container has stopped or
+# WAIT_S have passed.
+wait_serving() {
+  local name=$1 address=$2 container=$3 deadline=$((SECONDS + WAIT_S)) status
+  while true; do
+    status=$(health_of "$address")
+    [[ $status == SERVING || $SECONDS -ge $deadline ]] && break
+    [[ $(podman inspect --format '{{.State.Running}}' "$container") == true ]] || break
+    sleep 1
+  done
+  echo "check health $name=$status"
 }
 
 # Runs the image as deploy/k8s does and prints the checks: non-root, read-only root filesystem,
@@ -189,22 +210,24 @@ run_checks() {
   done
   # shellcheck disable=SC2064  # expanded now: the trap runs after these locals are gone
   trap "podman rm --force $name > /dev/null 2>&1 || true; rm -rf $state" EXIT
-  podman run --detach --name "$name" \
+  podman run --detach --name "$name" "${LIMITS[@]}" \
     --read-only --user 10001:10001 \
     --tmpfs /tmp:rw,mode=1777 --tmpfs /cache:rw,mode=1777 \
     --volume "$bundle:/bundle:ro" --volume "$state:/state:rw" \
     --env RECSYS_BUNDLE=/bundle --env RECSYS_STATE_DIR=/state --env RECSYS_GRACE_PERIOD_S=1 \
     "${publish[@]}" "$IMAGE" serve "$SERVICE" > /dev/null
 
-  check_health "$targets"
+  for target in $targets; do
+    wait_serving "${target%%=*}" "${target#*=}" "$name"
+  done
   echo "check uid=$(podman exec "$name" id -u)"
   echo "check process_uid=$(podman exec "$name" stat -c %u /proc/1)"
   # Even root cannot write to the root filesystem; /tmp stays writable.
-  if podman exec --user 0 "$name" touch /probe 2> /dev/null; then
-    echo "check rootfs=writable"
-  else
-    echo "check rootfs=read-only"
-  fi
+  case $(podman exec --user 0 "$name" touch /probe 2>&1 && echo written) in
+    *"Read-only file system"*) echo "check rootfs=read-only" ;;
+    written) echo "check rootfs=writable" ;;
+    *) echo "check rootfs=unknown" ;;
+  esac
   echo "check tmp=$(podman exec "$name" sh -c 'touch /tmp/probe && echo writable || echo read-only')"
   log "container log (tail):"
   podman logs --tail 30 "$name" >&2 || true
@@ -220,11 +243,11 @@ main() {
   done
   services=$([[ $SERVICE == all ]] && echo "retrieval ranking gateway" || echo "$SERVICE")
   start=$SECONDS
+  bundle=$(cd "${1:-$(default_bundle)}" && pwd)
   make_base
   log "base ready after $((SECONDS - start)) s"
   build_image
   log "image ready after $((SECONDS - start)) s"
-  bundle=$(cd "${1:-$(default_bundle)}" && pwd)
   run_checks "$bundle" "$services" | tee "$CACHE_DIR/checks.txt"
   log "checked after $((SECONDS - start)) s"
   local expected=("check uid=10001" "check process_uid=10001" "check rootfs=read-only"

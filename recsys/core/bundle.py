@@ -146,14 +146,14 @@ class Bundle:
                 raise InvalidInput(
                     f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`"
                 )
-            version = pointer.read_text().strip()
+            version = _read(pointer).strip()
         manifest_path = root / version / MANIFEST
         if not manifest_path.is_file():
             raise InvalidInput(
                 f"{manifest_path}: missing; bundle version {version!r} is incomplete"
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(_read(manifest_path))
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{manifest_path}: not valid JSON ({exc})") from None
         return cls(root=root, version=version, manifest=manifest)
@@ -167,6 +167,16 @@ class Bundle:
             if not path.is_file() or sha256_file(path) != digest:
                 bad.append(rel)
         return bad
+
+
+def _read(path: Path) -> str:
+    """A bundle file's text, or one-line InvalidInput (a file this user may not read, say)."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidInput(
+            f"{path}: cannot read ({exc.strerror or exc}) as uid {os.getuid()}"
+        ) from None
 
 
 def versions(root: Path) -> list[str]:
