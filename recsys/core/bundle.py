@@ -69,6 +69,16 @@ def atomic_temp(path: Path) -> tuple[int, str]:
     return fd, tmp
 
 
+def readable_by_all(directory: Path) -> None:
+    """Lets every user read `directory`'s files and search its directories: some writers (temp
+    files renamed into place, transformers' save_pretrained among them) leave files 0600."""
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o555 if path.is_dir() else 0o444))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + fsync + rename so readers never see a partial file."""
     fd, tmp = atomic_temp(path)
@@ -96,6 +106,7 @@ def staged_version(root: Path, version: str | None = None) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        readable_by_all(staging)
         os.replace(staging, root / version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
