@@ -231,6 +231,19 @@ def _reason(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def apply_changes(items: Sequence[Item], latest: Mapping[str, Upsert | None]) -> list[Item]:
+    """The catalog with the online changes folded in: an upsert replaces its item in place or
+    is appended, a delete removes it."""
+    out: list[Item] = []
+    for item in items:
+        if item.item_id not in latest:
+            out.append(item)
+        elif (change := latest[item.item_id]) is not None:
+            out.append(change.item)
+    known = {item.item_id for item in items}
+    return out + [u.item for k, u in latest.items() if u is not None and k not in known]
+
+
 # -- snapshot ----------------------------------------------------------------------------------
 
 
