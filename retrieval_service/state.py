@@ -180,7 +180,7 @@ class Journal:
                 if not line.endswith(b"\n"):
                     return
                 try:
-                    record = json.loads(line)
+                    record = json.loads(line.decode("utf-8"))  # str: json skips sniffing
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     record = None
                 if not isinstance(record, dict):
