@@ -215,7 +215,7 @@ def _fold_record(record: dict[str, Any], latest: Latest) -> None:
             latest[item.item_id] = Upsert(item, None, "")
         return
     dimension = int(record["dimension"])
-    raw = base64.b64decode(record["vectors"], validate=True)
+    raw = binascii.a2b_base64(record["vectors"], strict_mode=True)  # b64decode's check is slower
     if dimension < 1 or len(raw) != 4 * dimension * len(items):
         raise ValueError(f"{len(raw)} vector bytes for {len(items)} items of dimension {dimension}")
     vectors = np.frombuffer(raw, dtype="<f4").reshape(len(items), dimension)
