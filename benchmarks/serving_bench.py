@@ -180,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/reports"))
     parser.add_argument(
+        "--name", default="serving", help="report file names: OUT/NAME.json and OUT/NAME.md"
+    )
+    parser.add_argument(
         "--requests",
         type=int,
         default=24,
@@ -226,9 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "serving.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
     text = markdown(report)
-    (args.out / "serving.md").write_text(text)
+    (args.out / f"{args.name}.md").write_text(text)
     print(text)
     return 0
 

@@ -314,7 +314,9 @@ def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate:
     import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
-    every = max(config.steps // 4, 1)
+    # Three checkpoints to choose from (each validation pass costs as much as ~8 steps); rounded
+    # up, because the trainer also validates at the last step.
+    every = max(-(-config.steps // 3), 1)
     return CrossEncoderTrainingArguments(
         output_dir=str(work),
         max_steps=config.steps,

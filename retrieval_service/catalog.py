@@ -1,19 +1,15 @@
-"""The item store: items and their vectors by row, online upserts/deletes, and their durable journal."""
+"""The item store: items and their vectors by row, with online upserts and deletes (see state.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from recsys.core.domain import Item
-from recsys.core.errors import InvalidInput
 
 
 def save_catalog(catalog: pd.DataFrame, path: Path) -> None:
@@ -75,6 +71,10 @@ class ItemStore:
     def vector_at(self, row: int) -> np.ndarray:
         return self._vectors[row]
 
+    def vectors_at(self, rows: Sequence[int]) -> np.ndarray:
+        """A copy of the rows' vectors, (len(rows), dimension)."""
+        return self._vectors[np.asarray(rows, dtype=np.int64)].reshape(len(rows), self.dimension)
+
     def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> int:
         """Appends rows for the items (tombstoning any previous row of the same id); returns first new row."""
         first = self._size
@@ -105,50 +105,3 @@ class ItemStore:
                 self._rows[row] = None
                 deleted.append(item_id)
         return deleted, missing
-
-
-class Journal:
-    """Append-only JSON-lines log of upserts and deletes, fsynced before a change is acknowledged."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._drop_torn_tail()
-
-    def _drop_torn_tail(self) -> None:
-        """A crash mid-write leaves a partial last line that was never acknowledged: cut it."""
-        if not self.path.exists():
-            return
-        data = self.path.read_bytes()
-        if data and not data.endswith(b"\n"):
-            with self.path.open("r+b") as fh:
-                fh.truncate(data.rfind(b"\n") + 1)
-
-    def append_upsert(self, items: Sequence[Item]) -> None:
-        self._append({"op": "upsert", "items": [asdict(item) for item in items]})
-
-    def append_delete(self, item_ids: Sequence[str]) -> None:
-        self._append({"op": "delete", "item_ids": list(item_ids)})
-
-    def _append(self, record: dict[str, Any]) -> None:
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
-
-    def records(self) -> Iterator[dict[str, Any]]:
-        """Replays the log in order."""
-        if not self.path.exists():
-            return
-        with self.path.open(encoding="utf-8") as fh:
-            for number, line in enumerate(fh, start=1):
-                try:
-                    yield json.loads(line)
-                except json.JSONDecodeError:
-                    raise InvalidInput(
-                        f"{self.path} line {number}: corrupt journal record"
-                    ) from None
-
-
-def item_from_record(record: dict[str, Any]) -> Item:
-    return Item(**record)

@@ -16,9 +16,10 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import default
-from retrieval_service.catalog import ItemStore, Journal, item_from_record, load_catalog_items
+from retrieval_service.catalog import ItemStore, load_catalog_items
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
+from retrieval_service.state import OnlineState, Upsert, encoder_identity, legacy_journal
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,17 @@ class HistoryWeights:
     weight: float = default("history_weight")  # of the history vector next to a text/vector query
 
 
+@dataclass(frozen=True)
+class Replay:
+    """What start-up applied from the state dir, for the log and for tests."""
+
+    upserts: int = 0  # items whose online version replaced or extended the bundle's catalog
+    deletes: int = 0  # item ids deleted online (present in this bundle or not)
+    stored_vectors: int = 0  # upserts served with their journaled vectors
+    encoded: int = 0  # upserts re-encoded: no vector, or one from another encoder
+    journal_records: int = 0  # records read after the snapshot
+
+
 class Retriever:
     """Owns encoder, index and item store; safe to call from several threads."""
 
@@ -39,16 +51,17 @@ class Retriever:
         encoder: TextEncoder,
         index: VectorIndex,
         store: ItemStore,
-        journal: Journal | None,
+        state: OnlineState | None,
         version: str,
         history: HistoryWeights = HistoryWeights(),
     ) -> None:
         self.encoder = encoder
         self.index = index
         self.store = store
-        self.journal = journal
+        self.state = state
         self.version = version
         self.history = history
+        self.replayed = Replay()
         # FAISS add() and search() must not overlap; encoding happens outside the lock.
         self._lock = threading.Lock()
 
@@ -59,8 +72,10 @@ class Retriever:
         state_dir: Path | None,
         device: str = "auto",
         history: HistoryWeights = HistoryWeights(),
+        compact_records: int = default("journal_compact_records"),
     ) -> Retriever:
-        """Loads a bundle version and replays its journal of online changes (when state_dir is set)."""
+        """Loads a bundle version and applies the online changes kept in state_dir (when set),
+        whichever bundle version they were made under."""
         manifest = bundle.manifest
         encoder = TextEncoder.load(
             bundle.file(bundle_files.ENCODER_DIR),
@@ -75,24 +90,70 @@ class Retriever:
             nprobe=manifest["index"].get("nprobe", 16),
         )
         items = load_catalog_items(bundle.file(bundle_files.CATALOG))
-        vectors = np.load(bundle.file(bundle_files.EMBEDDINGS))
-        journal = Journal(state_dir / f"{bundle.version}.journal.jsonl") if state_dir else None
-        retriever = cls(encoder, index, ItemStore(items, vectors), journal, bundle.version, history)
-        retriever._replay()
+        store = ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
+        state = None
+        if state_dir is not None:
+            state = OnlineState(
+                state_dir,
+                encoder_identity(manifest),
+                compact_records,
+                legacy=legacy_journal(state_dir, bundle.version),
+            )
+        retriever = cls(encoder, index, store, state, bundle.version, history)
+        try:
+            retriever._replay()
+        except BaseException:
+            retriever.close()
+            raise
         return retriever
 
     def _replay(self) -> None:
-        if self.journal is None:
+        """Applies the state dir's latest change per item in one step: journaled vectors where
+        the serving encoder made them, one batched encoding pass for the rest."""
+        if self.state is None:
             return
-        count = 0
-        for record in self.journal.records():
-            if record["op"] == "upsert":
-                self._apply_upsert([item_from_record(r) for r in record["items"]])
-            else:
-                self._apply_delete(record["item_ids"])
-            count += 1
-        if count:
-            log.info("replayed %d journal records from %s", count, self.journal.path)
+        changes = self.state.load()
+        upserts = [u for u in changes.latest.values() if u is not None]
+        deleted = [item_id for item_id, u in changes.latest.items() if u is None]
+        reusable = [self._reusable(u, self.state.encoder) for u in upserts]
+        stored = [u for u, ok in zip(upserts, reusable, strict=True) if ok]
+        stale = [u for u, ok in zip(upserts, reusable, strict=True) if not ok]
+        parts = [np.stack([u.vector for u in stored if u.vector is not None])] if stored else []
+        if stale:
+            parts.append(self.encoder.encode([u.item.text() for u in stale]))
+        if parts:
+            self._add([u.item for u in stored + stale], np.concatenate(parts))
+        self.store.delete(deleted)
+        self.replayed = Replay(
+            upserts=len(upserts),
+            deletes=len(deleted),
+            stored_vectors=len(stored),
+            encoded=len(stale),
+            journal_records=changes.journal_records,
+        )
+        if upserts or deleted:
+            log.info(
+                "applied online changes from %s over bundle %s: %d upserts (%d with stored "
+                "vectors, %d re-encoded), %d deletes, %d journal records after the snapshot",
+                self.state.directory,
+                self.version,
+                len(upserts),
+                len(stored),
+                len(stale),
+                len(deleted),
+                changes.journal_records,
+            )
+        # Fold what was re-encoded or migrated into a snapshot, so the next start reuses it.
+        if stale or self.state.migration_pending or self.state.due:
+            self._compact_logged()
+
+    def _reusable(self, upsert: Upsert, encoder: str) -> bool:
+        """Whether the journaled vector is what the serving encoder would compute."""
+        return (
+            upsert.vector is not None
+            and upsert.encoder == encoder
+            and upsert.vector.shape == (self.store.dimension,)
+        )
 
     # -- queries -------------------------------------------------------------------------------
 
@@ -187,27 +248,64 @@ class Retriever:
     # -- online changes ------------------------------------------------------------------------
 
     def upsert(self, items: Sequence[Item]) -> int:
-        """Encodes, journals (durably) and applies the items; visible to the next search."""
+        """Encodes, journals (durably, with the vectors) and applies the items; visible to the next
+        search."""
         vectors = self.encoder.encode([item.text() for item in items])
         with self._lock:
-            if self.journal is not None:
-                self.journal.append_upsert(items)
+            if self.state is not None:
+                self.state.append_upsert(items, vectors)
             self._add(items, vectors)
-        return len(self.store)
+            size = len(self.store)
+        self._compact_when_due()
+        return size
 
     def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Journals and tombstones the items; returns (deleted, missing)."""
         with self._lock:
             present = [i for i in item_ids if self.store.row(i) is not None]
-            if present and self.journal is not None:
-                self.journal.append_delete(present)
-            return self.store.delete(item_ids)
+            if present and self.state is not None:
+                self.state.append_delete(present)
+            result = self.store.delete(item_ids)
+        self._compact_when_due()
+        return result
 
-    def _apply_upsert(self, items: Sequence[Item]) -> None:
-        self._add(items, self.encoder.encode([item.text() for item in items]))
+    def compact(self) -> bool:
+        """Folds the online changes into a snapshot and drops the journal it holds; False when
+        there is no state dir or a compaction is already running."""
+        if self.state is None:
+            return False
+        return self.state.compact(self._lock, self._capture)
 
-    def _apply_delete(self, item_ids: Sequence[str]) -> None:
-        self.store.delete(item_ids)
+    def close(self) -> None:
+        """Releases the state dir (another process may then load it)."""
+        if self.state is not None:
+            self.state.close()
+
+    def _compact_when_due(self) -> None:
+        if self.state is not None and self.state.due:
+            self._compact_logged()
+
+    def _compact_logged(self) -> None:
+        """Compacts; a failure is logged, not raised: every change is still in the journal."""
+        try:
+            self.compact()
+        except OSError as exc:
+            log.error(
+                "compacting online changes in %s failed (%s); the journal still holds them",
+                self.state.directory if self.state else None,
+                exc,
+            )
+
+    def _capture(self, item_ids: list[str]) -> tuple[list[Item], np.ndarray]:
+        """The live items and vectors of the ids (called under the lock)."""
+        rows, items = [], []
+        for item_id in item_ids:
+            row = self.store.row(item_id)
+            item = None if row is None else self.store.item_at(row)
+            if row is not None and item is not None:
+                rows.append(row)
+                items.append(item)
+        return items, self.store.vectors_at(rows)
 
     def _add(self, items: Sequence[Item], vectors: np.ndarray) -> None:
         self.store.upsert(items, vectors)

@@ -171,11 +171,18 @@ class RetrievalService:
         bundle = Bundle.open(self.settings.bundle)
         history = HistoryWeights(self.settings.history_half_life, self.settings.history_weight)
         retriever = await asyncio.to_thread(
-            Retriever.load, bundle, self.settings.state_path(), self.settings.device, history
+            Retriever.load,
+            bundle,
+            self.settings.state_path(),
+            self.settings.device,
+            history,
+            self.settings.journal_compact_records,
         )
         self.servicer.retriever = retriever
         metrics.INDEX_ITEMS.set(len(retriever.store))
         return bundle.version
 
     async def close(self) -> None:
-        self.servicer.retriever = None
+        retriever, self.servicer.retriever = self.servicer.retriever, None
+        if retriever is not None:
+            retriever.close()

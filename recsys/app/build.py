@@ -56,7 +56,7 @@ class BuildOptions:
     # Held-out lists per request kind the rerank depth sweep and the second pass are fitted on
     # (the cross-encoder scores the first pass's top 50 of each, the build's main cost after
     # fine-tuning); the first pass is fitted on every held-out list.
-    fusion_lists: int = 200
+    fusion_lists: int = 160
     # The cross-encoder's share of a request's time: the rerank depth is cut to what the
     # serving copy scores within it at the pairs/s measured in the build.
     rerank_budget_ms: float = 60.0

@@ -80,6 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
     _add_bundle(sub)
+    _add_catalog(sub)
     _add_search(sub)
     _add_datasets(sub)
     _add_serve(sub)
@@ -336,6 +337,61 @@ def _fusion_lines(fusion: dict[str, Any]) -> list[str]:
         shown = f"; first pass validation ndcg@10 {first:.4f}" if first is not None else ""
         lines.append(f"fusion        {label}: {how}{shown}")
     return lines
+
+
+# -- catalog ------------------------------------------------------------------------------------
+
+
+def _add_catalog(sub: Any) -> None:
+    p = sub.add_parser("catalog", help="fold retrieval's online changes into a catalog file")
+    csub = p.add_subparsers(dest="catalog_command", required=True, metavar="COMMAND")
+    export = csub.add_parser(
+        "export-state",
+        help="write the bundle's catalog with the online upserts/deletes applied",
+        description="Write ROOT's catalog (CURRENT, or --version) with every upsert and delete "
+        "that retrieval keeps in its state dir applied, as the next `recsys build --catalog` "
+        "input. Read-only: safe while retrieval serves and writes.",
+    )
+    export.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
+    export.add_argument("--version", help="a version other than CURRENT")
+    export.add_argument(
+        "--state-dir",
+        type=Path,
+        metavar="DIR",
+        help="retrieval's RECSYS_STATE_DIR (default ROOT/state)",
+    )
+    export.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="FILE",
+        help="catalog file: .csv, .parquet or .jsonl",
+    )
+    _add_log_level(export)
+    export.set_defaults(handler=_run_export_state)
+
+
+def _run_export_state(args: argparse.Namespace) -> int:
+    from recsys.app.ingest import items_to_frame, write_catalog
+    from recsys.core import bundle as bundle_files
+    from recsys.core.bundle import Bundle
+    from retrieval_service.catalog import load_catalog_items
+    from retrieval_service.state import apply_changes, legacy_journal, read_changes
+
+    bundle = Bundle.open(args.bundle, args.version)
+    state_dir = args.state_dir or Settings.built_in(bundle=args.bundle).state_path()
+    if not state_dir.is_dir():
+        raise InvalidInput(f"--state-dir {state_dir}: no such directory")
+    items = load_catalog_items(bundle.file(bundle_files.CATALOG))
+    latest = read_changes(state_dir, legacy_journal(state_dir, bundle.version)).latest
+    exported = apply_changes(items, latest)
+    write_catalog(items_to_frame(exported), args.out)
+    upserts = sum(change is not None for change in latest.values())
+    print(
+        f"wrote {len(exported):,} items to {args.out}: {bundle.version}'s {len(items):,} with "
+        f"{upserts:,} online upserts and {len(latest) - upserts:,} deletes from {state_dir}"
+    )
+    return 0
 
 
 # -- search --------------------------------------------------------------------------------------

@@ -24,7 +24,9 @@ class Settings(BaseSettings):
     # Artifacts
     bundle: Path | None = Field(None, description="Bundle root (the directory holding CURRENT).")
     state_dir: Path | None = Field(
-        None, description="Where retrieval journals upserts/deletes (default BUNDLE/state)."
+        None,
+        description="Where retrieval keeps online upserts/deletes (snapshot + journal), applied "
+        "over whichever bundle version it loads; one per retrieval process (default BUNDLE/state).",
     )
     device: Device = Field("auto", description="Model/index device: auto, cpu or cuda.")
 
@@ -108,6 +110,12 @@ class Settings(BaseSettings):
     history_weight: float = Field(
         1.0, ge=0, description="Weight of the history vector when mixed with a text query."
     )
+    journal_compact_records: int = Field(
+        5000,
+        ge=1,
+        description="Journal records after which retrieval folds its online changes into the "
+        "state dir's snapshot and starts a new journal: start-up replays at most this many.",
+    )
 
     # Ranking (dynamic batching)
     rank_max_batch_pairs: int = Field(64, ge=1)
@@ -181,7 +189,7 @@ class Settings(BaseSettings):
         return cls.model_construct(**values)
 
     def state_path(self) -> Path:
-        """Directory of retrieval's durable journal."""
+        """Directory of retrieval's durable online changes (snapshot and journal)."""
         if self.state_dir is not None:
             return self.state_dir
         if self.bundle is None:

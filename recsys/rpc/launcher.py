@@ -7,6 +7,7 @@ and the benchmarks all use `Launcher`.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -33,11 +34,23 @@ FULL_NAMES = {
 SERVING = health_pb2.HealthCheckResponse.SERVING
 
 
+# Below Linux's default ephemeral range (32768-60999): a port the kernel hands out for outgoing
+# connections can be taken by a client while a stopped service is down, so a restart on the same
+# port would find it in use.
+PORT_RANGE = (20000, 32767)
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on right now (loopback)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A TCP port nothing is bound to right now (loopback), outside the ephemeral range."""
+    low, high = PORT_RANGE
+    for port in random.sample(range(low, high + 1), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {low}-{high}")
 
 
 def on_free_ports(settings: Settings) -> Settings:

@@ -120,8 +120,11 @@ def _decode(decode: Callable[[bytes], Any], raw: bytes, method: str) -> Any:
 
 
 def server_options(settings: Settings) -> list[tuple[str, int]]:
-    """Channel arguments every server uses: message limits and a max connection age."""
+    """Channel arguments every server uses: message limits, one owner a port, a max connection age."""
     options = [
+        # gRPC shares ports by default (SO_REUSEPORT): a second server on a taken port would
+        # silently split its traffic instead of failing to start.
+        ("grpc.so_reuseport", 0),
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ]
@@ -146,19 +149,22 @@ def _set_health(servicer: health_aio.HealthServicer, names: list[str], serving: 
 def _listen(server: grpc.aio.Server, address: str, settings: Settings, name: str) -> None:
     """Binds the gRPC port: TLS when the settings give a certificate, else plaintext."""
     credentials = server_credentials(settings)
+    try:
+        if credentials is None:
+            server.add_insecure_port(address)
+        else:
+            server.add_secure_port(address, credentials)
+    except RuntimeError:  # grpc's "Failed to bind", with the reason only at debug verbosity
+        raise InvalidInput(f"{name}: cannot listen on {address} (in use?)") from None
     if credentials is None:
-        bound = server.add_insecure_port(address)
         log.warning("%s: PLAINTEXT on %s: callers are not authenticated", name, address)
     else:
-        bound = server.add_secure_port(address, credentials)
         who = (
             "client certificate required (mTLS)"
             if settings.tls_client_auth
             else "no client certificate"
         )
         log.info("%s: TLS on %s, %s", name, address, who)
-    if bound == 0:
-        raise OSError(f"{name}: cannot bind {address}")
 
 
 async def _health_only_server(
@@ -168,11 +174,23 @@ async def _health_only_server(
     server = grpc.aio.server(options=server_options(settings))
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     address = f"{settings.host}:{port}"
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"{name}: cannot bind health port {address}")
+    try:
+        server.add_insecure_port(address)
+    except RuntimeError:
+        await server.stop(None)
+        raise InvalidInput(f"{name}: cannot listen for health on {address} (in use?)") from None
     await server.start()
     log.info("%s: health only, plaintext, on %s", name, address)
     return server
+
+
+def _start_metrics(host: str, port: int, name: str) -> None:
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        raise InvalidInput(
+            f"{name}: cannot serve metrics on {host}:{port}: {exc.strerror}"
+        ) from None
 
 
 async def serve(
@@ -198,15 +216,19 @@ async def serve(
         [service.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME], server
     )
     address = f"{settings.host}:{port}"
-    _listen(server, address, settings, service.name)
-    await server.start()
-    health_server = (
-        await _health_only_server(health_servicer, settings, health_port, service.name)
-        if health_port
-        else None
-    )
-    if metrics_port:
-        start_http_server(metrics_port, addr=settings.host)
+    try:
+        _listen(server, address, settings, service.name)
+        await server.start()
+        if metrics_port:
+            _start_metrics(settings.host, metrics_port, service.name)
+        health_server = (
+            await _health_only_server(health_servicer, settings, health_port, service.name)
+            if health_port
+            else None
+        )
+    except InvalidInput:
+        await server.stop(None)  # a port in use: one line and exit, no half-started server
+        raise
     log.info(
         "%s listening on %s, metrics on :%s/metrics, limits %s",
         service.name,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+import pytest
 
 from recsys.rpc.launcher import Launcher
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
@@ -178,13 +179,17 @@ def first_hits(stub: retrieval_pb2_grpc.RetrievalServiceStub, text: str, k: int)
     return [hit.item_id for hit in reply.hits]
 
 
+# The default threshold never compacts in a CI-sized run; 5 compacts every few writes, so kills
+# also land while a snapshot is written, renamed, or its journal segments removed.
+@pytest.mark.parametrize("compact_records", [None, 5], ids=["journal", "compacting"])
 def test_acknowledged_changes_survive_kill_9_under_writes(
-    own_stack: Callable[..., Launcher], scale: Scale
+    own_stack: Callable[..., Launcher], scale: Scale, compact_records: int | None
 ) -> None:
     kills = scale.pick(3, 12)
     writer_count = scale.pick(3, 6)
     acks_per_life = scale.pick(15, 80)  # acknowledged before each kill, so kills land mid-write
-    stack = own_stack("retrieval")
+    tuned = {"journal_compact_records": compact_records} if compact_records else {}
+    stack = own_stack("retrieval", **tuned)
     address = stack.address("retrieval")
     with quick_channel(address) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
@@ -240,6 +245,10 @@ def test_acknowledged_changes_survive_kill_9_under_writes(
     assert sum(states[i] is not None for i in required) >= acks_per_life
     assert sum(states[i] is None for i in required) >= kills
     assert ledger.failed >= kills
+    if compact_records:
+        assert stack.log_dir is not None
+        log = (stack.log_dir / "retrieval.log").read_text(errors="replace")
+        assert log.count("compacted online changes") >= kills, "the runs barely compacted"
     print(
         f"\ndurability: {kills + 1} kills -9, {writer_count} writers, {ledger.acked} changes "
         f"acknowledged ({len(deletes)} deletes), {ledger.failed} failed, {len(kept)} ids kept, "

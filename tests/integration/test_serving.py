@@ -83,9 +83,13 @@ def gateway_recovers(stack: Launcher, within_s: float = 10.0) -> None:
 
 
 def test_recommend_returns_ranked_items_with_breakdowns(
-    stack: Launcher, catalog: pd.DataFrame, user_history: tuple[str, list[str]]
+    stack: Launcher,
+    catalog: pd.DataFrame,
+    user_history: tuple[str, list[str]],
+    sample_bundle_root: Path,
 ) -> None:
     user, history = user_history
+    searches = plan(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
     reply = recommend(
         stack, user_id=user, query=catalog.iloc[0]["title"], history_item_ids=history, k=5
     )
@@ -95,7 +99,10 @@ def test_recommend_returns_ranked_items_with_breakdowns(
     assert fused == sorted(fused, reverse=True)
     for item in reply.items:
         assert item.title and item.item_id not in history
-        assert item.scores.HasField("cross_encoder") and item.scores.HasField("retrieval")
+        assert item.scores.HasField("retrieval")
+        # The cross-encoder scored the head where the build found it pays for searches.
+        assert item.scores.HasField("cross_encoder") == searches.cross_encoder_pays
+    assert (reply.versions.cross_encoder == CROSS_ENCODER_SKIPPED) != searches.cross_encoder_pays
     # A known user: CF scores the items it knows.
     assert any(item.scores.HasField("cf") for item in reply.items)
     assert reply.versions.bundle_version
@@ -198,7 +205,8 @@ def test_get_items_reports_unknown_ids(stack: Launcher, catalog: pd.DataFrame) -
 def test_ranking_down_gives_degraded_answers_then_recovers(
     own_stack: Callable[..., Launcher], catalog: pd.DataFrame
 ) -> None:
-    stack = own_stack()
+    # The cross-encoder on every kind, whatever the build decided: recovery must bring it back.
+    stack = own_stack(rerank_kinds="all")
     query = catalog.iloc[5]["title"]
     stack.stop("ranking")
     try:

@@ -121,6 +121,10 @@ def test_the_chosen_depth_is_the_smallest_that_pays_and_is_near_the_best() -> No
     assert choose_depth(sweep, 0.7783) == (50, True)
     assert choose_depth(sweep, 0.70) == (20, True)
     assert choose_depth(sweep, 0.79) == (50, False)
+    # A gain within noise of the first pass (under GAIN_Z standard errors) does not pay.
+    noisy = [{**row, "gain_se": 0.06} for row in sweep]
+    assert choose_depth(noisy, 0.70) == (50, False)
+    assert choose_depth([{**r, "gain_se": 0.001} for r in sweep], 0.70) == (20, True)
 
 
 def test_the_first_pass_fits_on_every_list_and_the_cross_encoder_only_on_the_sample() -> None:

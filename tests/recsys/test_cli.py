@@ -293,3 +293,41 @@ def test_fine_tuning_shows_one_bar_not_the_trainers_metric_dicts(tmp_path: Path)
     assert progress.postfix == {"loss": "0.5000", "val ndcg@10": "0.2500"}  # no grad_norm
     progress.on_train_end(args, state, control)
     assert progress.bar is None
+
+
+def test_catalog_export_state_folds_the_online_changes_into_a_catalog(
+    sample_bundle_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import numpy as np
+
+    from recsys.app.ingest import catalog_items, load_catalog
+    from recsys.core import bundle as bundle_files
+    from recsys.core.bundle import Bundle
+    from recsys.core.domain import Item
+    from retrieval_service.catalog import load_catalog_items
+    from retrieval_service.state import OnlineState
+
+    items = load_catalog_items(Bundle.open(sample_bundle_root).file(bundle_files.CATALOG))
+    renamed = Item(items[0].item_id, "Renamed online", items[0].description, items[0].category)
+    new = Item("NEW-1", "Brand new lamp", "", "Home", {"brand": "Acme"})
+    state = OnlineState(tmp_path / "state", "any-encoder", 100)
+    state.load()
+    state.append_upsert([new, renamed], np.zeros((2, 4), np.float32))
+    state.append_delete([items[1].item_id])
+    state.close()
+    out = tmp_path / "catalog.csv"
+    argv = ["catalog", "export-state", "--bundle", str(sample_bundle_root), "--out", str(out)]
+
+    assert main([*argv, "--state-dir", str(tmp_path / "state")]) == 0
+    assert "1 deletes" in capsys.readouterr().out
+    exported = catalog_items(load_catalog(out))
+    assert [i.item_id for i in exported] == [
+        items[0].item_id,
+        *(i.item_id for i in items[2:]),
+        "NEW-1",
+    ]
+    assert exported[0].title == "Renamed online" and exported[-1] == new
+    assert exported[1:-1] == items[2:]
+
+    assert main([*argv, "--state-dir", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such directory" in error_line(capsys.readouterr().err)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval_service.encoder import TextEncoder, default_encoder_dir
+from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
+from retrieval_service.encoder import Pooling, TextEncoder, default_encoder_dir
 
 TITLES = [
     ("Trail running shoes", "Shoes", "Lightweight shoes with a grippy sole for muddy trails."),
@@ -71,3 +74,22 @@ def texts(catalog: pd.DataFrame) -> list[str]:
 @pytest.fixture(scope="session")
 def item_vectors(encoder: TextEncoder, texts: list[str]) -> np.ndarray:
     return encoder.encode(texts)
+
+
+def write_retrieval_version(
+    root: Path, catalog: pd.DataFrame, version: str, pooling: Pooling = "mean"
+) -> Bundle:
+    """A real retrieval-only bundle version (catalog, embeddings, Flat index, encoder copy and
+    manifest) published as ROOT/CURRENT: what Retriever.load reads."""
+    from recsys.core import bundle as bundle_files
+    from retrieval_service.build import build_retrieval
+    from retrieval_service.catalog import save_catalog
+
+    with staged_version(root, version) as stage:
+        save_catalog(catalog, stage / bundle_files.CATALOG)
+        built = build_retrieval(
+            catalog, stage, default_encoder_dir(), pooling=pooling, factory="Flat", device="cpu"
+        )
+        write_manifest(stage, {"version": version, **built.manifest})
+    publish(root, version)
+    return Bundle.open(root, version)

@@ -10,21 +10,22 @@ import pytest
 
 from recsys.core.domain import Item, SearchQuery
 from recsys.core.errors import InvalidInput
-from retrieval_service.catalog import ItemStore, Journal
+from retrieval_service.catalog import ItemStore
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
 from retrieval_service.retriever import HistoryWeights, Retriever
+from retrieval_service.state import Journal, OnlineState
 
 
 def make_retriever(
-    encoder: TextEncoder, catalog: pd.DataFrame, journal: Journal | None
+    encoder: TextEncoder, catalog: pd.DataFrame, state: OnlineState | None
 ) -> Retriever:
     items = [
         Item(r.item_id, r.title, r.description, r.category) for r in catalog.itertuples(index=False)
     ]
     vectors = encoder.encode([i.text() for i in items])
     index = VectorIndex.build(vectors, "Flat", device="cpu")
-    retriever = Retriever(encoder, index, ItemStore(items, vectors), journal, "v-test")
+    retriever = Retriever(encoder, index, ItemStore(items, vectors), state, "v-test")
     retriever._replay()
     return retriever
 
@@ -84,22 +85,23 @@ def test_query_needs_something_and_vectors_need_the_right_dimension(
 def test_upserts_and_deletes_survive_a_reload_through_the_journal(
     encoder: TextEncoder, catalog: pd.DataFrame, tmp_path: Path
 ) -> None:
-    journal_path = tmp_path / "v.journal.jsonl"
-    retriever = make_retriever(encoder, catalog, Journal(journal_path))
+    retriever = make_retriever(encoder, catalog, OnlineState(tmp_path, "test-encoder", 100))
     new = Item("new-1", "Telescope for stargazing", "Refractor, 70 mm aperture.", "Outdoors")
     replaced = Item("item-018", "Floor lamp", "Tall arc lamp.", "Home")
     size = retriever.upsert([new, replaced])
     assert size == len(catalog) + 1
     retriever.delete(["item-019"])
     assert ids(retriever, top_k=1, text="Telescope for stargazing") == ["new-1"]
+    retriever.close()
 
-    reloaded = make_retriever(encoder, catalog, Journal(journal_path))
+    reloaded = make_retriever(encoder, catalog, OnlineState(tmp_path, "test-encoder", 100))
     assert len(reloaded.store) == len(catalog)  # +1 new, -1 deleted, replaced in place
     assert ids(reloaded, top_k=1, text="Telescope for stargazing") == ["new-1"]
     assert reloaded.store.get("item-018") == replaced
     assert "item-019" not in ids(reloaded, top_k=len(catalog), text="Scented candle")
     found, missing = reloaded.get_items(["item-018", "item-019"])
     assert [i.item_id for i, _ in found] == ["item-018"] and missing == ["item-019"]
+    assert reloaded.replayed.encoded == 0 and reloaded.replayed.stored_vectors == 2
 
 
 def test_a_torn_journal_tail_is_dropped_not_fatal(tmp_path: Path) -> None:
@@ -108,4 +110,6 @@ def test_a_torn_journal_tail_is_dropped_not_fatal(tmp_path: Path) -> None:
     journal.append_delete(["a"])
     with path.open("a") as fh:
         fh.write('{"op": "delete", "item_')  # crash mid-write: never acknowledged
-    assert [r["item_ids"] for r in Journal(path).records()] == [["a"]]
+    assert [r["item_ids"] for _, r in Journal(path).records()] == [["a"]]
+    Journal(path).drop_torn_tail()
+    assert path.read_text() == '{"op": "delete", "item_ids": ["a"]}\n'

@@ -9,6 +9,7 @@ accepted before it exits.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 import urllib.request
 from collections.abc import Callable
@@ -189,3 +190,20 @@ def test_sigterm_under_load_drops_no_accepted_request(
         answers = [f.result() for f in futures]  # raises if any call failed
     assert all(len(a.items) == 5 for a in answers)
     assert stack.procs["gateway"].wait(timeout=120) == 0  # drained and exited by itself
+
+
+@pytest.mark.parametrize(
+    "port_field", ["gateway_port", "gateway_metrics_port", "gateway_health_port"]
+)
+def test_a_port_in_use_exits_2_with_one_line(
+    own_stack: Callable[..., Launcher], port_field: str
+) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        stack = own_stack("gateway", wait=False, **{port_field: busy.getsockname()[1]})
+        proc = stack.procs["gateway"]
+        assert proc.wait(timeout=120) == 2
+    log = stack.log_tail("gateway")
+    assert log.splitlines()[-1].startswith("recsys: error: gateway: cannot "), log
+    assert "Traceback" not in log
