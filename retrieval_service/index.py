@@ -7,7 +7,6 @@ import functools
 import logging
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from recsys.core.bundle import atomic_temp
 from recsys.core.devices import resolve_device
 from recsys.core.errors import InvalidInput
 
@@ -145,7 +145,7 @@ class VectorIndex:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         cpu_index = self._index if self.device == "cpu" else faiss.index_gpu_to_cpu(self._index)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        fd, tmp = atomic_temp(path)
         os.close(fd)
         try:
             faiss.write_index(cpu_index, tmp)

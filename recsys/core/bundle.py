@@ -34,6 +34,10 @@ CROSS_ENCODER_STUDENT_DIR = "cross_encoder_student"
 CROSS_ENCODER_STUDENT_INT8_DIR = "cross_encoder_student_int8"
 FUSION = "fusion.json"
 
+# mkstemp creates 0600 files, but bundle files are read by the services' user (uid 10001 in the
+# images), seldom the builder's: written atomically, they get the mode of any other bundle file.
+FILE_MODE = 0o644
+
 
 def new_version() -> str:
     """A sortable, unique version name such as 20261123T040501Z-3f9a1c."""
@@ -58,9 +62,26 @@ def checksums(version_dir: Path) -> dict[str, str]:
     }
 
 
+def atomic_temp(path: Path) -> tuple[int, str]:
+    """An open temp file beside `path`, to rename over it once written, with FILE_MODE."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.fchmod(fd, FILE_MODE)
+    return fd, tmp
+
+
+def readable_by_all(directory: Path) -> None:
+    """Lets every user read `directory`'s files and search its directories: some writers (temp
+    files renamed into place, transformers' save_pretrained among them) leave files 0600."""
+    for path in [directory, *directory.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        path.chmod(mode | (0o555 if path.is_dir() else 0o444))
+
+
 def _write_atomic(path: Path, text: str) -> None:
     """Write via a temp file + fsync + rename so readers never see a partial file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = atomic_temp(path)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -85,6 +106,7 @@ def staged_version(root: Path, version: str | None = None) -> Iterator[Path]:
     staging.mkdir()
     try:
         yield staging
+        readable_by_all(staging)
         os.replace(staging, root / version)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -135,14 +157,14 @@ class Bundle:
                 raise InvalidInput(
                     f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`"
                 )
-            version = pointer.read_text().strip()
+            version = _read(pointer).strip()
         manifest_path = root / version / MANIFEST
         if not manifest_path.is_file():
             raise InvalidInput(
                 f"{manifest_path}: missing; bundle version {version!r} is incomplete"
             )
         try:
-            manifest = json.loads(manifest_path.read_text())
+            manifest = json.loads(_read(manifest_path))
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{manifest_path}: not valid JSON ({exc})") from None
         return cls(root=root, version=version, manifest=manifest)
@@ -156,6 +178,16 @@ class Bundle:
             if not path.is_file() or sha256_file(path) != digest:
                 bad.append(rel)
         return bad
+
+
+def _read(path: Path) -> str:
+    """A bundle file's text, or one-line InvalidInput (a file this user may not read, say)."""
+    try:
+        return path.read_text()
+    except OSError as exc:
+        raise InvalidInput(
+            f"{path}: cannot read ({exc.strerror or exc}) as uid {os.getuid()}"
+        ) from None
 
 
 def versions(root: Path) -> list[str]:

@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsys.core.settings import Settings
+from recsys.rpc.tls import ClientCertificates
 
 SERVICES = ("retrieval", "ranking", "gateway")  # start order: the gateway waits for retrieval
 FULL_NAMES = {
@@ -76,9 +77,21 @@ def child_env(settings: Settings, extra: dict[str, str] | None = None) -> dict[s
     return env | (extra or {})
 
 
-def check_health(address: str, service: str = "", timeout: float = 2.0) -> int:
-    """The health status of `service` ("" = the server as a whole) at `address`."""
-    with grpc.insecure_channel(address) as channel:
+def check_health(
+    address: str,
+    service: str = "",
+    timeout: float = 2.0,
+    certificates: ClientCertificates | None = None,
+) -> int:
+    """The health status of `service` ("" = the server as a whole) at `address`: plaintext, or
+    TLS presenting the client certificate of `certificates`."""
+    if certificates is None:
+        channel = grpc.insecure_channel(address)
+    else:
+        channel = grpc.secure_channel(
+            address, certificates.credentials(), options=certificates.options()
+        )
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         request = health_pb2.HealthCheckRequest(service=service)
         return int(stub.Check(request, timeout=timeout).status)
@@ -101,8 +114,11 @@ class Launcher:
 
     def address(self, name: str) -> str:
         """Where to connect to a service (a wildcard bind is reached over loopback)."""
+        return self._local(self.port(name))
+
+    def _local(self, port: int) -> str:
         host = self.settings.host
-        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{self.port(name)}"
+        return f"{'127.0.0.1' if host in ('0.0.0.0', '::', '') else host}:{port}"
 
     def start(self, name: str, wait: bool = True) -> None:
         output: Any = None
@@ -128,7 +144,16 @@ class Launcher:
             self.wait_serving(name, timeout)
 
     def health(self, name: str, service: str = "") -> int:
-        return check_health(self.address(name), service)
+        """`name`'s health: with TLS on, on its plaintext health-only port when one is set, else
+        over TLS presenting the settings' client certificate (mTLS servers refuse plaintext)."""
+        if not self.settings.tls_enabled():
+            return check_health(self.address(name), service)
+        health_port = self.settings.health_port(name)
+        if health_port:
+            return check_health(self._local(health_port), service)
+        # Read at every check, so a certificate rotated while waiting is picked up.
+        certificates = ClientCertificates(self.settings)
+        return check_health(self.address(name), service, certificates=certificates)
 
     def wait_serving(self, name: str, timeout: float = 300.0) -> None:
         """Returns once `name` reports SERVING; raises if it exits or the timeout passes."""

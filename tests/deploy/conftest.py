@@ -50,6 +50,8 @@ EXPORTED_METRICS: dict[str, str] = {
     "recsys_ranking_inference_seconds": "histogram",
     # retrieval
     "recsys_index_items": "gauge",
+    # any server that takes writes (retrieval): accepted UpsertItems/DeleteItems by caller
+    "recsys_writes_total": "counter",
 }
 # Series Prometheus adds for every target it scrapes.
 SCRAPE_SERIES = frozenset({"up", "scrape_duration_seconds", "scrape_samples_scraped"})
@@ -67,6 +69,7 @@ EXPORTED_LABELS: dict[str, tuple[str, ...]] = {
     "recsys_stage_duration_seconds": ("stage",),
     "recsys_candidates": ("stage",),
     "recsys_degraded_responses_total": ("reason",),
+    "recsys_writes_total": ("identity", "method"),
 }
 # Labels Prometheus attaches to every series of a target (PodMonitor: namespace, pod, ...).
 TARGET_LABELS = frozenset({"job", "instance", "namespace", "pod", "container", "endpoint"})

@@ -13,11 +13,14 @@ import jsonschema
 import kubernetes_validate
 import pytest
 import yaml
+from prometheus_client.metrics import MetricWrapperBase
 
+from recsys.core import metrics
 from recsys.core.settings import Settings
 from tests.deploy.conftest import (
     DASHBOARD,
     DEPLOY,
+    EXPORTED_METRICS,
     K8S_VERSION,
     REPO_ROOT,
     RULES,
@@ -425,6 +428,18 @@ def test_queries_use_only_exported_metrics() -> None:
         assert family in used
 
 
+def test_the_metric_list_names_every_family_the_code_defines() -> None:
+    """A family missing from EXPORTED_METRICS would be unknown to every check that reads it."""
+    defined: dict[str, str] = {}
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            for family in value.describe():
+                # prometheus_client drops a counter's _total from the family name; it is exposed.
+                suffix = "_total" if family.type == "counter" else ""
+                defined[family.name + suffix] = family.type
+    assert defined == EXPORTED_METRICS
+
+
 def test_selectors_use_exported_labels() -> None:
     for query in dashboard_queries() + [expr for _, expr in alert_expressions()]:
         for series, labels in selector_labels(query):
@@ -490,7 +505,13 @@ def test_promql_parses(promtool: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.cuda"])
 def test_dockerfiles(name: str) -> None:
     text = (DEPLOY / "docker" / name).read_text()
-    assert len(re.findall(r"^FROM ", text, re.MULTILINE)) >= 2, "multi-stage"
+    stages = re.findall(r"^FROM (\S+)", text, re.MULTILINE)
+    assert len(stages) >= 2, "multi-stage"
+    # Every stage on plain Debian (build-and-check.sh can make it without a registry), running
+    # Debian's python3: the venv's interpreter symlink must resolve in the runtime stage too.
+    assert "ARG BASE_IMAGE=debian:bookworm-slim" in text
+    assert set(stages) == {"${BASE_IMAGE}"}
+    assert "python3 -m venv /opt/venv" in text
     assert "COPY --from=builder /opt/venv /opt/venv" in text
     user = re.findall(r"^USER (\S+)", text, re.MULTILINE)
     assert user and user[-1].split(":")[0] not in {"root", "0"}

@@ -74,6 +74,13 @@ def test_the_manifest_records_the_pool_the_build_used(sample_bundle_root: Path) 
     assert settings["cf_candidate_share"] == BUILT_IN_CF_SHARE
 
 
+def test_every_bundle_file_is_readable_by_other_users(sample_bundle_root: Path) -> None:
+    """The images serve as uid 10001, seldom the user who built the bundle."""
+    for path in [sample_bundle_root, *sample_bundle_root.rglob("*")]:
+        needed = 0o005 if path.is_dir() else 0o004  # others: read (+ search for directories)
+        assert path.stat().st_mode & needed == needed, f"{path}: mode {path.stat().st_mode:o}"
+
+
 def test_a_build_records_its_options_not_the_environment(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:

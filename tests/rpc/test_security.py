@@ -1,8 +1,9 @@
 """mTLS and write authorization against real servers on loopback (recsys.rpc.tls, recsys.rpc.auth).
 
-The servers run in this process (a thread each), because the Launcher's health check speaks
-plaintext only; each TLS server also has the plaintext health-only port the mtls overlay probes.
-Certificates come from throwaway CAs made with the openssl CLI.
+Most servers run in this process (a thread each), which makes the fixtures quick; each TLS server
+also has the plaintext health-only port the mtls overlay probes. One test starts `recsys serve`
+as a child through the Launcher, whose health check must get through TLS too. Certificates come
+from throwaway CAs made with the openssl CLI.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from recsys.core.errors import InvalidInput, NotReady
 from recsys.core.settings import Settings
 from recsys.rpc import channels
 from recsys.rpc.auth import WriteAuthorizer, bearer_token, parse_tokens
-from recsys.rpc.launcher import SERVING, check_health, free_port
+from recsys.rpc.launcher import FULL_NAMES, SERVING, Launcher, check_health, free_port
 from recsys.rpc.server import Service, serve
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from tests.conftest import stack_settings
@@ -324,6 +325,33 @@ def test_gateway_channel_presents_its_certificate_and_renews_it(
             await stage.close()
 
     assert asyncio.run(search_twice()) == 2
+
+
+def test_launcher_checks_health_through_tls(
+    sample_bundle_root: Path, pki: Pki, tmp_path: Path
+) -> None:
+    """`recsys serve` with mTLS: the Launcher waits on the plaintext health-only port when one is
+    set, else dials TLS with the settings' client certificate; plaintext on the TLS port fails."""
+    settings = retrieval_settings(
+        sample_bundle_root,
+        tmp_path,
+        tls_cert_file=pki.server.cert,
+        tls_key_file=pki.server.key,
+        tls_ca_file=pki.ca.cert,
+        retrieval_health_port=free_port(),
+    )
+    launcher = Launcher(settings, log_dir=tmp_path / "logs", env={"OMP_NUM_THREADS": "1"})
+    try:
+        launcher.start("retrieval", wait=False)
+        launcher.wait_serving("retrieval", timeout=240)  # on the health-only port
+        over_tls = Launcher(settings.model_copy(update={"retrieval_health_port": 0}))
+        assert over_tls.health("retrieval") == SERVING
+        assert over_tls.health("retrieval", FULL_NAMES["retrieval"]) == SERVING
+        with pytest.raises(grpc.RpcError) as plaintext:
+            check_health(launcher.address("retrieval"))
+        assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        launcher.close()
 
 
 # -- bearer tokens, TLS off --------------------------------------------------------------------
