@@ -343,7 +343,9 @@ def _fusion_lines(fusion: dict[str, Any]) -> list[str]:
 
 
 def _add_catalog(sub: Any) -> None:
-    p = sub.add_parser("catalog", help="fold retrieval's online changes into a catalog file")
+    p = sub.add_parser(
+        "catalog", help="change a live retrieval's items, or export them with the online changes"
+    )
     csub = p.add_subparsers(dest="catalog_command", required=True, metavar="COMMAND")
     export = csub.add_parser(
         "export-state",
@@ -369,6 +371,84 @@ def _add_catalog(sub: Any) -> None:
     )
     _add_log_level(export)
     export.set_defaults(handler=_run_export_state)
+
+    upsert = csub.add_parser(
+        "upsert",
+        help="add or replace items in a live retrieval service",
+        description="Send every item of a catalog file (the ingestion schema: .csv, .parquet or "
+        ".jsonl) to retrieval's UpsertItems, in batches of RECSYS_MAX_UPSERT_ITEMS. Acknowledged "
+        "items are durable; after a failure, the error says how many were acknowledged.",
+    )
+    upsert.add_argument("catalog", type=Path, metavar="FILE", help="items to upsert")
+    _add_writer_flags(upsert)
+    upsert.set_defaults(handler=_run_upsert)
+
+    delete = csub.add_parser(
+        "delete",
+        help="delete items from a live retrieval service",
+        description="Send the ids to retrieval's DeleteItems; ids it does not hold are reported.",
+    )
+    delete.add_argument("item_ids", nargs="+", metavar="ID", help="item ids to delete")
+    _add_writer_flags(delete)
+    delete.set_defaults(handler=_run_delete)
+
+
+def _add_writer_flags(p: argparse.ArgumentParser) -> None:
+    """How a writer reaches retrieval and proves who it is (recsys.rpc.auth)."""
+    p.add_argument(
+        "--retrieval",
+        required=True,
+        metavar="HOST:PORT",
+        help="retrieval's gRPC address (RECSYS_RETRIEVAL_ADDRESS in the services)",
+    )
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="a file holding this writer's bearer token (the services' write_tokens_file "
+        "names it); not needed with an allowed client certificate",
+    )
+    for name, what in (
+        ("cert", "client certificate (PEM): TLS on, presenting it"),
+        ("key", "private key of --tls-cert"),
+        ("ca", "CA bundle that signed retrieval's certificate"),
+    ):
+        p.add_argument(
+            f"--tls-{name}",
+            type=Path,
+            dest=f"setting_tls_{name}_file",
+            metavar="FILE",
+            help=f"{what} (default RECSYS_TLS_{name.upper()}_FILE)",
+        )
+    p.add_argument(
+        "--tls-server-name",
+        dest="setting_tls_server_name",
+        metavar="NAME",
+        help="name expected in retrieval's certificate, when not HOST",
+    )
+    _add_log_level(p, default="WARNING")
+
+
+def _run_upsert(args: argparse.Namespace) -> int:
+    from recsys.app.online import token_metadata, upsert_catalog
+
+    settings = settings_from_args(args)
+    sent = upsert_catalog(args.retrieval, args.catalog, settings, token_metadata(args.token_file))
+    print(f"upserted {sent:,} items from {args.catalog} into retrieval at {args.retrieval}")
+    return 0
+
+
+def _run_delete(args: argparse.Namespace) -> int:
+    from recsys.app.online import delete_items, token_metadata
+
+    settings = settings_from_args(args)
+    missing = delete_items(args.retrieval, args.item_ids, settings, token_metadata(args.token_file))
+    deleted = len(args.item_ids) - len(missing)
+    print(
+        f"deleted {deleted:,} items from retrieval at {args.retrieval}"
+        + (f"; not there: {', '.join(missing)}" if missing else "")
+    )
+    return 0
 
 
 def _run_export_state(args: argparse.Namespace) -> int:

@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from gateway.stages import GrpcRetrievalStage
+from recsys.app.cli import main
 from recsys.app.services import make_service
 from recsys.core.domain import SearchQuery
 from recsys.core.errors import InvalidInput, NotReady
@@ -373,6 +374,90 @@ def test_bearer_tokens_authorize_writes_without_tls(token_retrieval: Running) ->
         assert [i for i in ("t-none", "t-wrong", "t-reader", "t-writer") if known(stub, i)] == [
             "t-writer"
         ]
+
+
+# -- the CLI as a writer (recsys catalog upsert|delete) -----------------------------------------
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def catalog_file(directory: Path, *item_ids: str) -> Path:
+    path = directory / "items.csv"
+    rows = "".join(f"{i},Writer CLI lamp {i},home\n" for i in item_ids)
+    path.write_text("item_id,title,category\n" + rows)
+    return path
+
+
+def test_the_cli_writes_with_a_token_file_and_is_refused_without_the_right_one(
+    token_retrieval: Running, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = catalog_file(tmp_path, "cli-a", "cli-b")
+    writer, reader = tmp_path / "writer.token", tmp_path / "reader.token"
+    writer.write_text("writer-secret\n")
+    reader.write_text("reader-secret")
+    upsert = ["catalog", "upsert", str(catalog), "--retrieval", token_retrieval.address]
+    for extra, status in [
+        ([], "UNAUTHENTICATED"),
+        (["--token-file", str(reader)], "PERMISSION_DENIED"),
+    ]:
+        code, _, err = cli(upsert + extra, capsys)
+        assert code == 2
+        assert (
+            err.startswith(f"recsys: error: retrieval failed with {status}: ")
+            and err.count("\n") == 1
+        )
+    with grpc.insecure_channel(token_retrieval.address) as ch:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(ch)
+        assert not known(stub, "cli-a")
+        assert cli([*upsert, "--token-file", str(writer)], capsys)[:2] == (
+            0,
+            f"upserted 2 items from {catalog} into retrieval at {token_retrieval.address}\n",
+        )
+        assert known(stub, "cli-a") and known(stub, "cli-b")
+        delete = ["catalog", "delete", "cli-a", "cli-never", "--retrieval", token_retrieval.address]
+        assert cli([*delete, "--token-file", str(reader)], capsys)[0] == 2
+        assert known(stub, "cli-a")
+        code, out, _ = cli([*delete, "--token-file", str(writer)], capsys)
+        assert (code, out) == (
+            0,
+            f"deleted 1 items from retrieval at {token_retrieval.address}; not there: cli-never\n",
+        )
+        assert not known(stub, "cli-a") and known(stub, "cli-b")
+
+
+def test_the_cli_presents_its_client_certificate(
+    mtls_retrieval: Running, pki: Pki, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    catalog = catalog_file(tmp_path, "cli-mtls")
+    upsert = ["catalog", "upsert", str(catalog), "--retrieval", mtls_retrieval.address]
+
+    def tls(pem: Pem) -> list[str]:
+        return [
+            "--tls-cert",
+            str(pem.cert),
+            "--tls-key",
+            str(pem.key),
+            "--tls-ca",
+            str(pki.ca.cert),
+        ]
+
+    code, _, err = cli(upsert + tls(pki.reader), capsys)
+    assert code == 2 and "PERMISSION_DENIED" in err
+    assert cli(upsert + tls(pki.writer), capsys)[0] == 0
+    with secure(mtls_retrieval.address, credentials(pki.ca.cert, pki.reader)) as ch:
+        assert known(retrieval_pb2_grpc.RetrievalServiceStub(ch), "cli-mtls")
+    # A token file that is not one token is the caller's mistake, named before any call.
+    bad = tmp_path / "bad.token"
+    bad.write_text("two tokens")
+    code, _, err = cli([*upsert, "--token-file", str(bad)], capsys)
+    assert (code, err) == (
+        2,
+        f"recsys: error: --token-file {bad}: expected one token and nothing else\n",
+    )
 
 
 # -- certificate rotation on the server --------------------------------------------------------
