@@ -1,8 +1,9 @@
 """`recsys retrain`: the next version reuses the live one's embeddings and cross-encoder, and
 CURRENT switches only when the gate passes; a broken candidate is refused and kept aside.
 
-The live version is built on the sample interactions' first half by time, the retrain reads all
-of them: the gate's held-out interactions are the later ones, which the live version never saw.
+The live version is the session's sample bundle; the retrain reads a log that grew since: the
+sample interactions plus 30 more days of the same users' sessions. The gate's held-out
+interactions are the later ones, which the live version never saw.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ranking_service.distill import DistillConfig
-from ranking_service.train import RankerTrainConfig
-from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.cli import main
 from recsys.app.ingest import load_interactions
 from recsys.app.retrain import EXIT_REFUSED, judge
-from recsys.app.sample import sample_paths
+from recsys.app.sample import sample_paths, write_grown_log
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, publish, write_manifest
 from recsys.core.errors import InvalidInput
+
+# A retrain is a (shorter) build plus two versions ranking the held-out users: minutes on a
+# busy 2-core machine, on top of the session's sample bundle when this module builds it.
+pytestmark = pytest.mark.timeout(1800)
 
 CATALOG, INTERACTIONS = sample_paths()
 SAMPLE_ITEMS = 345
@@ -35,14 +37,16 @@ RETRAIN_STEPS = 4
 # The sample is small: two versions' NDCG@10 differ by chance far more than on real data.
 LENIENT = "0.5"
 
+Retrained = tuple[Path, str, subprocess.CompletedProcess[str]]
 
-def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    """`recsys ARGS` as a separate process, on the CPU."""
+
+def cli(*args: str | Path | int) -> subprocess.CompletedProcess[str]:
+    """`recsys ARGS` as a separate process."""
     return subprocess.run(
         [sys.executable, "-m", "recsys", *map(str, args)],
         capture_output=True,
         text=True,
-        timeout=1200,
+        timeout=1500,
         env={**os.environ, "OMP_NUM_THREADS": "2"},
     )
 
@@ -52,41 +56,24 @@ def current(root: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def live_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A root whose CURRENT was built on the first half of the sample interactions by time,
-    with the small settings of the session's sample bundle."""
-    work = tmp_path_factory.mktemp("retrain")
-    everything = pd.read_csv(INTERACTIONS, dtype={"query": str}, keep_default_na=False)
-    first = everything[everything["timestamp"] <= everything["timestamp"].median()]
-    first.to_csv(work / "first_half.csv", index=False)
-    build_bundle(
-        BuildOptions(
-            catalog=CATALOG,
-            interactions=work / "first_half.csv",
-            out=work / "root",
-            ranker=RankerTrainConfig(steps=8, batch_size=8, max_length=64, validation_users=24),
-            student=DistillConfig(steps=20, batch_size=16),
-            fusion_lists=40,
-            device="cpu",
-        )
-    )
-    return work / "root"
+def grown_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_grown_log(tmp_path_factory.mktemp("log") / "interactions.csv", days=30)
 
 
 @pytest.fixture(scope="module")
 def retrained(
-    live_root: Path, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Path, str, subprocess.CompletedProcess[str]]:
-    """(root, the live version, the run) after `recsys retrain` on every sample interaction."""
+    sample_bundle_root: Path, grown_log: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Retrained:
+    """(root, the live version, the run) after `recsys retrain` on the grown log."""
     root = tmp_path_factory.mktemp("retrained") / "root"
-    shutil.copytree(live_root, root)
+    shutil.copytree(sample_bundle_root, root)
     live = current(root)
     run = cli(
         "retrain",
         "--bundle",
         root,
         "--interactions",
-        INTERACTIONS,
+        grown_log,
         "--ranker-steps",
         RETRAIN_STEPS,
         "--max-drop",
@@ -97,8 +84,20 @@ def retrained(
     return root, live, run
 
 
+def set_aside(retrained: Retrained, tmp_path: Path) -> tuple[Path, str, str]:
+    """(root, live, candidate): a copy of the retrained root with CURRENT back on the live
+    version, as it was before the gate ran."""
+    root, live, run = retrained
+    assert run.returncode == 0, run.stderr[-3000:]
+    copy = tmp_path / "root"
+    shutil.copytree(root, copy)
+    candidate = current(copy)
+    publish(copy, live)
+    return copy, live, candidate
+
+
 def test_retrain_reuses_the_live_version_and_switches_when_the_gate_passes(
-    retrained: tuple[Path, str, subprocess.CompletedProcess[str]],
+    retrained: Retrained, grown_log: Path
 ) -> None:
     root, live, run = retrained
     assert run.returncode == 0, run.stderr[-3000:]
@@ -126,39 +125,25 @@ def test_retrain_reuses_the_live_version_and_switches_when_the_gate_passes(
     ce = manifest["cross_encoder"]
     assert Path(ce["warm_start"]) == root / live / bundle_files.CROSS_ENCODER_DIR
     assert ce["max_steps"] == RETRAIN_STEPS
-    # The live version's settings carry over; the new interactions are all read.
+    # The live version's settings carry over; every interaction of the grown log is read.
     assert manifest["settings"]["ranker"]["batch_size"] == 8
     assert manifest["settings"]["fusion_lists"] == 40
-    assert manifest["counts"]["interactions"] == len(pd.read_csv(INTERACTIONS))
+    assert manifest["counts"]["interactions"] == len(pd.read_csv(grown_log))
     assert Bundle.open(root).verify() == []
 
 
-def corrupted_copy(
-    retrained: tuple[Path, str, subprocess.CompletedProcess[str]], tmp_path: Path
-) -> tuple[Path, str, str]:
-    """(root, live, candidate): the retrained root with CURRENT back on the live version, as
-    it was before the gate, and the candidate's cross-encoder weights overwritten."""
-    root, live, run = retrained
-    assert run.returncode == 0, run.stderr[-3000:]
-    copy = tmp_path / "root"
-    shutil.copytree(root, copy)
-    candidate = current(copy)
-    publish(copy, live)
-    weights = copy / candidate / bundle_files.CROSS_ENCODER_DIR / "model.safetensors"
-    weights.write_bytes(b"\0" * 64 + weights.read_bytes()[64:])
-    return copy, live, candidate
-
-
 def test_a_corrupted_candidate_is_refused_kept_aside_and_current_unchanged(
-    retrained: tuple[Path, str, subprocess.CompletedProcess[str]], tmp_path: Path
+    retrained: Retrained, grown_log: Path, tmp_path: Path
 ) -> None:
-    root, live, candidate = corrupted_copy(retrained, tmp_path)
+    root, live, candidate = set_aside(retrained, tmp_path)
+    weights = root / candidate / bundle_files.CROSS_ENCODER_DIR / "model.safetensors"
+    weights.write_bytes(b"\0" * 64 + weights.read_bytes()[64:])
     run = cli(
         "retrain",
         "--bundle",
         root,
         "--interactions",
-        INTERACTIONS,
+        grown_log,
         "--candidate",
         candidate,
         "--device",
@@ -182,39 +167,30 @@ def test_a_corrupted_candidate_is_refused_kept_aside_and_current_unchanged(
 
 
 def test_a_candidate_that_fails_to_load_is_refused(
-    retrained: tuple[Path, str, subprocess.CompletedProcess[str]], tmp_path: Path
+    retrained: Retrained, grown_log: Path, tmp_path: Path
 ) -> None:
-    root, live, _ = retrained
-    copy = tmp_path / "root"
-    shutil.copytree(root, copy)
-    candidate = current(copy)
-    publish(copy, live)
+    root, live, candidate = set_aside(retrained, tmp_path)
     # Broken in a way checksums cannot see: the manifest was written after the damage.
-    version = copy / candidate
+    version = root / candidate
     (version / bundle_files.FUSION).write_text("{not json")
     manifest = json.loads((version / bundle_files.MANIFEST).read_text())
     write_manifest(version, {k: v for k, v in manifest.items() if k != "files"})
-    interactions, _ = load_interactions(INTERACTIONS)
-    done = judge(Bundle.open(copy), Bundle.open(copy, candidate), interactions, device="cpu")
-    assert not done.switched and current(copy) == live
+    interactions, _ = load_interactions(grown_log)
+    done = judge(Bundle.open(root), Bundle.open(root, candidate), interactions, device="cpu")
+    assert not done.switched and current(root) == live
     assert done.gate.reason.startswith("refused: the candidate fails to load or rank")
+    assert (version / bundle_files.REJECTED).is_file()
 
 
 def test_without_new_held_out_interactions_the_gate_refuses(
-    retrained: tuple[Path, str, subprocess.CompletedProcess[str]],
-    live_root: Path,
-    tmp_path: Path,
+    retrained: Retrained, tmp_path: Path
 ) -> None:
-    root, live, _ = retrained
-    copy = tmp_path / "root"
-    shutil.copytree(root, copy)
-    candidate = current(copy)
-    publish(copy, live)
-    first_half = live_root.parent / "first_half.csv"
-    run = cli("retrain", "--bundle", copy, "--interactions", first_half, "--candidate", candidate)
+    root, live, candidate = set_aside(retrained, tmp_path)
+    # The live version was built on every one of these.
+    run = cli("retrain", "--bundle", root, "--interactions", INTERACTIONS, "--candidate", candidate)
     assert run.returncode == EXIT_REFUSED, run.stderr[-3000:]
     assert f"refused: only 0 users with held-out interactions after {live}'s last one" in run.stdout
-    assert current(copy) == live
+    assert current(root) == live
 
 
 def error_line(err: str) -> str:
@@ -224,10 +200,10 @@ def error_line(err: str) -> str:
 
 
 def test_user_mistakes_exit_2_with_one_line_and_keep_current(
-    live_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    sample_bundle_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = tmp_path / "root"
-    shutil.copytree(live_root, root)
+    shutil.copytree(sample_bundle_root, root)
     live = current(root)
     versions = sorted(p.name for p in root.iterdir())
     bad = tmp_path / "bad.csv"
