@@ -109,9 +109,13 @@ def _encode_new(
 
 
 def encoder_checksums(source: Path) -> dict[str, str]:
-    """sha256 of each file `copy_encoder` copies from `source`, by path relative to it: equal
-    checksums mean the same model makes the same vectors."""
-    return {str(p.relative_to(source)): sha256_file(p) for p in _model_files(Path(source))}
+    """sha256 of each model file `copy_encoder` copies from `source` (not the name it records),
+    by path relative to it: equal checksums mean the same model makes the same vectors."""
+    return {
+        str(p.relative_to(source)): sha256_file(p)
+        for p in _model_files(Path(source))
+        if p.name != ENCODER_INFO
+    }
 
 
 def catalog_texts(catalog: pd.DataFrame) -> list[str]:
