@@ -94,7 +94,10 @@ class Retrained:
     live: str
     candidate: str
     gate: GateResult
-    switched: bool
+
+    @property
+    def switched(self) -> bool:
+        return self.gate.passed
 
 
 def retrain_options(
@@ -187,7 +190,7 @@ def judge(
     else:
         reject(candidate.root, candidate.version, {"live": live.version, **result.record()})
         log.warning("candidate %s refused: %s", candidate.version, result.reason)
-    return Retrained(live.version, candidate.version, result, result.passed)
+    return Retrained(live.version, candidate.version, result)
 
 
 def gate(

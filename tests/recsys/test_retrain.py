@@ -37,7 +37,7 @@ RETRAIN_STEPS = 4
 # The sample is small: two versions' NDCG@10 differ by chance far more than on real data.
 LENIENT = "0.5"
 
-Retrained = tuple[Path, str, subprocess.CompletedProcess[str]]
+RetrainRun = tuple[Path, str, subprocess.CompletedProcess[str]]
 
 
 def cli(*args: str | Path | int) -> subprocess.CompletedProcess[str]:
@@ -63,7 +63,7 @@ def grown_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def retrained(
     sample_bundle_root: Path, grown_log: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Retrained:
+) -> RetrainRun:
     """(root, the live version, the run) after `recsys retrain` on the grown log."""
     root = tmp_path_factory.mktemp("retrained") / "root"
     shutil.copytree(sample_bundle_root, root)
@@ -84,7 +84,7 @@ def retrained(
     return root, live, run
 
 
-def set_aside(retrained: Retrained, tmp_path: Path) -> tuple[Path, str, str]:
+def set_aside(retrained: RetrainRun, tmp_path: Path) -> tuple[Path, str, str]:
     """(root, live, candidate): a copy of the retrained root with CURRENT back on the live
     version, as it was before the gate ran."""
     root, live, run = retrained
@@ -97,7 +97,7 @@ def set_aside(retrained: Retrained, tmp_path: Path) -> tuple[Path, str, str]:
 
 
 def test_retrain_reuses_the_live_version_and_switches_when_the_gate_passes(
-    retrained: Retrained, grown_log: Path
+    retrained: RetrainRun, grown_log: Path
 ) -> None:
     root, live, run = retrained
     assert run.returncode == 0, run.stderr[-3000:]
@@ -133,7 +133,7 @@ def test_retrain_reuses_the_live_version_and_switches_when_the_gate_passes(
 
 
 def test_a_corrupted_candidate_is_refused_kept_aside_and_current_unchanged(
-    retrained: Retrained, grown_log: Path, tmp_path: Path
+    retrained: RetrainRun, grown_log: Path, tmp_path: Path
 ) -> None:
     root, live, candidate = set_aside(retrained, tmp_path)
     weights = root / candidate / bundle_files.CROSS_ENCODER_DIR / "model.safetensors"
@@ -167,7 +167,7 @@ def test_a_corrupted_candidate_is_refused_kept_aside_and_current_unchanged(
 
 
 def test_a_candidate_that_fails_to_load_is_refused(
-    retrained: Retrained, grown_log: Path, tmp_path: Path
+    retrained: RetrainRun, grown_log: Path, tmp_path: Path
 ) -> None:
     root, live, candidate = set_aside(retrained, tmp_path)
     # Broken in a way checksums cannot see: the manifest was written after the damage.
@@ -183,7 +183,7 @@ def test_a_candidate_that_fails_to_load_is_refused(
 
 
 def test_without_new_held_out_interactions_the_gate_refuses(
-    retrained: Retrained, tmp_path: Path
+    retrained: RetrainRun, tmp_path: Path
 ) -> None:
     root, live, candidate = set_aside(retrained, tmp_path)
     # The live version was built on every one of these.
