@@ -200,8 +200,10 @@ def train_cross_encoder(
     out_dir: Path,
     config: RankerTrainConfig,
     train_queries: Sequence[tuple[str, Sequence[str]]] = (),
+    warm_start: Path | None = None,
 ) -> dict[str, Any]:
-    """Fine-tunes from `base_dir`, saves the best checkpoint to out_dir, returns the manifest part."""
+    """Fine-tunes from `base_dir` (or from `warm_start`, a cross-encoder fine-tuned earlier on
+    that base), saves the best checkpoint to out_dir, returns the manifest part."""
     import torch
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer
     from sentence_transformers.cross_encoder.losses import LambdaLoss
@@ -227,8 +229,10 @@ def train_cross_encoder(
     log.info("cross-encoder: %d training contexts, %d validation", len(keep), len(validation))
 
     torch.manual_seed(config.seed)  # the fresh 1-logit head, so "before" is reproducible
+    start = base_dir if warm_start is None else warm_start
+    log.info("cross-encoder: fine-tuning from %s", start)
     model = CrossEncoder(
-        str(base_dir),
+        str(start),
         num_labels=1,
         max_length=config.max_length,
         device=device,
@@ -258,6 +262,8 @@ def train_cross_encoder(
     model.save_pretrained(str(out_dir))
     return {
         "base": str(base_dir),
+        # None: from the base; else the earlier fine-tuned model this one continued from.
+        "warm_start": None if warm_start is None else str(warm_start),
         "steps": steps_done,
         "max_steps": config.steps,
         "batch_size": config.batch_size,

@@ -6,6 +6,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from recsys.core import bundle as bundle_files
+from recsys.core.bundle import sha256_file
 from recsys.core.domain import item_text
 from recsys.core.errors import InvalidInput
 from retrieval_service.encoder import ENCODER_INFO, Pooling, TextEncoder
@@ -44,8 +46,12 @@ def build_retrieval(
     factory: str = "Flat",
     device: str = "auto",
     batch_size: int = 64,
+    known: Mapping[str, np.ndarray] | None = None,
 ) -> RetrievalBuild:
-    """Encodes every catalog item and writes embeddings.npy, index.faiss and encoder/ into out_dir."""
+    """Encodes every catalog item and writes embeddings.npy, index.faiss and encoder/ into out_dir.
+
+    `known` maps item texts to vectors this same encoder made (a previous version's): those
+    items are not encoded again."""
     texts = catalog_texts(catalog)
     encoder = TextEncoder.load(encoder_dir, pooling=pooling, device=device)
     # Reject a bad factory before the (long) encoding pass, not after it.
@@ -53,9 +59,8 @@ def build_retrieval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    log.info("encoding %d items with %s on %s", len(texts), encoder.name, encoder.device)
     t0 = time.perf_counter()
-    vectors = encoder.encode(texts, batch_size=batch_size, progress=True)
+    vectors, reused = _encode_new(encoder, texts, known or {}, batch_size)
     encode_seconds = time.perf_counter() - t0
     np.save(out_dir / bundle_files.EMBEDDINGS, vectors)
 
@@ -75,13 +80,42 @@ def build_retrieval(
             "max_length": encoder.max_length,
         },
         "index": index.describe(),
+        "embeddings": {"items": len(texts), "reused": reused, "encoded": len(texts) - reused},
         "timings": {
             "encode_seconds": round(encode_seconds, 3),
-            "items_per_second": round(len(texts) / encode_seconds, 1) if encode_seconds else None,
+            "items_per_second": (
+                round((len(texts) - reused) / encode_seconds, 1) if encode_seconds else None
+            ),
             "index_seconds": round(index_seconds, 3),
         },
     }
     return RetrievalBuild(manifest=manifest, encoder=encoder, index=index)
+
+
+def _encode_new(
+    encoder: TextEncoder, texts: list[str], known: Mapping[str, np.ndarray], batch_size: int
+) -> tuple[np.ndarray, int]:
+    """(a vector per text, how many came from `known`): only the other texts are encoded."""
+    reused = sum(t in known for t in texts)
+    if known:
+        log.info("reused %d of %d item embeddings", reused, len(texts))
+    fresh = [t for t in dict.fromkeys(texts) if t not in known]
+    log.info("encoding %d items with %s on %s", len(fresh), encoder.name, encoder.device)
+    by_text = dict(known)
+    by_text.update(
+        zip(fresh, encoder.encode(fresh, batch_size=batch_size, progress=True), strict=True)
+    )
+    return np.stack([by_text[t] for t in texts]).astype(np.float32, copy=False), reused
+
+
+def encoder_checksums(source: Path) -> dict[str, str]:
+    """sha256 of each model file `copy_encoder` copies from `source` (not the name it records),
+    by path relative to it: equal checksums mean the same model makes the same vectors."""
+    return {
+        str(p.relative_to(source)): sha256_file(p)
+        for p in _model_files(Path(source))
+        if p.name != ENCODER_INFO
+    }
 
 
 def catalog_texts(catalog: pd.DataFrame) -> list[str]:

@@ -62,6 +62,9 @@ class BuildOptions:
     rerank_budget_ms: float = 60.0
     seed: int = 0
     split: str | None = None  # set when built from an evaluation protocol's train split
+    # The live version a retrain starts from: its embeddings of unchanged item texts are reused
+    # (same encoder files only) and its fine-tuned cross-encoder is where fine-tuning starts.
+    warm_from: Bundle | None = None
 
 
 @dataclass(frozen=True)
@@ -75,10 +78,10 @@ class BuildInputs:
     queries: Sequence[tuple[str, Sequence[str]]] = ()
 
 
-def load_inputs(options: BuildOptions) -> BuildInputs:
-    """Reads and validates the catalog, interactions and queries (raises InvalidInput naming
-    the file)."""
-    catalog = load_catalog(options.catalog)
+def load_inputs(options: BuildOptions, catalog: pd.DataFrame | None = None) -> BuildInputs:
+    """Reads and validates the catalog (unless given, as load_catalog returns it), interactions
+    and queries (raises InvalidInput naming the file)."""
+    catalog = load_catalog(options.catalog) if catalog is None else catalog
     known = set(catalog["item_id"])
     interactions, report = load_interactions(
         options.interactions, known_item_ids=known, strict=options.strict
@@ -103,9 +106,13 @@ def load_queries(path: Path, known_item_ids: set[str]) -> list[tuple[str, tuple[
 
 
 def build_bundle(
-    options: BuildOptions, inputs: BuildInputs | None = None, validation: pd.DataFrame | None = None
+    options: BuildOptions,
+    inputs: BuildInputs | None = None,
+    validation: pd.DataFrame | None = None,
+    switch: bool = True,
 ) -> Bundle:
-    """Builds a complete version under options.out and switches CURRENT to it only at the end.
+    """Builds a complete version under options.out and switches CURRENT to it only at the end
+    (`switch` False: leaves it unpublished, for `recsys retrain`'s gate to judge).
 
     Fusion is learned on `validation` interactions (later than the training ones; by default
     each user's most recent ones, held out here) and, for searches, on held-out queries: those
@@ -126,6 +133,7 @@ def build_bundle(
     encoder_dir = options.encoder or default_encoder_dir()
     started = time.perf_counter()
     timings: dict[str, float] = {}
+    known, warm_start = _warm_start(options, encoder_dir)
     with staged_version(options.out) as stage:
         save_catalog(inputs.catalog, stage / bundle_files.CATALOG)
 
@@ -137,6 +145,7 @@ def build_bundle(
             pooling=options.pooling,  # type: ignore[arg-type]
             factory=options.index_factory,
             device=options.device,
+            known=known,
         )
         timings["retrieval_seconds"] = time.perf_counter() - t0
 
@@ -201,8 +210,13 @@ def build_bundle(
                     "users": int(everything["user_id"].nunique()),
                     "interactions": len(everything),
                     "dropped_interactions": inputs.report.dropped_unknown_items,
+                    # A later retrain's gate scores only interactions after this one.
+                    "last_timestamp": int(everything["timestamp"].max())
+                    if len(everything)
+                    else None,
                 },
                 "validation": validation_record,
+                "warm_start": warm_start,
                 **retrieval.manifest,
                 "cf": cf_section,
                 "cross_encoder": ranker_section,
@@ -212,9 +226,43 @@ def build_bundle(
             },
         )
     version = manifest["version"]
-    publish(options.out, version)
-    log.info("bundle %s published under %s", version, options.out)
+    if switch:
+        publish(options.out, version)
+        log.info("bundle %s published under %s", version, options.out)
+    else:
+        log.info("bundle %s built under %s, not published", version, options.out)
     return Bundle.open(options.out, version)
+
+
+def _warm_start(
+    options: BuildOptions, encoder_dir: Path
+) -> tuple[dict[str, np.ndarray], dict[str, Any] | None]:
+    """(item text -> the live version's vector, the manifest's warm-start record): vectors only
+    where the live version was built with byte-identical encoder files and the same pooling."""
+    from retrieval_service.build import catalog_texts, encoder_checksums
+
+    live = options.warm_from
+    if live is None:
+        return {}, None
+    record: dict[str, Any] = {"from": live.version}
+    prefix = bundle_files.ENCODER_DIR + "/"
+    live_files = {
+        name.removeprefix(prefix): digest
+        for name, digest in live.manifest.get("files", {}).items()
+        if name.startswith(prefix)
+    }
+    ours = encoder_checksums(encoder_dir)
+    if live.manifest.get("encoder", {}).get("pooling") != options.pooling:
+        record["embeddings"] = f"not reused: {live.version} pools with another method"
+    elif any(live_files.get(name) != digest for name, digest in ours.items()):
+        record["embeddings"] = f"not reused: {encoder_dir} differs from {live.version}'s encoder"
+    else:
+        texts = catalog_texts(pd.read_parquet(live.file(bundle_files.CATALOG)))
+        vectors = np.load(live.file(bundle_files.EMBEDDINGS))
+        record["embeddings"] = f"reused from {live.version} where the item text is unchanged"
+        return dict(zip(texts, vectors, strict=True)), record
+    log.warning("warm start from %s: embeddings %s", live.version, record["embeddings"])
+    return {}, record
 
 
 def _validation(
@@ -305,6 +353,10 @@ def _train_ranker(
 
     assert options.ranker is not None
     config = replace(options.ranker, device=options.device, seed=options.seed)
+    live = options.warm_from
+    warm = None
+    if live is not None and live.manifest.get("cross_encoder"):
+        warm = live.file(bundle_files.CROSS_ENCODER_DIR)
     return train_cross_encoder(
         base_dir=encoder_dir,
         catalog=inputs.catalog,
@@ -313,6 +365,7 @@ def _train_ranker(
         out_dir=stage / bundle_files.CROSS_ENCODER_DIR,
         config=config,
         train_queries=train_queries,
+        warm_start=warm,
     )
 
 
@@ -662,7 +715,9 @@ def _fusion_list(ranker: Any, pool: Any, relevant: set[str]) -> Any:
 
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(options).items()}
+    record = asdict(replace(options, warm_from=None))
+    record["warm_from"] = None if options.warm_from is None else options.warm_from.version
+    return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
 
 
 def package_versions(packages: Sequence[str]) -> dict[str, str]:

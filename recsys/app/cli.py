@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_build(sub)
+    _add_retrain(sub)
     _add_bundle(sub)
     _add_catalog(sub)
     _add_search(sub)
@@ -249,6 +250,165 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- retrain -------------------------------------------------------------------------------------
+
+
+def _add_retrain(sub: Any) -> None:
+    p = sub.add_parser(
+        "retrain",
+        help="build the next version from the live one; switch CURRENT only if it is not worse",
+        description="Build a new version under ROOT from the live one (CURRENT): its settings, "
+        "its embeddings of items whose text is unchanged and its fine-tuned cross-encoder as "
+        "the starting point; CF and fusion fitted on the new interactions. A gate then ranks "
+        "each user's most recent held-out interactions (those after the live version's last "
+        "one) with both versions and switches CURRENT only if the candidate's NDCG@10 is at "
+        "most --max-drop below the live one's; otherwise the candidate is kept aside with "
+        "ROOT/<version>/rejected.json. Exit 0: switched; 3: refused (the reason is printed); "
+        "2: a mistake in the arguments or inputs.",
+    )
+    p.add_argument("--bundle", type=Path, required=True, metavar="ROOT", help="bundle root")
+    p.add_argument(
+        "--interactions",
+        type=Path,
+        required=True,
+        help="every interaction to train on, old and new: user_id, item_id [, timestamp, "
+        "weight, query]",
+    )
+    p.add_argument(
+        "--catalog", type=Path, help="the catalog now (default: the live version's items)"
+    )
+    p.add_argument(
+        "--queries",
+        type=Path,
+        metavar="FILE",
+        help="searches with their relevant items (default: the live version's file, if present)",
+    )
+    p.add_argument(
+        "--ranker-steps",
+        type=int,
+        default=Deferred(_retrain_ranker_steps),
+        metavar="N",
+        help="fine-tuning steps from the live cross-encoder (default %(default)s)",
+    )
+    p.add_argument(
+        "--max-drop",
+        type=float,
+        default=Deferred(_retrain_max_drop),
+        metavar="SHARE",
+        help="how far below the live version's NDCG@10 the candidate may score, relative "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--gate-users",
+        type=int,
+        default=Deferred(_retrain_gate_users),
+        metavar="N",
+        help="held-out users each version ranks for the gate, at most (default %(default)s)",
+    )
+    p.add_argument(
+        "--candidate",
+        metavar="VERSION",
+        help="gate this version under ROOT (e.g. one kept aside earlier) instead of building one",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_log_level(p)
+    p.set_defaults(handler=_run_retrain)
+
+
+def _retrain_ranker_steps() -> int:
+    from recsys.app.retrain import RETRAIN_RANKER_STEPS
+
+    return RETRAIN_RANKER_STEPS
+
+
+def _retrain_max_drop() -> float:
+    from recsys.app.retrain import MAX_DROP
+
+    return MAX_DROP
+
+
+def _retrain_gate_users() -> int:
+    from recsys.app.retrain import GATE_USERS
+
+    return GATE_USERS
+
+
+def _run_retrain(args: argparse.Namespace) -> int:
+    from recsys.app.retrain import EXIT_REFUSED, EXIT_SWITCHED, judge, retrain
+    from recsys.core.bundle import Bundle
+
+    steps, drop, users = (
+        resolve(args.ranker_steps),
+        resolve(args.max_drop),
+        resolve(args.gate_users),
+    )
+    if steps < 1:
+        raise InvalidInput(f"--ranker-steps {steps}: must be >= 1")
+    if not 0 <= drop < 1:
+        raise InvalidInput(f"--max-drop {drop}: must be within [0, 1)")
+    if users < 1:
+        raise InvalidInput(f"--gate-users {users}: must be >= 1")
+    live = Bundle.open(args.bundle)
+    bad = live.verify()
+    if bad:
+        raise InvalidInput(
+            f"{live.path}: the live version's files differ from its manifest ({', '.join(bad[:3])}); "
+            "rebuild with `recsys build`"
+        )
+    if args.candidate is not None:
+        if args.candidate == live.version:
+            raise InvalidInput(f"--candidate {args.candidate}: is the live version")
+        candidate = Bundle.open(args.bundle, args.candidate)
+        interactions = _candidate_interactions(args.interactions, candidate)
+        done = judge(live, candidate, interactions, drop, users, args.device)
+    else:
+        from recsys.app.retrain import retrain_inputs, retrain_options
+
+        options = retrain_options(
+            live, args.bundle, args.interactions, args.catalog, args.queries, steps, args.device
+        )
+        inputs = retrain_inputs(options, live, catalog_given=args.catalog is not None)
+        done = retrain(live, options, inputs, drop, users)
+        _print_warm_start(Bundle.open(args.bundle, done.candidate).manifest)
+    for line in done.gate.lines(done.live, done.candidate):
+        print(line)
+    if done.switched:
+        print(f"switched CURRENT {done.live} → {done.candidate}")
+        return EXIT_SWITCHED
+    print(
+        f"kept aside: {args.bundle / done.candidate} ({done.gate.reason}); CURRENT stays "
+        f"{done.live}"
+    )
+    return EXIT_REFUSED
+
+
+def _candidate_interactions(path: Path, candidate: Any) -> Any:
+    """The interactions file, read as the candidate's build read it (its catalog's items)."""
+    from recsys.app.ingest import load_interactions
+    from recsys.core import bundle as bundle_files
+    from retrieval_service.catalog import load_catalog_items
+
+    known = {i.item_id for i in load_catalog_items(candidate.file(bundle_files.CATALOG))}
+    return load_interactions(path, known_item_ids=known)[0]
+
+
+def _print_warm_start(manifest: dict[str, Any]) -> None:
+    """The candidate's reuse of the live version, as `recsys retrain` prints it."""
+    embeddings = manifest.get("embeddings", {})
+    ce = manifest.get("cross_encoder") or {}
+    timings = manifest.get("timings", {})
+    print(
+        f"candidate {manifest['version']}: reused {embeddings.get('reused', 0):,} of "
+        f"{embeddings.get('items', 0):,} item embeddings from {manifest['warm_start']['from']}; "
+        + (
+            f"cross-encoder fine-tuned {ce.get('steps')} steps from the live one; "
+            if ce.get("warm_start")
+            else ""
+        )
+        + f"built in {timings.get('total_seconds', float('nan')):.0f} s"
+    )
+
+
 # -- bundle info ---------------------------------------------------------------------------------
 
 
@@ -266,16 +426,47 @@ def _add_bundle(sub: Any) -> None:
     info.add_argument("--json", action="store_true", help="print the whole manifest as JSON")
     _add_log_level(info)
     info.set_defaults(handler=_run_bundle_info)
+    listing = bsub.add_parser(
+        "list",
+        help="every version under ROOT: which is CURRENT, what each started from, which the gate refused",
+        description="One line per complete version under ROOT, oldest first.",
+    )
+    listing.add_argument("root", type=Path, metavar="ROOT")
+    _add_log_level(listing)
+    listing.set_defaults(handler=_run_bundle_list)
+
+
+def _run_bundle_list(args: argparse.Namespace) -> int:
+    from recsys.core.bundle import CURRENT, Bundle, rejection, versions
+
+    if not args.root.is_dir():
+        raise InvalidInput(f"{args.root}: no such directory")
+    pointer = args.root / CURRENT
+    current = pointer.read_text().strip() if pointer.is_file() else None
+    for version in versions(args.root):
+        m = Bundle.open(args.root, version).manifest
+        warm = (m.get("warm_start") or {}).get("from")
+        refused = rejection(args.root, version)
+        print(
+            f"{'*' if version == current else ' '} {version}  {m.get('created_at', '?')}  "
+            f"{m.get('counts', {}).get('interactions', 0):,} interactions"
+            + (f"  from {warm}" if warm else "")
+            + (f"  REJECTED: {refused.get('reason')}" if refused else "")
+        )
+    return 0
 
 
 def _run_bundle_info(args: argparse.Namespace) -> int:
-    from recsys.core.bundle import Bundle
+    from recsys.core.bundle import Bundle, rejection
 
     bundle = Bundle.open(args.root, args.version)
     if args.json:
         print(json.dumps(bundle.manifest, indent=2, sort_keys=True))
     else:
         print(format_manifest(bundle.manifest, bundle.path))
+        refused = rejection(bundle.root, bundle.version)
+        if refused:
+            print(f"REJECTED      {refused.get('reason')} (vs {refused.get('live')})")
     if args.verify:
         bad = bundle.verify()
         if bad:
@@ -294,6 +485,7 @@ def format_manifest(m: dict[str, Any], path: Path) -> str:
     lines = [
         f"bundle        {m['version']}  ({path})",
         f"created       {m['created_at']}",
+        *([f"warm start    from {m['warm_start']['from']}"] if m.get("warm_start") else []),
         f"items         {counts['items']:,}",
         f"users         {counts['users']:,}",
         f"interactions  {counts['interactions']:,} (dropped {counts.get('dropped_interactions', 0):,} naming unknown items)",

@@ -20,6 +20,8 @@ from recsys.core.errors import InvalidInput
 FORMAT = 1
 CURRENT = "CURRENT"
 MANIFEST = "manifest.json"
+# Written next to the manifest of a version `recsys retrain`'s gate refused: why, and the figures.
+REJECTED = "rejected.json"
 
 # Relative paths inside a version directory; every reader and writer goes through these names.
 CATALOG = "catalog.parquet"
@@ -58,7 +60,7 @@ def checksums(version_dir: Path) -> dict[str, str]:
     return {
         str(p.relative_to(version_dir)): sha256_file(p)
         for p in sorted(version_dir.rglob("*"))
-        if p.is_file() and p.name != MANIFEST
+        if p.is_file() and p.name not in (MANIFEST, REJECTED)
     }
 
 
@@ -126,10 +128,35 @@ def write_manifest(version_dir: Path, manifest: dict[str, Any]) -> dict[str, Any
 
 
 def publish(root: Path, version: str) -> None:
-    """Points ROOT/CURRENT at a complete version, atomically."""
+    """Points ROOT/CURRENT at a complete version, atomically; never at one the gate refused."""
     if not (root / version / MANIFEST).is_file():
         raise InvalidInput(f"{root / version}: not a complete bundle version (no {MANIFEST})")
+    if (root / version / REJECTED).is_file():
+        raise InvalidInput(f"{root / version}: refused by the retrain gate (see {REJECTED})")
     _write_atomic(root / CURRENT, version + "\n")
+
+
+def reject(root: Path, version: str, record: dict[str, Any]) -> None:
+    """Marks a complete version as refused (kept aside, never published) with the reason."""
+    stamped = {"rejected_at": datetime.now(UTC).isoformat(timespec="seconds"), **record}
+    _write_atomic(root / version / REJECTED, json.dumps(stamped, indent=2, sort_keys=True) + "\n")
+
+
+def rejection(root: Path, version: str) -> dict[str, Any] | None:
+    """The refusal record of a version, or None when it was never refused."""
+    path = root / version / REJECTED
+    if not path.is_file():
+        return None
+    try:
+        record: dict[str, Any] = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InvalidInput(f"{path}: not valid JSON ({exc})") from None
+    return record
+
+
+def clear_rejection(root: Path, version: str) -> None:
+    """Removes a refusal record (a later gate passed the version)."""
+    (root / version / REJECTED).unlink(missing_ok=True)
 
 
 @dataclass(frozen=True)

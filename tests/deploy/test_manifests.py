@@ -250,6 +250,53 @@ def test_bundle_and_state_volumes(objects: Objects) -> None:
     assert "RECSYS_BUNDLE" not in env_of(objects, "gateway"), "the gateway holds no bundle"
 
 
+def test_retrain_cronjob_writes_the_bundle_the_services_read(objects: Objects) -> None:
+    from recsys.app.cli import build_parser
+    from recsys.app.retrain import EXIT_REFUSED
+
+    cron = one(objects, "CronJob", "retrain")["spec"]
+    assert cron["concurrencyPolicy"] == "Forbid", "two retrains would race for CURRENT"
+    job = cron["jobTemplate"]["spec"]
+    pod = job["template"]["spec"]
+    (c,) = pod["containers"]
+    # A valid `recsys retrain` command line; the gate's refusal fails the Job without retries.
+    args = build_parser().parse_args(c["args"])
+    assert args.command == "retrain"
+    (rule,) = job["podFailurePolicy"]["rules"]
+    assert rule["action"] == "FailJob" and EXIT_REFUSED in rule["onExitCodes"]["values"]
+    assert pod["restartPolicy"] == "Never"
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    bundle = mounts[str(args.bundle)]
+    assert not bundle.get("readOnly", False), "the retrain writes versions and CURRENT"
+    served = env_of(objects, "ranking")["RECSYS_BUNDLE"]
+    ranking_pod = one(objects, "Deployment", "ranking")["spec"]["template"]["spec"]
+    ranking_mount = next(
+        m for m in ranking_pod["containers"][0]["volumeMounts"] if m["mountPath"] == served
+    )
+    ranking_claim = {v["name"]: v for v in ranking_pod["volumes"]}[ranking_mount["name"]]
+    assert (
+        volumes[bundle["name"]]["persistentVolumeClaim"]["claimName"]
+        == ranking_claim["persistentVolumeClaim"]["claimName"]
+    )
+    data = next(m for path, m in mounts.items() if str(args.interactions).startswith(path + "/"))
+    one(
+        objects,
+        "PersistentVolumeClaim",
+        volumes[data["name"]]["persistentVolumeClaim"]["claimName"],
+    )
+    # The services' hardening, and no network at all.
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    for path in ("/tmp", "/cache"):
+        assert "emptyDir" in volumes[mounts[path]["name"]]
+    policy = one(objects, "NetworkPolicy", "retrain")["spec"]
+    assert labels_match(policy["podSelector"]["matchLabels"], job["template"]["metadata"]["labels"])
+    assert policy["policyTypes"] == ["Ingress", "Egress"]
+    assert not policy.get("ingress") and not policy.get("egress")
+
+
 def test_gateway_dials_headless_services(objects: Objects) -> None:
     env = env_of(objects, "gateway")
     for service in ("retrieval", "ranking"):

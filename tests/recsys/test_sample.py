@@ -9,7 +9,14 @@ import pytest
 
 from recsys.app.ingest import load_catalog, load_interactions
 from recsys.app.movielens import read_queries
-from recsys.app.sample import QUERIES_FILE, SAMPLE_DIR, generate, sample_paths, sample_queries_path
+from recsys.app.sample import (
+    QUERIES_FILE,
+    SAMPLE_DIR,
+    generate,
+    sample_paths,
+    sample_queries_path,
+    write_grown_log,
+)
 
 
 @pytest.fixture(scope="module")
@@ -106,3 +113,24 @@ def test_generate_is_deterministic_and_matches_committed_files(tmp_path: Path) -
 def test_another_seed_gives_another_log(tmp_path: Path) -> None:
     _, interactions = generate(tmp_path, seed=8)
     assert interactions.read_bytes() != sample_paths()[1].read_bytes()
+
+
+def test_a_grown_log_is_the_sample_then_later_sessions_of_its_users(
+    sample: tuple[pd.DataFrame, pd.DataFrame], tmp_path: Path
+) -> None:
+    catalog, interactions = sample
+    path = write_grown_log(tmp_path / "grown.csv", days=30)
+    assert path.read_text().startswith(sample_paths()[1].read_text())
+    grown, report = load_interactions(path, known_item_ids=set(catalog["item_id"]), strict=True)
+    later = grown.iloc[len(interactions) :]
+    assert report.kept == len(grown) and len(later) > 0
+    assert later["timestamp"].min() > interactions["timestamp"].max()
+    assert set(later["user_id"]) == set(interactions["user_id"])  # every user comes back
+    # Same tastes: each user's later sessions mostly stay in the categories they shopped before.
+    category = dict(zip(catalog["item_id"], catalog["category"], strict=True))
+    before = interactions.groupby("user_id")["item_id"].agg(lambda s: {category[i] for i in s})
+    familiar = [
+        category[i] in before[u] for u, i in zip(later["user_id"], later["item_id"], strict=True)
+    ]
+    assert sum(familiar) / len(familiar) > 0.7
+    assert write_grown_log(tmp_path / "again.csv", days=30).read_text() == path.read_text()

@@ -9,7 +9,12 @@ import pandas as pd
 import pytest
 
 from recsys.core.errors import InvalidInput
-from retrieval_service.build import RetrievalBuild, build_retrieval
+from retrieval_service.build import (
+    RetrievalBuild,
+    build_retrieval,
+    catalog_texts,
+    encoder_checksums,
+)
 from retrieval_service.encoder import TextEncoder, default_encoder_dir
 from retrieval_service.index import VectorIndex
 
@@ -73,3 +78,35 @@ def test_bad_factory_fails_before_writing(catalog: pd.DataFrame, tmp_path: Path)
 def test_catalog_without_title_is_invalid_input(tmp_path: Path) -> None:
     with pytest.raises(InvalidInput, match="title"):
         build_retrieval(pd.DataFrame({"item_id": ["a"]}), tmp_path, default_encoder_dir())
+
+
+def test_known_vectors_are_reused_and_only_changed_texts_encoded(
+    built: tuple[Path, RetrievalBuild],
+    catalog: pd.DataFrame,
+    item_vectors: np.ndarray,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    out, result = built
+    previous = np.load(out / "embeddings.npy")
+    changed = catalog.copy()
+    changed.loc[0, "title"] = "A completely different product"
+    known = dict(zip(catalog_texts(catalog), previous, strict=True))
+    with caplog.at_level("INFO", logger="retrieval_service.build"):
+        again = build_retrieval(changed, tmp_path, default_encoder_dir(), device="cpu", known=known)
+    n = len(catalog)
+    assert f"reused {n - 1} of {n} item embeddings" in caplog.text
+    assert again.manifest["embeddings"] == {"items": n, "reused": n - 1, "encoded": 1}
+    vectors = np.load(tmp_path / "embeddings.npy")
+    np.testing.assert_array_equal(vectors[1:], previous[1:])
+    np.testing.assert_allclose(
+        vectors[0], result.encoder.encode(catalog_texts(changed)[:1])[0], atol=1e-5
+    )
+    assert not np.allclose(vectors[0], item_vectors[0], atol=1e-3)
+
+
+def test_encoder_checksums_match_the_copy_in_a_bundle(built: tuple[Path, RetrievalBuild]) -> None:
+    out, _ = built
+    source = encoder_checksums(default_encoder_dir())
+    assert "model.safetensors" in source
+    assert encoder_checksums(out / "encoder") == source
