@@ -337,9 +337,9 @@ class Users:
         relevant = {u: r for u, r in relevant_items(split.validation).items() if seen.get(u)}
         return cls(seen, relevant)
 
-    def answers(self, model: Baseline, users: Sequence[str] | None = None) -> dict[str, list[str]]:
+    def answers(self, model: Baseline) -> dict[str, list[str]]:
         out = {}
-        for user in users if users is not None else sorted(self.relevant):
+        for user in sorted(self.relevant):
             history = self.histories.get(user, [])
             out[user] = model.recommend(history, K, set(history)) if history else []
         return out
