@@ -15,12 +15,22 @@ from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions
 from recsys.app.cli import main
 from recsys.app.evaluation import recommend, search
+from recsys.app.evaluation.ablation import VARIANTS
+from recsys.app.evaluation.baselines import NAMES, Grids, SASRecConfig, tuned_baselines
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.evaluation.runner import FIT_ON, SPLIT_MARK, load_data, run_evaluation
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
 USERS = 60  # of the sample's 200: enough for every method to answer, quick to score
+# Small validation searches: the shape of the tuning, not its outcome, is under test here.
+GRIDS = Grids(
+    windows=(5, 10),
+    lambdas=(100.0,),
+    neighbours=(20,),
+    shrinks=(0.0, 10.0),
+    sasrec=SASRecConfig(dim=16, max_len=20, negatives=32, max_epochs=2, eval_every=1),
+)
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +62,7 @@ def evaluated(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
         device="cpu",
         split=SPLIT_MARK,
     )
-    run_evaluation(data_dir, root, "all", out, options, pool=20, progress=False)
+    run_evaluation(data_dir, root, "all", out, options, pool=20, progress=False, grids=GRIDS)
     return root, out
 
 
@@ -70,9 +80,50 @@ def test_report_has_the_promised_shape(evaluated: tuple[Path, Path]) -> None:
     assert 0 < rec["users"] <= USERS and srch["queries"] > 0
     assert [row["diversity"] for row in rec["diversity_sweep"]] == [0.0, 0.25, 0.5, 0.75]
     assert report["goals"] and all(isinstance(v, bool) for v in report["goals"].values())
-    assert "## Recommend" in (out / "report.md").read_text()
+    md = (out / "report.md").read_text()
+    for section in ("## Recommend", "### Baselines", "### Ablation", "paired bootstrap"):
+        assert section in md
     for chart in ("recommend.png", "search.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_baselines_are_tuned_on_validation_and_recorded(evaluated: tuple[Path, Path]) -> None:
+    _, out = evaluated
+    tuning = json.loads((out / "report.json").read_text())["recommend"]["baselines"]
+    assert tuning["validation_users"] > 0
+    for name in NAMES:
+        rows = tuning[name]["validation"]
+        assert tuning[name]["chosen"]["ndcg@10"] == max(r["ndcg@10"] for r in rows)
+    assert [r["window"] for r in tuning["cf_recent"]["validation"]] == [5, 10]
+    assert len(tuning["itemknn"]["validation"]) == 2
+    assert [r["epochs"] for r in tuning["sasrec"]["validation"]] == [1, 2]
+
+
+def test_bootstrap_compares_full_with_every_other_method(evaluated: tuple[Path, Path]) -> None:
+    _, out = evaluated
+    report = json.loads((out / "report.json").read_text())
+    for protocol, methods in (("recommend", recommend.METHODS), ("search", search.METHODS)):
+        boot = report[protocol]["bootstrap"]
+        assert list(boot["full / each"]) == [m for m in methods if m != "full"]
+        ndcg = {m: v["ndcg@10"] for m, v in report[protocol]["methods"].items()}
+        assert boot["best_other"] == max((m for m in ndcg if m != "full"), key=ndcg.__getitem__)
+        best = boot["full / best other"]
+        assert best == boot["full / each"][boot["best_other"]]
+        assert best["low"] <= best["ratio"] <= best["high"] and best["draws"] == 1000
+
+
+def test_ablation_starts_from_the_reported_pipeline(evaluated: tuple[Path, Path]) -> None:
+    """Its `full` row on test is the report's `full`: the variants differ only by what they drop."""
+    _, out = evaluated
+    rec = json.loads((out / "report.json").read_text())["recommend"]
+    rows = rec["ablation"]["rows"]
+    assert isinstance(rec["ablation"]["cross_encoder_in_plan"], bool)
+    assert [r["variant"] for r in rows] == [v.name for v in VARIANTS]
+    assert rows[0]["test ndcg@10"] == pytest.approx(rec["methods"]["full"]["ndcg@10"], abs=1e-4)
+    for row in rows[1:]:
+        assert 0.0 <= row["validation ndcg@10"] <= 1.0
+        ratio = row["test full / variant"]
+        assert ratio["low"] <= ratio["high"]
 
 
 def test_bundle_saw_only_the_train_split(data_dir: Path, evaluated: tuple[Path, Path]) -> None:
@@ -91,8 +142,13 @@ def test_no_answer_contains_the_users_history(data_dir: Path, evaluated: tuple[P
     root, _ = evaluated
     data = load_data(data_dir)
     models = EvalModels.load(Bundle.open(root), device="cpu")
-    runs, cases, _ = recommend.run_recommend(models, data.split, pool=20, progress=False)
-    assert cases
+    cf = {
+        k: models.bundle.manifest["cf"][k]
+        for k in ("factors", "iterations", "regularization", "alpha")
+    }
+    baselines, _ = tuned_baselines(data.split, cf, GRIDS)
+    runs, cases, _ = recommend.run_recommend(models, data.split, 20, False, baselines)
+    assert set(runs) == set(recommend.METHODS) and cases
     for case in cases:
         for method, run in runs.items():
             answer = run[case.user_id]
@@ -130,7 +186,9 @@ def test_own_holdout_builds_as_a_plain_build_from_everything_before_test(
         device="cpu",
         split=FIT_ON["own-holdout"],
     )
-    report = run_evaluation(data_dir, root, "recommend", out, options, pool=20, progress=False)
+    report = run_evaluation(
+        data_dir, root, "recommend", out, options, pool=20, progress=False, grids=GRIDS
+    )
     data = load_data(data_dir)
     manifest = Bundle.open(root).manifest
     assert manifest["counts"]["interactions"] == len(data.split.seen())
@@ -141,5 +199,7 @@ def test_own_holdout_builds_as_a_plain_build_from_everything_before_test(
     assert report["meta"]["fit_on"] == "own-holdout"
     assert report["recommend"]["users"] > 0
     # The bundle never saw test, so evaluate accepts it again as it is.
-    again = run_evaluation(data_dir, root, "recommend", out, options, pool=20, progress=False)
+    again = run_evaluation(
+        data_dir, root, "recommend", out, options, pool=20, progress=False, grids=GRIDS
+    )
     assert again["meta"]["bundle"] == report["meta"]["bundle"]

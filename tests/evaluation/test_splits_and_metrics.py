@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from recsys.app.evaluation.metrics import accuracy, coverage
+from recsys.app.evaluation.metrics import (
+    accuracy,
+    coverage,
+    paired_bootstrap_ratio,
+    per_query_ndcg,
+)
 from recsys.app.splits import histories, relevant_items, temporal_split
 
 
@@ -75,3 +81,36 @@ def test_accuracy_matches_hand_computed_values() -> None:
 
 def test_coverage_counts_distinct_items_in_top_ten() -> None:
     assert coverage({"a": ["x", "y"], "b": ["y", "z"]}, catalog_size=10) == pytest.approx(0.3)
+
+
+def test_per_query_ndcg_averages_to_rank_s_ndcg() -> None:
+    relevant = {"q1": {"a"}, "q2": {"b", "c"}, "q3": {"z"}}
+    answers = {"q1": ["a", "x"], "q2": ["x", "b", "y", "c"], "q3": []}
+    values = per_query_ndcg(relevant, answers)
+    assert values[0] == pytest.approx(1.0) and values[2] == 0.0
+    assert values.mean() == pytest.approx(accuracy(relevant, answers)["ndcg@10"])
+
+
+def test_paired_bootstrap_of_a_constant_ratio_is_that_ratio() -> None:
+    """Each user's score doubled: every resample's ratio is exactly 2."""
+    base = np.random.default_rng(1).uniform(0.1, 1.0, 200)
+    ratio = paired_bootstrap_ratio(2 * base, base, draws=300)
+    assert ratio["ratio"] == pytest.approx(2.0)
+    assert ratio["low"] == pytest.approx(2.0) and ratio["high"] == pytest.approx(2.0)
+
+
+def test_paired_bootstrap_interval_matches_the_normal_approximation() -> None:
+    """A difference of means is what the ratio's spread follows when the denominator is
+    constant: 1 + mean(d) with d ~ N(0.1, 1), n = 400, so 95% is 1.1 ± 1.96 / 20."""
+    n = 400
+    noise = np.random.default_rng(2).standard_normal(n)
+    noise = (noise - noise.mean()) / noise.std()  # exactly mean 0, sd 1
+    ratio = paired_bootstrap_ratio(1.1 + noise, np.ones(n), draws=4000, seed=3)
+    assert ratio["ratio"] == pytest.approx(1.1)
+    assert ratio["low"] == pytest.approx(1.1 - 1.96 / 20, abs=0.01)
+    assert ratio["high"] == pytest.approx(1.1 + 1.96 / 20, abs=0.01)
+
+
+def test_paired_bootstrap_refuses_unpaired_scores() -> None:
+    with pytest.raises(ValueError, match="must be equal"):
+        paired_bootstrap_ratio(np.ones(3), np.ones(4))

@@ -46,3 +46,37 @@ def mean_intra_list_diversity(
         if len(vectors) >= 2:
             values.append(intra_list_diversity(np.stack(vectors)))
     return float(np.mean(values)) if values else 0.0
+
+
+def per_query_ndcg(
+    relevant: Mapping[str, set[str]], answers: Mapping[str, Sequence[str]]
+) -> np.ndarray:
+    """Binary-relevance NDCG at 10 per query, in `relevant`'s order (its mean is `accuracy`'s)."""
+    discounts = 1.0 / np.log2(np.arange(2, K + 2))
+    out = np.zeros(len(relevant))
+    for n, (query, items) in enumerate(relevant.items()):
+        ranked = list(answers.get(query, ()))[:K]
+        gain = sum(discounts[i] for i, item in enumerate(ranked) if item in items)
+        ideal = discounts[: min(len(items), K)].sum()
+        out[n] = gain / ideal if ideal else 0.0
+    return out
+
+
+def paired_bootstrap_ratio(
+    numerator: np.ndarray, denominator: np.ndarray, draws: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """mean(numerator) / mean(denominator) over the same queries, with its 95% percentile
+    interval from resampling queries with replacement (both sides get the same resample)."""
+    a, b = np.asarray(numerator, np.float64), np.asarray(denominator, np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError(f"paired bootstrap: shapes {a.shape} and {b.shape} must be equal, 1-D")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(a), size=(draws, len(a)))
+    num, den = a[picks].mean(axis=1), b[picks].mean(axis=1)
+    ratios = np.divide(num, den, out=np.full(draws, np.inf), where=den > 0)
+    # Order statistics, not interpolation: a resample whose denominator is 0 is an infinite
+    # ratio, which interpolation would turn into NaN.
+    low = np.percentile(ratios, 2.5, method="lower")
+    high = np.percentile(ratios, 97.5, method="higher")
+    point = a.mean() / b.mean() if b.mean() > 0 else float("inf")
+    return {"ratio": float(point), "low": float(low), "high": float(high), "draws": draws}

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 
 from gateway.candidates import CandidatePool
+from recsys.app.evaluation.baselines import NAMES as BASELINES
+from recsys.app.evaluation.baselines import Baseline, run_baselines
 from recsys.app.evaluation.metrics import K
 from recsys.app.evaluation.models import EvalModels, rerank
 from recsys.app.local import pool_request
@@ -16,7 +18,10 @@ from recsys.core.domain import RankContext, Scored
 from recsys.core.errors import NotFound
 from recsys.core.settings import default
 
-METHODS = ("popular", "cf", "dense", "dense+ce_base", "dense+ce", "full")
+# What run_recommend computes from the bundle; the tuned baselines (baselines.py) join the
+# report after `cf`.
+PIPELINE_METHODS = ("popular", "cf", "dense", "dense+ce_base", "dense+ce", "full")
+METHODS = ("popular", "cf", *BASELINES, "dense", "dense+ce_base", "dense+ce", "full")
 HISTORY_ITEMS = default("max_history_items")  # most recent history items a request carries
 
 Run = dict[str, list[str]]
@@ -53,9 +58,14 @@ def top_k_excluding(order: Sequence[str], exclude: set[str], k: int = K) -> list
 
 
 def run_recommend(
-    models: EvalModels, split: Split, pool: int, progress: bool = True
+    models: EvalModels,
+    split: Split,
+    pool: int,
+    progress: bool = True,
+    baselines: Mapping[str, Baseline] | None = None,
 ) -> tuple[dict[str, Run], list[RecommendCase], list[list[Scored]]]:
-    """Top-10 answers of every method per user, plus `full`'s ranked pools (for diversity sweeps).
+    """Top-10 answers of the pipeline's methods and the given (fitted) `baselines` per user,
+    plus `full`'s ranked pools (for diversity sweeps).
 
     Each user is a history-only Recommend (their visible history, everything seen excluded):
     `full` ranks the pool the gateway gathers for it (gateway.candidates); the dense baselines
@@ -63,7 +73,8 @@ def run_recommend(
     """
     users = cases(split)
     popular = popularity_order(split.seen())
-    runs: dict[str, Run] = {m: {} for m in METHODS}
+    runs: dict[str, Run] = {m: {} for m in PIPELINE_METHODS}
+    runs.update(run_baselines(baselines or {}, users))
     # A user seen only in test has nothing to gather from: every pool stays empty.
     asked = [c for c in users if c.history]
     requests = [

@@ -19,6 +19,73 @@ def _table(methods: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
+def _interval(ratio: dict[str, float]) -> str:
+    return f"{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
+
+
+def _bootstrap(boot: dict[str, Any], unit: str) -> list[str]:
+    """`full` over each other method, 95% paired bootstrap intervals."""
+    draws = boot["full / best other"]["draws"]
+    lines = [
+        f"### full / others: NDCG@10 ratio, 95% paired bootstrap interval ({unit} resampled, "
+        f"{draws} draws)",
+        "",
+        "| full / | ratio [95% interval] |",
+        "|---|---:|",
+        f"| best other ({boot['best_other']}) | {_interval(boot['full / best other'])} |",
+    ]
+    lines += [f"| {name} | {_interval(r)} |" for name, r in boot["full / each"].items()]
+    return [*lines, ""]
+
+
+def _baselines(tuning: dict[str, Any]) -> list[str]:
+    """What each baseline's validation search chose and scored."""
+    lines = [
+        f"### Baselines: hyper-parameters chosen on validation ({tuning['validation_users']} "
+        "users; fitted on train, then refitted on train + validation for test)",
+        "",
+        "| method | chosen | validation ndcg@10 | searched | refit s |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for name, entry in tuning.items():
+        if not isinstance(entry, dict):
+            continue
+        chosen = dict(entry["chosen"])
+        score = chosen.pop("ndcg@10")
+        text = ", ".join(f"{k}={v}" for k, v in chosen.items())
+        lines.append(
+            f"| {name} | {text} | {score:.4f} | {len(entry['validation'])} | "
+            f"{entry['refit_seconds']} |"
+        )
+    return [*lines, ""]
+
+
+def _ablation(ablation: dict[str, Any]) -> list[str]:
+    rows = ablation["rows"]
+    plan = (
+        "runs the cross-encoder's second pass for recommendations"
+        if ablation["cross_encoder_in_plan"]
+        else "answers recommendations from the first fusion pass alone (the build found the "
+        "cross-encoder's second pass did not pay), so removing the cross-encoder changes nothing"
+    )
+    lines = [
+        "### Ablation: the full pipeline without one component",
+        "",
+        "Components are dropped at ranking time, fusion is not refitted; validation rows use CF "
+        f"refitted on train alone, as when the build fitted fusion. The bundle's plan {plan}.",
+        "",
+        "| variant | validation ndcg@10 | test ndcg@10 | test full / variant [95%] | what is removed |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for row in rows:
+        ratio = row.get("test full / variant")
+        lines.append(
+            f"| {row['variant']} | {row['validation ndcg@10']:.4f} | {row['test ndcg@10']:.4f} | "
+            f"{_interval(ratio) if ratio else '—'} | {row['means']} |"
+        )
+    return [*lines, ""]
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human report: one table per protocol, the diversity sweep, and the run's facts."""
     lines = ["# Evaluation report", ""]
@@ -41,6 +108,12 @@ def markdown(report: dict[str, Any]) -> str:
                 ],
                 "",
             ]
+        if "baselines" in rec:
+            lines += _baselines(rec["baselines"])
+        if "bootstrap" in rec:
+            lines += _bootstrap(rec["bootstrap"], "users")
+        if "ablation" in rec:
+            lines += _ablation(rec["ablation"])
     if "search" in report:
         search = report["search"]
         lines += [
@@ -49,6 +122,8 @@ def markdown(report: dict[str, Any]) -> str:
             *_table(search["methods"]),
             "",
         ]
+        if "bootstrap" in search:
+            lines += _bootstrap(search["bootstrap"], "queries")
     goals = report.get("goals")
     if goals:
         lines += ["## Goals", ""] + [

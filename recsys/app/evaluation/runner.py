@@ -13,11 +13,15 @@ import pandas as pd
 
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
+from recsys.app.evaluation.ablation import run_ablation
+from recsys.app.evaluation.baselines import DEFAULT_GRIDS, Grids, Users, tuned_baselines
 from recsys.app.evaluation.metrics import (
     ACCURACY_METRICS,
     accuracy,
     coverage,
     mean_intra_list_diversity,
+    paired_bootstrap_ratio,
+    per_query_ndcg,
 )
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.evaluation.report import write_report
@@ -37,6 +41,7 @@ SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for 
 FIT_ON = {"protocol": SPLIT_MARK, "own-holdout": "movielens-before-test"}
 DIVERSITY_SETTINGS = (0.0, 0.25, 0.5, 0.75)
 RANKER_STEPS = 100  # cross-encoder fine-tuning steps of a bundle built for evaluation
+BOOTSTRAP_DRAWS = 1000  # paired bootstrap resamples of users (recommend) and queries (search)
 
 
 @dataclass(frozen=True)
@@ -87,11 +92,15 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
 
 
 def evaluate_recommend(
-    models: EvalModels, split: Split, pool: int, progress: bool
+    models: EvalModels, split: Split, pool: int, progress: bool, grids: Grids = DEFAULT_GRIDS
 ) -> dict[str, Any]:
     from gateway.diversity import mmr
 
-    runs, cases, pools = recommend.run_recommend(models, split, pool=pool, progress=progress)
+    cf = models.bundle.manifest["cf"]
+    cf_params = {k: cf[k] for k in ("factors", "iterations", "regularization", "alpha")}
+    seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
+    baselines, tuning = tuned_baselines(split, cf_params, grids, seed, progress)
+    runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
     relevant = {c.user_id: c.relevant for c in cases}
     catalog_size = len(models.retriever.store)
     methods = {}
@@ -119,7 +128,41 @@ def evaluate_recommend(
                 "diversity@10": mean_intra_list_diversity(answers, models.vector),
             }
         )
-    return {"methods": methods, "users": len(cases), "diversity_sweep": sweep}
+    val = Users.validation(split)
+    ablation = run_ablation(
+        models,
+        split,
+        pool,
+        (val.histories, val.relevant),
+        ({c.user_id: c.history for c in cases}, relevant),
+        progress,
+    )
+    return {
+        "methods": methods,
+        "users": len(cases),
+        "diversity_sweep": sweep,
+        "baselines": tuning,
+        "bootstrap": bootstrap(relevant, {name: runs[name] for name in recommend.METHODS}),
+        "ablation": ablation,
+    }
+
+
+def bootstrap(
+    relevant: dict[str, set[str]], runs: dict[str, dict[str, list[str]]]
+) -> dict[str, Any]:
+    """`full`'s NDCG@10 over each other method's, and over the best other (chosen on the point
+    estimates), with 95% paired bootstrap intervals over the same users or queries."""
+    ndcg = {name: per_query_ndcg(relevant, run) for name, run in runs.items()}
+    others = {name: values for name, values in ndcg.items() if name != "full"}
+    best = max(others, key=lambda name: others[name].mean())
+    return {
+        "best_other": best,
+        "full / best other": paired_bootstrap_ratio(ndcg["full"], others[best], BOOTSTRAP_DRAWS),
+        "full / each": {
+            name: paired_bootstrap_ratio(ndcg["full"], values, BOOTSTRAP_DRAWS)
+            for name, values in others.items()
+        },
+    }
 
 
 def evaluate_search(
@@ -131,6 +174,7 @@ def evaluate_search(
     return {
         "methods": {name: accuracy(relevant, runs[name]) for name in search.METHODS},
         "queries": len(test),
+        "bootstrap": bootstrap(relevant, runs),
     }
 
 
@@ -145,10 +189,22 @@ def goals(report: dict[str, Any]) -> dict[str, bool]:
         out["recommend: fine-tuned CE > base CE (dense+ce vs dense+ce_base)"] = (
             m["dense+ce"] > m["dense+ce_base"]
         )
+        ratio = report["recommend"]["bootstrap"]["full / best other"]
+        out["recommend: full / best other, 95% interval above 1.0"] = ratio["low"] > 1.0
+        lm = next(
+            row
+            for row in report["recommend"]["ablation"]["rows"]
+            if row["variant"] == "without language-model components"
+        )
+        out["recommend: language-model components raise test ndcg@10 >= 5% (ablation)"] = (
+            lm["test full / variant"]["ratio"] >= 1.05
+        )
     if "search" in report:
         s = {k: v["ndcg@10"] for k, v in report["search"]["methods"].items()}
         out["search: full ndcg@10 >= 1.20 x bm25"] = s["full"] >= 1.20 * s["bm25"]
         out["search: full ndcg@10 > dense"] = s["full"] > s["dense"]
+        out["search: full ndcg@10 >= 1.5 x dense"] = s["full"] >= 1.5 * s["dense"]
+        out["search: full ndcg@10 >= 3 x bm25"] = s["full"] >= 3.0 * s["bm25"]
         out["search: fine-tuned CE > base CE (dense+ce vs dense+ce_base)"] = (
             s["dense+ce"] > s["dense+ce_base"]
         )
@@ -163,9 +219,11 @@ def run_evaluation(
     options: BuildOptions,
     pool: int | None = None,
     progress: bool = True,
+    grids: Grids = DEFAULT_GRIDS,
 ) -> dict[str, Any]:
     """The whole `recsys evaluate` job; returns the report it wrote. `pool` defaults to the
-    candidate pool the bundle's fusion was fitted on."""
+    candidate pool the bundle's fusion was fitted on; `grids` are the baselines' validation
+    searches."""
     started = time.perf_counter()
     data = load_data(data_dir)
     bundle = train_split_bundle(data, bundle_root, options)
@@ -173,7 +231,7 @@ def run_evaluation(
     pool = pool or models.pool
     report: dict[str, Any] = {}
     if protocol in ("recommend", "all"):
-        report["recommend"] = evaluate_recommend(models, data.split, pool, progress)
+        report["recommend"] = evaluate_recommend(models, data.split, pool, progress, grids)
     if protocol in ("search", "all"):
         report["search"] = evaluate_search(models, data.queries, pool, progress)
     report["goals"] = goals(report)

@@ -1,0 +1,228 @@
+"""The full recommendation pipeline with one component removed, on validation and test.
+
+Nothing is refitted: each variant reuses the bundle's fusion and drops a component at serving
+time (its candidates from the pool, its scores as missing), which is what turning it off in a
+deployed bundle would do. On validation the pipeline's CF is refitted on train alone with the
+bundle's hyper-parameters, as the build had it when it fitted fusion there (the served CF has
+seen validation).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from gateway.candidates import CandidatePool
+from ranking_service.fusion import head, place_head, subset
+from ranking_service.ranker import Ranker
+from recsys.app.evaluation.metrics import K, paired_bootstrap_ratio, per_query_ndcg
+from recsys.app.evaluation.models import EvalModels, score_lists
+from recsys.app.evaluation.recommend import HISTORY_ITEMS
+from recsys.app.local import gather_pools, pool_request
+from recsys.app.splits import Split
+from recsys.core.domain import Candidate, RankContext
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    cf_share: float | None  # the pool's CF share; None: the bundle's
+    drop_cf: bool  # CF and short-term CF scores dropped (missing to fusion)
+    cross_encoder: bool  # the cross-encoder's second pass, where the bundle's plan runs it
+    means: str
+
+
+VARIANTS = (
+    Variant("full", None, False, True, "the pipeline as evaluated above"),
+    Variant(
+        "without cross-encoder",
+        None,
+        False,
+        False,
+        "first fusion pass only: the cross-encoder's second pass dropped",
+    ),
+    Variant(
+        "without CF",
+        0.0,
+        True,
+        True,
+        "pool from dense retrieval alone; CF and short-term CF scores dropped as missing "
+        "(the popularity prior stays)",
+    ),
+    Variant(
+        "without dense retrieval",
+        1.0,
+        False,
+        True,
+        "pool from CF recall alone, so no retrieval candidates or scores",
+    ),
+    Variant(
+        "without language-model components",
+        1.0,
+        False,
+        False,
+        "neither dense retrieval (pool from CF alone) nor the cross-encoder",
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """Who is asked (visible history, most recent first) and what is relevant, per user."""
+
+    name: str
+    ranker: Ranker
+    histories: dict[str, list[str]]
+    relevant: dict[str, set[str]]
+
+
+def train_only_ranker(models: EvalModels, split: Split) -> Ranker:
+    """The bundle's ranker with CF refitted on the train split alone (its own hyper-parameters
+    and seed), as it was when the build fitted fusion on validation."""
+    from ranking_service.cf import CFModel
+
+    section = models.bundle.manifest["cf"]
+    params = {k: section[k] for k in ("factors", "iterations", "regularization", "alpha")}
+    seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
+    ranker = copy.copy(models.ranker)
+    ranker.cf = CFModel.train(split.train, seed=seed, **params)
+    return ranker
+
+
+def answers(
+    models: EvalModels, stage: Stage, pool: int, progress: bool
+) -> dict[str, dict[str, list[str]]]:
+    """Each variant's top 10 per user of the stage."""
+    users = [u for u in sorted(stage.relevant) if stage.histories.get(u)]
+    requests = [
+        pool_request(pool, history=stage.histories[u][:HISTORY_ITEMS], exclude=stage.histories[u])
+        for u in users
+    ]
+    shares = {v.cf_share for v in VARIANTS}
+    pools: dict[float | None, list[CandidatePool]] = {}
+    for share in shares:
+        policy = models.policy if share is None else replace(models.policy, cf_share=share)
+        desc = f"ablation ({stage.name}): pools, cf_share {share}" if progress else None
+        pools[share] = gather_pools(requests, models.retriever, stage.ranker, policy, desc)
+    out: dict[str, dict[str, list[str]]] = {}
+    for variant in VARIANTS:
+        ranked = _rank(models, stage.ranker, pools[variant.cf_share], variant, progress)
+        out[variant.name] = {u: ranked[i] for i, u in enumerate(users)}
+        # Users without history get no answer from any variant (as from `full`).
+        out[variant.name].update({u: [] for u in stage.relevant if u not in out[variant.name]})
+    return out
+
+
+def _rank(
+    models: EvalModels,
+    ranker: Ranker,
+    pools: Sequence[CandidatePool],
+    variant: Variant,
+    progress: bool,
+) -> list[list[str]]:
+    """Ranker.combine's two passes over each pool, with the variant's component dropped."""
+    plan = ranker.plan(False)
+    firsts, heads, contexts, candidates, stages = [], [], [], [], []
+    for pool in pools:
+        context, cands = pool.context(), pool.candidates()
+        scores, _ = ranker.stage_scores(context, cands, None)
+        if variant.drop_cf:
+            scores = replace(scores, cf=np.full(len(cands), np.nan, np.float32), cf_recent=None)
+        first = plan.first.fuse(scores) if cands else np.zeros(0, np.float32)
+        has_text = any(h.text.strip() for h in context.history)
+        two_pass = variant.cross_encoder and plan.cross_encoder_pays and plan.second is not None
+        rows = head(first, plan.rerank_depth) if two_pass and has_text and cands else None
+        firsts.append(first)
+        heads.append(rows)
+        contexts.append(context)
+        candidates.append(cands)
+        stages.append(scores)
+    scored = _head_scores(
+        models, contexts, candidates, heads, f"ablation: {variant.name}", progress
+    )
+    out = []
+    for cands, scores, first, rows, ce in zip(
+        candidates, stages, firsts, heads, scored, strict=True
+    ):
+        fused = first
+        if rows is not None and rows.size:
+            assert plan.second is not None
+            full = np.full(len(cands), np.nan, np.float32)
+            full[rows] = ce
+            second = plan.second.fuse(subset(replace(scores, ce=full), rows))
+            fused = place_head(first, rows, second)
+        out.append([cands[i].item_id for i in np.argsort(-fused, kind="stable")[:K]])
+    return out
+
+
+def _head_scores(
+    models: EvalModels,
+    contexts: Sequence[RankContext],
+    candidates: Sequence[Sequence[Candidate]],
+    heads: Sequence[np.ndarray | None],
+    desc: str,
+    progress: bool,
+) -> list[np.ndarray]:
+    """The serving cross-encoder's scores of each list's head rows (empty where none)."""
+    todo = [i for i, rows in enumerate(heads) if rows is not None and rows.size]
+    out = [np.zeros(0, np.float32) for _ in heads]
+    if not todo:
+        return out
+    lists = [[candidates[i][r] for r in heads[i]] for i in todo]  # type: ignore[union-attr]
+    scores = score_lists(models.tuned, [contexts[i] for i in todo], lists, desc, progress)
+    for i, values in zip(todo, scores, strict=True):
+        out[i] = values
+    return out
+
+
+def table(
+    stages: dict[str, tuple[dict[str, set[str]], dict[str, dict[str, list[str]]]]],
+    draws: int = 1000,
+    seed: int = 0,
+) -> list[dict[str, Any]]:
+    """One row per variant: NDCG@10 on each stage, and on test `full` / variant with its paired
+    bootstrap interval (users resampled)."""
+    rows = []
+    test_relevant, test_answers = stages["test"]
+    full = per_query_ndcg(test_relevant, test_answers["full"])
+    for variant in VARIANTS:
+        row: dict[str, Any] = {"variant": variant.name, "means": variant.means}
+        for stage, (relevant, runs) in stages.items():
+            row[f"{stage} ndcg@10"] = round(
+                float(per_query_ndcg(relevant, runs[variant.name]).mean()), 4
+            )
+        if variant.name != "full":
+            other = per_query_ndcg(test_relevant, test_answers[variant.name])
+            row["test full / variant"] = paired_bootstrap_ratio(full, other, draws, seed)
+        rows.append(row)
+    return rows
+
+
+def run_ablation(
+    models: EvalModels,
+    split: Split,
+    pool: int,
+    validation: tuple[dict[str, list[str]], dict[str, set[str]]],
+    test: tuple[dict[str, list[str]], dict[str, set[str]]],
+    progress: bool,
+) -> dict[str, Any]:
+    """The ablation table over (histories, relevant) of validation users and of test users."""
+    stages = {
+        "validation": Stage("validation", train_only_ranker(models, split), *validation),
+        "test": Stage("test", models.ranker, *test),
+    }
+    results = {
+        name: (stage.relevant, answers(models, stage, pool, progress))
+        for name, stage in stages.items()
+    }
+    return {
+        # False: the bundle's plan answers recommendations from the first pass alone (the
+        # build found the cross-encoder did not pay there), so dropping it changes nothing.
+        "cross_encoder_in_plan": models.ranker.plan(False).cross_encoder_pays,
+        "fusion_refitted": False,
+        "rows": table(results),
+    }
