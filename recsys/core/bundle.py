@@ -110,6 +110,20 @@ def publish(root: Path, version: str) -> None:
     _write_atomic(root / CURRENT, version + "\n")
 
 
+def current_version(root: Path) -> str:
+    """The version ROOT/CURRENT names; one-line InvalidInput when there is none."""
+    pointer = Path(root) / CURRENT
+    try:
+        version = pointer.read_text().strip()
+    except OSError:
+        raise InvalidInput(
+            f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`"
+        ) from None
+    if not version:
+        raise InvalidInput(f"{pointer}: empty; it should name a bundle version")
+    return version
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A resolved, complete bundle version on disk."""
@@ -130,12 +144,7 @@ class Bundle:
         """Opens ROOT/<version>, or the version CURRENT names; one-line InvalidInput otherwise."""
         root = Path(root)
         if version is None:
-            pointer = root / CURRENT
-            if not pointer.is_file():
-                raise InvalidInput(
-                    f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`"
-                )
-            version = pointer.read_text().strip()
+            version = current_version(root)
         manifest_path = root / version / MANIFEST
         if not manifest_path.is_file():
             raise InvalidInput(
