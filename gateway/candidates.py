@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -177,6 +177,8 @@ async def gather_candidates(
     finally:
         for task in tasks:
             task.cancel()  # a failure leaves the others unawaited: stop them
+            # Their own failures are part of the one raised here, not unhandled errors.
+            task.add_done_callback(_retrieved)
     answered |= recall_versions
     if result is not None:
         answered.add(result.bundle_version)
@@ -269,9 +271,17 @@ async def _recalled(
     return recalled, answered, []
 
 
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 def _start(call: Awaitable[T], end: float, stage: str = "retrieval") -> asyncio.Future[T]:
     """Runs `call` as a task that gives up (DeadlineExceeded) at `end`."""
-    return asyncio.ensure_future(within(call, end - time.perf_counter(), stage))
+    inner = asyncio.ensure_future(call)
+    # Cancelled after failing on its own (beside another call's failure): not unhandled.
+    inner.add_done_callback(_retrieved)
+    return asyncio.ensure_future(within(inner, end - time.perf_counter(), stage))
 
 
 def _text(item: Item | None, limit: int) -> str:

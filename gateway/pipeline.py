@@ -93,6 +93,8 @@ class RecommendPipeline:
         metrics.CANDIDATES.labels(stage="retrieved").observe(pool.retrieved)
         metrics.CANDIDATES.labels(stage="recalled").observe(pool.recalled)
         versions = dict(pool.versions)
+        if len(pool.bundle_versions) == 1:  # also when only CF and GetItems answered
+            versions.setdefault("bundle_version", next(iter(pool.bundle_versions)))
         if ranked is not None:
             entries = _ranked_entries(pool.items, ranked)
             versions |= {n: v for n, v in ranked.versions.items() if n in RANKING_VERSION_FIELDS}

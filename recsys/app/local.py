@@ -107,8 +107,9 @@ class LocalRankingStage:
 
 
 def _check(wanted: str, held: str, service: str) -> None:
-    """A stage here holds one version: a call pinned to another is refused, as over gRPC."""
-    if wanted and wanted != held:
+    """A stage here holds one version: a call pinned to another is refused, as over gRPC
+    (one that does not know its version refuses nothing)."""
+    if wanted and held and wanted != held:
         raise VersionUnavailable(service, wanted, (held,))
 
 
