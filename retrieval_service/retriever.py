@@ -85,7 +85,8 @@ class Retriever:
         self.state = state
         self.version = version
         self.history = history
-        self.encoder_id = encoder_id  # identity of the vectors this version's encoder makes
+        # Identity of the vectors this version's encoder makes (a state dir records its own).
+        self.encoder_id = encoder_id or (state.encoder if state is not None else "")
         self.replayed = Replay()
         # FAISS add() and search() must not overlap; encoding happens outside the lock.
         self._lock = threading.Lock()
