@@ -375,7 +375,7 @@ class Retriever:
             self._tap = None
             new.close()
             raise
-        if new.replayed.encoded:
+        if state is not None and new.encoder_id != self.encoder_id:
             new._compact_logged()  # another encoder: snapshot its vectors, so starts reuse them
         return new
 

@@ -1,7 +1,9 @@
 """Rolling out a bundle version into the live root while Recommend calls keep coming: real
 processes, real models, the sample bundle.
 
-The stack polls CURRENT every half second. A new version is the live version's files under a
+The stack polls CURRENT every half second, except one of retrieval and ranking, which polls
+every SLOW_POLL_S: so for a few seconds the two serve different versions, and the gateway
+must keep every answer to one of them. A new version is the live version's files under a
 new name with its own manifest (hard links: versions are immutable), as a rebuild of the same
 inputs would be; what matters here is that every service loads it beside the old one and that
 no answer mixes the two.
@@ -43,6 +45,7 @@ SWITCH_TIMEOUT_S = 400.0
 # Answers every request kind must give after all three services switched.
 ANSWERS_AFTER = 6
 STACK = {"bundle_poll_s": 0.5, "bundle_keep_previous_s": 600.0}
+SLOW_POLL_S = 8.0
 
 
 @pytest.fixture
@@ -175,10 +178,38 @@ def retrieval_stub(stack: Launcher) -> tuple[grpc.Channel, retrieval_pb2_grpc.Re
     return channel, retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
 
+def client_calls(stack: Launcher, code: str) -> float:
+    """The gateway's calls to retrieval and ranking that ended with `code`."""
+    text = scrape(stack, "gateway")
+    return sum(
+        value(text, "grpc_client_handled_total", **labels)
+        for labels in (
+            {"grpc_type": "unary", "grpc_service": f"recsys.v1.{service}", "grpc_method": method}
+            | {"grpc_code": code}
+            for service, method in (
+                ("RetrievalService", "Search"),
+                ("RetrievalService", "GetItems"),
+                ("RankingService", "Rank"),
+                ("RankingService", "RecallCandidates"),
+            )
+        )
+    )
+
+
+@pytest.mark.parametrize(
+    "slow", ["ranking", "retrieval"], ids=["retrieval switches first", "ranking switches first"]
+)
 def test_a_new_version_rolls_out_under_load_without_a_failed_or_mixed_answer(
-    own_stack: Callable[..., Launcher], live_root: Path, requests: list[dict[str, object]]
+    own_stack: Callable[..., Launcher],
+    live_root: Path,
+    requests: list[dict[str, object]],
+    slow: str,
 ) -> None:
-    stack = own_stack(bundle=live_root, **STACK)
+    stack = own_stack(*(n for n in SERVICES if n != slow), wait=False, bundle=live_root, **STACK)
+    stack.env["RECSYS_BUNDLE_POLL_S"] = str(SLOW_POLL_S)
+    stack.start(slow, wait=False)
+    for name in SERVICES:
+        stack.wait_serving(name, timeout=240)
     old = current_version(live_root)
     channel, retrieval = retrieval_stub(stack)
     telescope = retrieval_pb2.UpsertItemsRequest(
@@ -220,6 +251,8 @@ def test_a_new_version_rolls_out_under_load_without_a_failed_or_mixed_answer(
     ranked = [r for _, r in after if not r.degraded]
     assert ranked and {r.versions.ranking_bundle_version for r in ranked} == {"v-next"}
     assert {kind for kind, _ in after} == set(range(len(requests)))
+    if slow == "ranking":  # Rank pinned to retrieval's new version was refused, then repinned
+        assert client_calls(stack, "FAILED_PRECONDITION") > 0
 
     # The online changes made under the old version are in force in the new one.
     info = retrieval.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=60)

@@ -103,6 +103,7 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
     old.close()
     new.close()
     again = load(versions[version], tmp_path)
+    assert again.replayed.encoded == 0  # another encoder's vectors were snapshotted at the swap
     found, missing = again.get_items(sorted(live | gone | {"after-1"}))
     assert {item.item_id for item, _ in found} == live | {"after-1"}
     assert set(missing) == gone
