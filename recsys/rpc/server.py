@@ -302,15 +302,17 @@ async def watch_bundle(service: Reloadable, settings: Settings, live: str) -> No
     assert settings.bundle is not None
     name = service.name
     failed: str | None = None
+    unreadable = False  # warned that CURRENT cannot be read (said once, not every poll)
     while True:
         await asyncio.sleep(settings.bundle_poll_s)
         try:
             wanted = current_version(settings.bundle)
         except InvalidInput as exc:
-            if failed != "":
+            if not unreadable:
                 log.warning("%s: %s; bundle %s keeps serving", name, exc, live)
-            failed = ""
+            unreadable = True
             continue
+        unreadable = False
         if wanted in (live, failed):
             continue
         log.info("%s: CURRENT names bundle %s; loading it beside %s", name, wanted, live)
@@ -326,8 +328,8 @@ async def watch_bundle(service: Reloadable, settings: Settings, live: str) -> No
                 wanted,
                 exc if isinstance(exc, RecsysError) else repr(exc),
                 live,
-                exc_info=not isinstance(exc, RecsysError),  # a bug: keep its traceback
             )
+            log.debug("%s: loading bundle %s", name, wanted, exc_info=True)
             continue
         failed, live = None, wanted
         metrics.set_bundle_version(name, live)
