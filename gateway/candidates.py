@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,7 +34,7 @@ from recsys.core.domain import (
     RankContext,
     SearchQuery,
 )
-from recsys.core.errors import DeadlineExceeded, NotFound
+from recsys.core.errors import DeadlineExceeded, NotFound, VersionUnavailable
 from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,9 @@ class CandidatePool:
     retrieved: int
     recalled: int
     max_text_chars: int
+    # Every bundle version that answered a call of this gathering (retrieval's and CF's): one,
+    # unless a service switched versions meanwhile.
+    bundle_versions: frozenset[str] = frozenset()
 
     def context(self) -> RankContext:
         """What ranking is told about the request."""
@@ -131,9 +134,10 @@ async def gather_candidates(
     ranking: RankingStage,
     policy: PoolPolicy,
     end: float,
+    version: str = "",
 ) -> CandidatePool:
     """Search, CF recall and the history items' texts, concurrently, before `end`
-    (time.perf_counter() seconds)."""
+    (time.perf_counter() seconds); every call pinned to bundle `version` when one is given."""
     if end - time.perf_counter() <= 0:
         raise DeadlineExceeded("the deadline expired before retrieval could start")
     history_ids = request.history_item_ids
@@ -156,21 +160,28 @@ async def gather_candidates(
             include_text=True,
             include_vectors=request.diversity > 0,
         )
-        search = _start(retrieval.search(query, end - time.perf_counter()), end)
+        search = _start(retrieval.search(query, end - time.perf_counter(), version), end)
     if history_ids:
-        lookup = _start(_get_items(retrieval, history_ids, end, policy), end)
+        lookup = _start(_get_items(retrieval, history_ids, end, policy, version=version), end)
     if cf_k:
         recall = _start(
-            _recall(request, retrieval, ranking, cf_k, exclude, end, policy), end, "CF recall"
+            _recall(request, retrieval, ranking, cf_k, exclude, end, policy, version),
+            end,
+            "CF recall",
         )
     tasks = [t for t in (search, lookup, recall) if t is not None]
     try:
         result: SearchResult | None = await search if search is not None else None
-        found = await lookup if lookup is not None else []
-        recalled, reasons = await _recalled(recall, required=search is None)
+        found, answered = await lookup if lookup is not None else ([], set())
+        recalled, recall_versions, reasons = await _recalled(recall, required=search is None)
     finally:
         for task in tasks:
             task.cancel()  # a failure leaves the others unawaited: stop them
+            # Their own failures are part of the one raised here, not unhandled errors.
+            task.add_done_callback(_retrieved)
+    answered |= recall_versions
+    if result is not None:
+        answered.add(result.bundle_version)
     hits = result.hits if result is not None else []
     versions = {"bundle_version": result.bundle_version, **result.versions} if result else {}
     # Unknown history ids are simply not in the context.
@@ -187,6 +198,7 @@ async def gather_candidates(
         retrieved=len(hits),
         recalled=len(recalled),
         max_text_chars=policy.max_text_chars,
+        bundle_versions=frozenset(answered - {""}),
     )
 
 
@@ -196,16 +208,20 @@ async def _get_items(
     end: float,
     policy: PoolPolicy,
     include_vectors: bool = False,
-) -> list[tuple[Item, np.ndarray | None]]:
-    """Known items in `item_ids` order, in calls of at most the ids retrieval accepts."""
+    version: str = "",
+) -> tuple[list[tuple[Item, np.ndarray | None]], set[str]]:
+    """Known items in `item_ids` order, in calls of at most the ids retrieval accepts, and the
+    bundle versions that answered."""
     step = policy.max_ids_per_call
     parts = await asyncio.gather(
         *(
-            retrieval.get_items(item_ids[i : i + step], end - time.perf_counter(), include_vectors)
+            retrieval.get_items(
+                item_ids[i : i + step], end - time.perf_counter(), include_vectors, version
+            )
             for i in range(0, len(item_ids), step)
         )
     )
-    return [found for part, _ in parts for found in part]
+    return [found for part in parts for found in part.found], {p.bundle_version for p in parts}
 
 
 async def _recall(
@@ -216,40 +232,56 @@ async def _recall(
     exclude: frozenset[str],
     end: float,
     policy: PoolPolicy,
-) -> list[Recalled]:
-    """CF's candidates with their items from retrieval; deleted or filtered-out ones dropped."""
+    version: str = "",
+) -> tuple[list[Recalled], set[str]]:
+    """CF's candidates with their items from retrieval (deleted or filtered-out ones dropped),
+    and the bundle versions that answered."""
     result = await ranking.recall(
-        request.user_id, request.history_item_ids, k, exclude, end - time.perf_counter()
+        request.user_id, request.history_item_ids, k, exclude, end - time.perf_counter(), version
     )
     scores = dict(result.items)
-    found = await _get_items(retrieval, list(scores), end, policy, request.diversity > 0)
-    return [
+    found, answered = await _get_items(
+        retrieval, list(scores), end, policy, request.diversity > 0, version
+    )
+    recalled = [
         Recalled(item, scores[item.item_id], vector)
         for item, vector in found
         if not request.categories or item.category in request.categories
     ]
+    return recalled, answered | {result.bundle_version}
 
 
 async def _recalled(
-    recall: asyncio.Future[list[Recalled]] | None, required: bool
-) -> tuple[list[Recalled], list[DegradedReason]]:
-    """CF's candidates, and [CF_UNAVAILABLE] when CF failed but retrieval answered."""
+    recall: asyncio.Future[tuple[list[Recalled], set[str]]] | None, required: bool
+) -> tuple[list[Recalled], set[str], list[DegradedReason]]:
+    """CF's candidates and the versions that answered, and [CF_UNAVAILABLE] when CF failed but
+    retrieval answered."""
     if recall is None:
-        return [], []
+        return [], set(), []
     try:
-        return await recall, []
+        recalled, answered = await recall
     except Exception as exc:
-        if required:
-            raise  # CF was the only source: its answer is the request's answer
+        # CF was the only source, or was asked for a version: its answer is the request's.
+        if required or isinstance(exc, VersionUnavailable):
+            raise
         if isinstance(exc, NotFound):
-            return [], []  # CF knows nothing of this user: no candidates of its own, no fault
+            return [], set(), []  # CF knows nothing of this user: no candidates, no fault
         log.warning("CF recall failed, candidates from retrieval only: %r", exc)
-        return [], [DegradedReason.CF_UNAVAILABLE]
+        return [], set(), [DegradedReason.CF_UNAVAILABLE]
+    return recalled, answered, []
+
+
+def _retrieved(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
 
 
 def _start(call: Awaitable[T], end: float, stage: str = "retrieval") -> asyncio.Future[T]:
     """Runs `call` as a task that gives up (DeadlineExceeded) at `end`."""
-    return asyncio.ensure_future(within(call, end - time.perf_counter(), stage))
+    inner = asyncio.ensure_future(call)
+    # Cancelled after failing on its own (beside another call's failure): not unhandled.
+    inner.add_done_callback(_retrieved)
+    return asyncio.ensure_future(within(inner, end - time.perf_counter(), stage))
 
 
 def _text(item: Item | None, limit: int) -> str:

@@ -8,6 +8,12 @@ set) is one clock for the whole request. Gathering candidates (Search, CF recall
 for texts) may use all of it, since without candidates there is no answer; ranking gets at
 most `ranking_budget_fraction` of what is left after that, so that a slow ranking still
 leaves time to answer, degraded, in retrieval order before the deadline.
+
+One bundle version answers a request end to end. While a new version rolls out, retrieval and
+ranking may briefly serve different ones; each keeps its previous version loaded for a while
+and answers calls pinned to it. Ranking (and CF) is pinned to the version retrieval answered
+with; when the answers of one gathering disagree, or a pinned service does not hold the
+version, the gathering is repeated pinned to a version both hold, within the same budget.
 """
 
 from __future__ import annotations
@@ -25,7 +31,14 @@ from gateway.protocol import Recommendation, RecommendedItem, RecommendRequest
 from gateway.stages import RankingStage, RankResult, RetrievalStage, within
 from recsys.core import metrics
 from recsys.core.domain import DegradedReason, Scores
-from recsys.core.errors import DeadlineExceeded, InvalidInput, NotReady, Overloaded, RecsysError
+from recsys.core.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    RecsysError,
+    VersionUnavailable,
+)
 from recsys.core.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,9 @@ log = logging.getLogger(__name__)
 MIN_RANKING_BUDGET_S = 0.001
 # Ranking's own models; retrieval's bundle_version stays the one reported (it served the items).
 RANKING_VERSION_FIELDS = ("cross_encoder", "cf", "fusion")
+# Gatherings one request may take while the services switch bundle versions: unpinned, pinned
+# to a version seen, pinned to the version the refusing service holds.
+VERSION_ATTEMPTS = 3
 
 
 @dataclass(frozen=True)
@@ -73,21 +89,21 @@ class RecommendPipeline:
         end = started + budget
         timings: dict[str, float] = {}
 
-        pool = await gather_candidates(request, self.retrieval, self.ranking, self.policy, end)
-        timings["retrieval"] = time.perf_counter() - started
+        pool, ranked, reason = await self._one_version(request, end, started, timings)
         metrics.CANDIDATES.labels(stage="retrieved").observe(pool.retrieved)
         metrics.CANDIDATES.labels(stage="recalled").observe(pool.recalled)
         versions = dict(pool.versions)
-
-        t0 = time.perf_counter()
-        ranked, reason = await self._rank(pool, end)
-        timings["ranking"] = time.perf_counter() - t0
+        if len(pool.bundle_versions) == 1:  # also when only CF and GetItems answered
+            versions.setdefault("bundle_version", next(iter(pool.bundle_versions)))
         if ranked is not None:
             entries = _ranked_entries(pool.items, ranked)
             versions |= {n: v for n, v in ranked.versions.items() if n in RANKING_VERSION_FIELDS}
+            versions["ranking_bundle_version"] = ranked.versions.get("bundle_version", "")
             metrics.CANDIDATES.labels(stage="ranked").observe(len(entries))
         else:
             entries = _unranked_entries(pool.items)
+        if versions.get("bundle_version"):
+            metrics.set_bundle_version("gateway", versions["bundle_version"])
 
         if request.diversity > 0 and len(entries) > 1:
             t0 = time.perf_counter()
@@ -105,10 +121,50 @@ class RecommendPipeline:
             metrics.DEGRADED.labels(reason=r).inc()
         return Recommendation(items, bool(reasons), reasons, timings, versions)
 
+    async def _one_version(
+        self, request: RecommendRequest, end: float, started: float, timings: dict[str, float]
+    ) -> tuple[CandidatePool, RankResult | None, DegradedReason | None]:
+        """Candidates and ranking's answer, all from one bundle version (see the module doc)."""
+        pin, seen = "", set[str]()
+        for attempt in range(1, VERSION_ATTEMPTS + 1):
+            last = attempt == VERSION_ATTEMPTS
+            try:
+                pool = await gather_candidates(
+                    request, self.retrieval, self.ranking, self.policy, end, pin
+                )
+            except VersionUnavailable as exc:
+                if last:
+                    raise _no_common_version(seen | set(exc.held)) from None
+                pin = _repin(exc, seen)
+                continue
+            seen |= pool.bundle_versions
+            if len(pool.bundle_versions) > 1:
+                if last:
+                    raise _no_common_version(pool.bundle_versions)
+                # Names `recsys build` gives sort by time: the older one is held on both sides.
+                pin = min(pool.bundle_versions)
+                continue
+            timings["retrieval"] = time.perf_counter() - started
+            version = next(iter(pool.bundle_versions), pin)
+            t0 = time.perf_counter()
+            try:
+                ranked, reason = await self._rank(pool, end, version)
+            except VersionUnavailable as exc:
+                if not last:
+                    pin = _repin(exc, seen)
+                    continue
+                # Answered by retrieval's version alone rather than mixed with another.
+                log.warning("ranking does not hold bundle %s; answering unranked: %s", version, exc)
+                ranked, reason = None, DegradedReason.RANKING_UNAVAILABLE
+            timings["ranking"] = time.perf_counter() - t0
+            return pool, ranked, reason
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
     async def _rank(
-        self, pool: CandidatePool, end: float
+        self, pool: CandidatePool, end: float, version: str = ""
     ) -> tuple[RankResult | None, DegradedReason | None]:
-        """Ranking's answer, or (None, degraded reason) when it failed or ran out of time."""
+        """Ranking's answer (pinned to `version`), or (None, degraded reason) when it failed or
+        ran out of time; VersionUnavailable when ranking does not hold the version."""
         if not pool.items:
             return RankResult([], {}), None
         budget = (end - time.perf_counter()) * self.settings.ranking_budget_fraction
@@ -117,9 +173,11 @@ class RecommendPipeline:
         try:
             # Enforced here too, so a stage that ignores its timeout cannot hold the answer.
             ranked = await within(
-                self.ranking.rank(pool.context(), pool.candidates(), budget), budget, "ranking"
+                self.ranking.rank(pool.context(), pool.candidates(), budget, version),
+                budget,
+                "ranking",
             )
-        except InvalidInput:
+        except (InvalidInput, VersionUnavailable):
             raise
         except RecsysError as exc:
             log.warning("ranking failed, answering in retrieval order: %s", exc)
@@ -128,6 +186,20 @@ class RecommendPipeline:
             log.exception("ranking raised, answering in retrieval order")
             return None, DegradedReason.RANKING_ERROR
         return ranked, None
+
+
+def _repin(exc: VersionUnavailable, seen: set[str]) -> str:
+    """The version to pin the next gathering to: one the refusing service holds, preferably one
+    the other service answered with."""
+    common = [v for v in exc.held if v in seen]
+    return (common or list(exc.held) or [""])[0]
+
+
+def _no_common_version(versions: set[str] | frozenset[str]) -> NotReady:
+    return NotReady(
+        "retrieval and ranking are switching bundle versions and hold none in common "
+        f"(seen: {', '.join(sorted(versions))}); retry shortly"
+    )
 
 
 def _ranked_entries(pool: list[PoolItem], ranked: RankResult) -> list[_Entry]:

@@ -25,6 +25,8 @@ T = TypeVar("T")
 
 # The ModelVersions fields retrieval can tell (its bundle version comes with every answer).
 RETRIEVAL_VERSION_FIELDS = ("encoder", "index_factory")
+# Bundle versions whose index info the gateway remembers.
+KEEP_INFOS = 4
 
 
 @dataclass(frozen=True)
@@ -39,7 +41,8 @@ class SearchResult:
 
 @dataclass(frozen=True)
 class RankResult:
-    """Ranking's candidates, best (fused) first, and the model versions that scored them."""
+    """Ranking's candidates, best (fused) first, and the model versions that scored them
+    (`bundle_version` among them)."""
 
     scored: list[Scored]
     versions: dict[str, str]
@@ -48,21 +51,38 @@ class RankResult:
 
 @dataclass(frozen=True)
 class RecallResult:
-    """CF's own candidates (item id, CF score), best first."""
+    """CF's own candidates (item id, CF score), best first, and the bundle version of CF."""
 
     items: list[tuple[str, float]]
     cf_folded_in: bool = False
+    bundle_version: str = ""
 
 
-# Known items with their vectors (None unless asked for), and the ids retrieval does not know.
-ItemsResult = tuple[list[tuple[Item, np.ndarray | None]], list[str]]
+@dataclass(frozen=True)
+class ItemsResult:
+    """Known items with their vectors (None unless asked for), the ids retrieval does not know,
+    and the bundle version that answered."""
+
+    found: list[tuple[Item, np.ndarray | None]]
+    missing: list[str]
+    bundle_version: str = ""
+
+
+# Every stage call takes `version`: the bundle version to answer with ("" for the live one);
+# a stage that does not hold it raises VersionUnavailable.
 
 
 class RetrievalStage(Protocol):
-    async def search(self, query: SearchQuery, timeout: float) -> SearchResult: ...
+    async def search(
+        self, query: SearchQuery, timeout: float, version: str = ""
+    ) -> SearchResult: ...
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+        self,
+        item_ids: Sequence[str],
+        timeout: float,
+        include_vectors: bool = False,
+        version: str = "",
     ) -> ItemsResult: ...
 
     async def close(self) -> None: ...
@@ -70,7 +90,11 @@ class RetrievalStage(Protocol):
 
 class RankingStage(Protocol):
     async def rank(
-        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+        self,
+        context: RankContext,
+        candidates: Sequence[Candidate],
+        timeout: float,
+        version: str = "",
     ) -> RankResult: ...
 
     async def recall(
@@ -80,6 +104,7 @@ class RankingStage(Protocol):
         k: int,
         exclude: frozenset[str],
         timeout: float,
+        version: str = "",
     ) -> RecallResult: ...
 
     async def close(self) -> None: ...
@@ -99,28 +124,37 @@ class GrpcRetrievalStage:
     def __init__(self, settings: Settings) -> None:
         self.target = settings.retrieval_address
         self._channel = ServiceChannel(self.target, settings)
-        self._info: retrieval_pb2.GetIndexInfoResponse | None = None
+        # Index info per bundle version seen (the previous one answers pinned requests).
+        self._info: dict[str, retrieval_pb2.GetIndexInfoResponse] = {}
         self._refresh: asyncio.Task[None] | None = None
 
     @property
     def _stub(self) -> retrieval_pb2_grpc.RetrievalServiceStub:
         return self._channel.stub(retrieval_pb2_grpc.RetrievalServiceStub)
 
-    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
+    async def search(self, query: SearchQuery, timeout: float, version: str = "") -> SearchResult:
+        request = convert.search_request(query)
+        request.bundle_version = version
         try:
-            reply = await self._stub.Search(convert.search_request(query), timeout=timeout)
+            reply = await self._stub.Search(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc("retrieval", self.target, exc) from None
         hits = [convert.hit_from_proto(h) for h in reply.hits]
         return SearchResult(hits, reply.bundle_version, self._versions(reply.bundle_version))
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+        self,
+        item_ids: Sequence[str],
+        timeout: float,
+        include_vectors: bool = False,
+        version: str = "",
     ) -> ItemsResult:
         try:
             reply = await self._stub.GetItems(
                 retrieval_pb2.GetItemsRequest(
-                    item_ids=list(item_ids), include_vectors=include_vectors
+                    item_ids=list(item_ids),
+                    include_vectors=include_vectors,
+                    bundle_version=version,
                 ),
                 timeout=timeout,
             )
@@ -133,19 +167,19 @@ class GrpcRetrievalStage:
             )
             for r in reply.items
         ]
-        return found, list(reply.missing_item_ids)
+        return ItemsResult(found, list(reply.missing_item_ids), reply.bundle_version)
 
     async def index_info(self, timeout: float) -> retrieval_pb2.GetIndexInfoResponse:
         """GetIndexInfo (raises grpc.aio.AioRpcError); the answer is kept for `versions`."""
-        self._info = await self._stub.GetIndexInfo(
-            retrieval_pb2.GetIndexInfoRequest(), timeout=timeout
-        )
-        return self._info
+        info = await self._stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=timeout)
+        self._info = dict(list(self._info.items())[-(KEEP_INFOS - 1) :])
+        self._info[info.bundle_version] = info
+        return info
 
     def _versions(self, bundle_version: str) -> dict[str, str]:
         """Encoder and index factory, but only when known for the bundle that answered."""
-        info = self._info
-        if info is not None and info.bundle_version == bundle_version:
+        info = self._info.get(bundle_version)
+        if info is not None:
             return {name: getattr(info, name) for name in RETRIEVAL_VERSION_FIELDS}
         # Retrieval switched bundles since we asked: learn the new info in the background.
         if self._refresh is None or self._refresh.done():
@@ -176,12 +210,16 @@ class GrpcRankingStage:
         return self._channel.stub(ranking_pb2_grpc.RankingServiceStub)
 
     async def rank(
-        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+        self,
+        context: RankContext,
+        candidates: Sequence[Candidate],
+        timeout: float,
+        version: str = "",
     ) -> RankResult:
+        request = convert.rank_request(context, candidates)
+        request.bundle_version = version
         try:
-            reply = await self._stub.Rank(
-                convert.rank_request(context, candidates), timeout=timeout
-            )
+            reply = await self._stub.Rank(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc("ranking", self.target, exc) from None
         versions = {
@@ -200,18 +238,24 @@ class GrpcRankingStage:
         k: int,
         exclude: frozenset[str],
         timeout: float,
+        version: str = "",
     ) -> RecallResult:
         request = ranking_pb2.RecallCandidatesRequest(
             user_id=user_id,
             history_item_ids=list(history),
             top_k=k,
             exclude_item_ids=sorted(exclude),
+            bundle_version=version,
         )
         try:
             reply = await self._stub.RecallCandidates(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise error_from_rpc("ranking", self.target, exc) from None
-        return RecallResult([(i.item_id, i.cf_score) for i in reply.items], reply.cf_folded_in)
+        return RecallResult(
+            [(i.item_id, i.cf_score) for i in reply.items],
+            reply.cf_folded_in,
+            reply.versions.bundle_version,
+        )
 
     async def close(self) -> None:
         await self._channel.close()

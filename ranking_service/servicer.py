@@ -8,10 +8,13 @@ import grpc
 
 from ranking_service.ranker import Ranker
 from recsys.core.bundle import Bundle
-from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.errors import InvalidInput
+from recsys.core.live import LiveVersions
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.v1 import common_pb2, ranking_pb2, ranking_pb2_grpc
+
+LOADING = "ranking is loading its models; retry shortly"
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -19,14 +22,19 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.ranker: Ranker | None = None
+        self.live: LiveVersions[Ranker] = LiveVersions(
+            "ranking", _close_ranker, settings.bundle_keep_previous_s, LOADING
+        )
 
     async def Rank(
         self, request: ranking_pb2.RankRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RankResponse:
-        ranker = self.ranker
-        if ranker is None:
-            raise NotReady("ranking is loading its models; retry shortly")
+        with self.live.use(request.bundle_version) as loaded:
+            return await self._rank(loaded.value, request)
+
+    async def _rank(
+        self, ranker: Ranker, request: ranking_pb2.RankRequest
+    ) -> ranking_pb2.RankResponse:
         if len(request.candidates) > self.settings.max_candidate_pool:
             raise InvalidInput(
                 f"candidates: {len(request.candidates)}, limit {self.settings.max_candidate_pool}"
@@ -48,9 +56,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def RecallCandidates(
         self, request: ranking_pb2.RecallCandidatesRequest, context: grpc.aio.ServicerContext
     ) -> ranking_pb2.RecallCandidatesResponse:
-        ranker = self.ranker
-        if ranker is None:
-            raise NotReady("ranking is loading its models; retry shortly")
+        with self.live.use(request.bundle_version) as loaded:
+            return await self._recall(loaded.value, request)
+
+    async def _recall(
+        self, ranker: Ranker, request: ranking_pb2.RecallCandidatesRequest
+    ) -> ranking_pb2.RecallCandidatesResponse:
         if not 1 <= request.top_k <= self.settings.max_candidate_pool:
             raise InvalidInput(
                 f"top_k: {request.top_k} is outside 1..{self.settings.max_candidate_pool}"
@@ -77,8 +88,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         )
 
 
+async def _close_ranker(ranker: Ranker) -> None:
+    await ranker.close()
+
+
 class RankingService:
-    """The ranking process: servicer plus model loading (see recsys.rpc.server.Service)."""
+    """The ranking process: servicer plus model loading and hot swaps (see
+    recsys.rpc.server.Service and Reloadable)."""
 
     name = "ranking"
     full_name = "recsys.v1.RankingService"
@@ -94,12 +110,19 @@ class RankingService:
         if self.settings.bundle is None:
             raise InvalidInput("--bundle (RECSYS_BUNDLE) is required")
         bundle = Bundle.open(self.settings.bundle)
-        ranker = await asyncio.to_thread(Ranker.load, bundle, self.settings)
-        ranker.start()
-        self.servicer.ranker = ranker
+        await self._load(bundle)
         return bundle.version
 
+    async def reload(self, version: str) -> None:
+        """Loads `version`'s models beside the live ones (in a worker thread) and makes them
+        live; the previous ones answer pinned requests until they are retired."""
+        assert self.settings.bundle is not None
+        await self._load(Bundle.open(self.settings.bundle, version))
+
+    async def _load(self, bundle: Bundle) -> None:
+        ranker = await asyncio.to_thread(Ranker.load, bundle, self.settings)
+        ranker.start()
+        self.servicer.live.switch(bundle.version, ranker)
+
     async def close(self) -> None:
-        if self.servicer.ranker is not None:
-            await self.servicer.ranker.close()
-            self.servicer.ranker = None
+        await self.servicer.live.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Sequence
@@ -19,7 +20,14 @@ from recsys.core.settings import default
 from retrieval_service.catalog import ItemStore, load_catalog_items
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
-from retrieval_service.state import OnlineState, Upsert, encoder_identity, legacy_journal
+from retrieval_service.state import (
+    Latest,
+    OnlineState,
+    Upsert,
+    encoder_identity,
+    legacy_journal,
+    read_changes,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +51,21 @@ class Replay:
     journal_records: int = 0  # records read after the snapshot
 
 
+@dataclass(frozen=True)
+class _Change:
+    """A change applied while a successor loads, replayed on it before the switch."""
+
+    items: Sequence[Item] = ()  # an upsert's items, with their vectors
+    vectors: np.ndarray | None = None
+    encoder: str = ""
+    deleted: Sequence[str] = ()  # a delete's ids
+
+
+# Catch-up passes outside the write lock before the last one under it: each pass replays what
+# was written during the one before, so the pass under the lock is short.
+CATCH_UP_PASSES = 3
+
+
 class Retriever:
     """Owns encoder, index and item store; safe to call from several threads."""
 
@@ -54,6 +77,7 @@ class Retriever:
         state: OnlineState | None,
         version: str,
         history: HistoryWeights = HistoryWeights(),
+        encoder_id: str = "",
     ) -> None:
         self.encoder = encoder
         self.index = index
@@ -61,9 +85,17 @@ class Retriever:
         self.state = state
         self.version = version
         self.history = history
+        # Identity of the vectors this version's encoder makes (a state dir records its own).
+        self.encoder_id = encoder_id or (state.encoder if state is not None else "")
         self.replayed = Replay()
         # FAISS add() and search() must not overlap; encoding happens outside the lock.
         self._lock = threading.Lock()
+        # Hot swap (see `successor`): changes recorded while a successor loads; the successor
+        # that writes go to once it holds the state dir; the predecessor kept for pinned
+        # searches, which gets a copy of each change in memory.
+        self._tap: list[_Change] | None = None
+        self._successor: Retriever | None = None
+        self._predecessor: Retriever | None = None
 
     @classmethod
     def load(
@@ -76,6 +108,26 @@ class Retriever:
     ) -> Retriever:
         """Loads a bundle version and applies the online changes kept in state_dir (when set),
         whichever bundle version they were made under."""
+        retriever = cls.open(bundle, device, history)
+        if state_dir is not None:
+            retriever.state = OnlineState(
+                state_dir,
+                retriever.encoder_id,
+                compact_records,
+                legacy=legacy_journal(state_dir, bundle.version),
+            )
+        try:
+            retriever._replay()
+        except BaseException:
+            retriever.close()
+            raise
+        return retriever
+
+    @classmethod
+    def open(
+        cls, bundle: Bundle, device: str = "auto", history: HistoryWeights = HistoryWeights()
+    ) -> Retriever:
+        """A bundle version's encoder, index and catalog, without online changes."""
         manifest = bundle.manifest
         encoder = TextEncoder.load(
             bundle.file(bundle_files.ENCODER_DIR),
@@ -91,61 +143,51 @@ class Retriever:
         )
         items = load_catalog_items(bundle.file(bundle_files.CATALOG))
         store = ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
-        state = None
-        if state_dir is not None:
-            state = OnlineState(
-                state_dir,
-                encoder_identity(manifest),
-                compact_records,
-                legacy=legacy_journal(state_dir, bundle.version),
-            )
-        retriever = cls(encoder, index, store, state, bundle.version, history)
-        try:
-            retriever._replay()
-        except BaseException:
-            retriever.close()
-            raise
-        return retriever
+        return cls(encoder, index, store, None, bundle.version, history, encoder_identity(manifest))
 
     def _replay(self) -> None:
-        """Applies the state dir's latest change per item in one step: journaled vectors where
-        the serving encoder made them, one batched encoding pass for the rest."""
+        """Applies the state dir's changes at start (see `_apply`), then folds what was
+        re-encoded or migrated into a snapshot, so the next start reuses it."""
         if self.state is None:
             return
         changes = self.state.load()
-        upserts = [u for u in changes.latest.values() if u is not None]
-        deleted = [item_id for item_id, u in changes.latest.items() if u is None]
-        reusable = [self._reusable(u, self.state.encoder) for u in upserts]
+        self._apply(changes.latest, changes.journal_records)
+        if self.replayed.encoded or self.state.migration_pending or self.state.due:
+            self._compact_logged()
+
+    def _apply(self, latest: Latest, journal_records: int) -> None:
+        """Applies the latest change per item in one step: journaled vectors where this
+        version's encoder made them, one batched encoding pass for the rest."""
+        upserts = [u for u in latest.values() if u is not None]
+        deleted = [item_id for item_id, u in latest.items() if u is None]
+        reusable = [self._reusable(u, self.encoder_id) for u in upserts]
         stored = [u for u, ok in zip(upserts, reusable, strict=True) if ok]
         stale = [u for u, ok in zip(upserts, reusable, strict=True) if not ok]
         parts = [np.stack([u.vector for u in stored if u.vector is not None])] if stored else []
         if stale:
             parts.append(self.encoder.encode([u.item.text() for u in stale]))
-        if parts:
-            self._add([u.item for u in stored + stale], np.concatenate(parts))
-        self.store.delete(deleted)
+        with self._lock:
+            if parts:
+                self._add([u.item for u in stored + stale], np.concatenate(parts))
+            self.store.delete(deleted)
         self.replayed = Replay(
             upserts=len(upserts),
             deletes=len(deleted),
             stored_vectors=len(stored),
             encoded=len(stale),
-            journal_records=changes.journal_records,
+            journal_records=journal_records,
         )
         if upserts or deleted:
             log.info(
-                "applied online changes from %s over bundle %s: %d upserts (%d with stored "
-                "vectors, %d re-encoded), %d deletes, %d journal records after the snapshot",
-                self.state.directory,
+                "applied online changes over bundle %s: %d upserts (%d with stored vectors, "
+                "%d re-encoded), %d deletes, %d journal records after the snapshot",
                 self.version,
                 len(upserts),
                 len(stored),
                 len(stale),
                 len(deleted),
-                changes.journal_records,
+                journal_records,
             )
-        # Fold what was re-encoded or migrated into a snapshot, so the next start reuses it.
-        if stale or self.state.migration_pending or self.state.due:
-            self._compact_logged()
 
     def _reusable(self, upsert: Upsert, encoder: str) -> bool:
         """Whether the journaled vector is what the serving encoder would compute."""
@@ -249,25 +291,110 @@ class Retriever:
 
     def upsert(self, items: Sequence[Item]) -> int:
         """Encodes, journals (durably, with the vectors) and applies the items; visible to the next
-        search."""
-        vectors = self.encoder.encode([item.text() for item in items])
+        search. A version that was switched away from passes the call on to its successor."""
+        texts = [item.text() for item in items]
+        vectors = self.encoder.encode(texts)
+        mirror = self._predecessor
+        mirror_vectors = vectors
+        if mirror is not None and mirror.encoder_id != self.encoder_id:
+            mirror_vectors = mirror.encoder.encode(texts)
         with self._lock:
-            if self.state is not None:
-                self.state.append_upsert(items, vectors)
-            self._add(items, vectors)
-            size = len(self.store)
+            successor = self._successor
+            if successor is None:
+                if self.state is not None:
+                    self.state.append_upsert(items, vectors)
+                self._add(items, vectors)
+                if self._tap is not None:
+                    self._tap.append(_Change(items, vectors, self.encoder_id))
+                if self._predecessor is not None and self._predecessor is mirror:
+                    mirror._mirror(_Change(items, mirror_vectors, mirror.encoder_id))
+                size = len(self.store)
+        if successor is not None:
+            return successor.upsert(items)
         self._compact_when_due()
         return size
 
     def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Journals and tombstones the items; returns (deleted, missing)."""
+        """Journals and tombstones the items; returns (deleted, missing). A version that was
+        switched away from passes the call on to its successor."""
         with self._lock:
-            present = [i for i in item_ids if self.store.row(i) is not None]
-            if present and self.state is not None:
-                self.state.append_delete(present)
-            result = self.store.delete(item_ids)
+            successor = self._successor
+            if successor is None:
+                present = [i for i in item_ids if self.store.row(i) is not None]
+                if present and self.state is not None:
+                    self.state.append_delete(present)
+                result = self.store.delete(item_ids)
+                if present and self._tap is not None:
+                    self._tap.append(_Change(deleted=present))
+                if present and self._predecessor is not None:
+                    self._predecessor._mirror(_Change(deleted=present))
+        if successor is not None:
+            return successor.delete(item_ids)
         self._compact_when_due()
         return result
+
+    # -- hot swap --------------------------------------------------------------------------------
+
+    def successor(self, bundle: Bundle, device: str = "auto") -> Retriever:
+        """Loads `bundle` with every online change applied and hands the state dir over to it;
+        blocking, and meant for a worker thread while this version keeps serving.
+
+        Changes applied from now on are recorded; the state dir is read (read-only) and applied
+        to the new version, then the recorded changes, in passes outside the write lock and a
+        last short one under it, after which writes go to the new version. Nothing acknowledged
+        is lost or applied twice in a different order, and searches are never blocked for long.
+        The caller then makes the new version live; this one keeps answering pinned searches
+        (with a copy of later changes) until it is closed.
+        """
+        new = Retriever.open(bundle, device, self.history)
+        state = self.state
+        try:
+            with self._lock:
+                self._tap = []
+            if state is not None:
+                changes = read_changes(state.directory)  # every change acknowledged so far
+                new._apply(changes.latest, changes.journal_records)
+            for _ in range(CATCH_UP_PASSES):
+                with self._lock:
+                    pending, self._tap = self._tap, []
+                if not pending:
+                    break
+                new._replay_changes(pending)
+            # A compaction guards itself with the owner's lock: none may run across the switch.
+            paused = state.compaction_paused() if state else contextlib.nullcontext()
+            with paused, self._lock:
+                new._replay_changes(self._tap or [])
+                self._tap = None
+                if state is not None:
+                    state.encoder = new.encoder_id
+                new.state, self.state = state, None
+                self._successor = new
+                new._predecessor = self
+                self._predecessor = None  # the version before this one is being closed
+        except BaseException:
+            self._tap = None
+            new.close()
+            raise
+        if state is not None and new.encoder_id != self.encoder_id:
+            new._compact_logged()  # another encoder: snapshot its vectors, so starts reuse them
+        return new
+
+    def _replay_changes(self, changes: Sequence[_Change]) -> None:
+        """Applies changes recorded on the predecessor, in order; vectors of another encoder are
+        computed again."""
+        for change in changes:
+            if change.items and change.encoder != self.encoder_id:
+                vectors = self.encoder.encode([item.text() for item in change.items])
+                change = _Change(change.items, vectors, self.encoder_id)
+            self._mirror(change)
+
+    def _mirror(self, change: _Change) -> None:
+        """Applies a change in memory only (the journal has it already)."""
+        with self._lock:
+            if change.items and change.vectors is not None:
+                self._add(change.items, change.vectors)
+            if change.deleted:
+                self.store.delete(change.deleted)
 
     def compact(self) -> bool:
         """Folds the online changes into a snapshot and drops the journal it holds; False when
@@ -277,9 +404,15 @@ class Retriever:
         return self.state.compact(self._lock, self._capture)
 
     def close(self) -> None:
-        """Releases the state dir (another process may then load it)."""
+        """Releases the state dir (another process may then load it); a version switched away
+        from stops getting copies of its successor's changes."""
         if self.state is not None:
             self.state.close()
+        successor = self._successor
+        if successor is not None:
+            with successor._lock:
+                if successor._predecessor is self:
+                    successor._predecessor = None
 
     def _compact_when_due(self) -> None:
         if self.state is not None and self.state.due:

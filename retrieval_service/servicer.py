@@ -11,7 +11,8 @@ import numpy as np
 from recsys.core import metrics
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
-from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.errors import InvalidInput
+from recsys.core.live import LiveVersions
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -84,35 +85,40 @@ def item_ids(ids: Sequence[str], field: str, limit: int) -> list[str]:
 
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
-    """Proto in → validated domain request → Retriever (in a worker thread) → proto out."""
+    """Proto in → validated domain request → Retriever (in a worker thread) → proto out.
+
+    Reads use the version they pin (or the live one) from start to end; writes go to the live
+    version (one switched away from mid-call passes them on), which keeps the previous one's
+    copy up to date for pinned searches.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.retriever: Retriever | None = None
-
-    def _ready(self) -> Retriever:
-        if self.retriever is None:
-            raise NotReady("retrieval is loading its bundle; retry shortly")
-        return self.retriever
+        self.live: LiveVersions[Retriever] = LiveVersions(
+            "retrieval",
+            _close_retriever,
+            settings.bundle_keep_previous_s,
+            "retrieval is loading its bundle; retry shortly",
+        )
 
     async def Search(
         self, request: retrieval_pb2.SearchRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.SearchResponse:
-        retriever = self._ready()
-        query = search_query(request, self.settings)
-        hits, unknown = await asyncio.to_thread(retriever.search, query)
+        with self.live.use(request.bundle_version) as loaded:
+            query = search_query(request, self.settings)
+            hits, unknown = await asyncio.to_thread(loaded.value.search, query)
         return retrieval_pb2.SearchResponse(
             hits=[convert.hit_to_proto(h) for h in hits],
-            bundle_version=retriever.version,
+            bundle_version=loaded.version,
             unknown_history_item_ids=unknown,
         )
 
     async def GetItems(
         self, request: retrieval_pb2.GetItemsRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.GetItemsResponse:
-        retriever = self._ready()
-        ids = item_ids(request.item_ids, "item_ids", self.settings.max_k)
-        found, missing = await asyncio.to_thread(retriever.get_items, ids)
+        with self.live.use(request.bundle_version) as loaded:
+            ids = item_ids(request.item_ids, "item_ids", self.settings.max_k)
+            found, missing = await asyncio.to_thread(loaded.value.get_items, ids)
         return retrieval_pb2.GetItemsResponse(
             items=[
                 retrieval_pb2.ItemRecord(
@@ -123,24 +129,25 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 for item, vector in found
             ],
             missing_item_ids=missing,
+            bundle_version=loaded.version,
         )
 
     async def UpsertItems(
         self, request: retrieval_pb2.UpsertItemsRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.UpsertItemsResponse:
-        retriever = self._ready()
-        items = upsert_items(request, self.settings)
-        size = await asyncio.to_thread(retriever.upsert, items)
+        with self.live.use() as loaded:
+            items = upsert_items(request, self.settings)
+            size = await asyncio.to_thread(loaded.value.upsert, items)
         metrics.INDEX_ITEMS.set(size)
         return retrieval_pb2.UpsertItemsResponse(upserted=len(items), index_size=size)
 
     async def DeleteItems(
         self, request: retrieval_pb2.DeleteItemsRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.DeleteItemsResponse:
-        retriever = self._ready()
-        ids = item_ids(request.item_ids, "item_ids", self.settings.max_upsert_items)
-        deleted, missing = await asyncio.to_thread(retriever.delete, ids)
-        size = len(retriever.store)
+        with self.live.use() as loaded:
+            ids = item_ids(request.item_ids, "item_ids", self.settings.max_upsert_items)
+            deleted, missing = await asyncio.to_thread(loaded.value.delete, ids)
+        size = len(self.live.pick().value.store)  # the live version's, should it have switched
         metrics.INDEX_ITEMS.set(size)
         return retrieval_pb2.DeleteItemsResponse(
             deleted=len(deleted), missing_item_ids=missing, index_size=size
@@ -149,11 +156,16 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def GetIndexInfo(
         self, request: retrieval_pb2.GetIndexInfoRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.GetIndexInfoResponse:
-        return retrieval_pb2.GetIndexInfoResponse(**self._ready().info())
+        return retrieval_pb2.GetIndexInfoResponse(**self.live.pick().value.info())
+
+
+async def _close_retriever(retriever: Retriever) -> None:
+    retriever.close()
 
 
 class RetrievalService:
-    """The retrieval process: servicer plus bundle loading (see recsys.rpc.server.Service)."""
+    """The retrieval process: servicer plus bundle loading and hot swaps (see
+    recsys.rpc.server.Service and Reloadable)."""
 
     name = "retrieval"
     full_name = "recsys.v1.RetrievalService"
@@ -178,11 +190,19 @@ class RetrievalService:
             history,
             self.settings.journal_compact_records,
         )
-        self.servicer.retriever = retriever
+        self.servicer.live.switch(bundle.version, retriever)
         metrics.INDEX_ITEMS.set(len(retriever.store))
         return bundle.version
 
+    async def reload(self, version: str) -> None:
+        """Loads `version` with the online changes beside the live one (which keeps serving and
+        taking writes), hands the state dir over, and makes it live."""
+        assert self.settings.bundle is not None
+        bundle = Bundle.open(self.settings.bundle, version)
+        live = self.servicer.live.pick().value
+        retriever = await asyncio.to_thread(live.successor, bundle, self.settings.device)
+        self.servicer.live.switch(version, retriever)
+        metrics.INDEX_ITEMS.set(len(retriever.store))
+
     async def close(self) -> None:
-        retriever, self.servicer.retriever = self.servicer.retriever, None
-        if retriever is not None:
-            retriever.close()
+        await self.servicer.live.close()

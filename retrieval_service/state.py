@@ -454,6 +454,13 @@ class OnlineState:
         finally:
             self._compacting.release()
 
+    @contextlib.contextmanager
+    def compaction_paused(self) -> Iterator[None]:
+        """Waits for a running compaction and keeps others from starting until the block ends
+        (they return False): a hot swap hands the state over to another owner's lock."""
+        with self._compacting:
+            yield
+
     def close(self) -> None:
         """Releases the directory for another process."""
         if self._lock_fd is not None:

@@ -24,6 +24,7 @@ from gateway.stages import (
 )
 from ranking_service.ranker import Ranker
 from recsys.core.domain import Candidate, RankContext, SearchQuery
+from recsys.core.errors import VersionUnavailable
 from retrieval_service.retriever import Retriever
 
 # Offline gathering has no caller waiting: a deadline only a hung stage would reach.
@@ -39,19 +40,29 @@ class LocalRetrievalStage:
         info = retriever.info()
         self._versions = {name: str(info[name]) for name in RETRIEVAL_VERSION_FIELDS}
 
-    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
+    async def search(self, query: SearchQuery, timeout: float, version: str = "") -> SearchResult:
+        _check(version, self.retriever.version, "retrieval")
         hits, _ = await within(
             asyncio.to_thread(self.retriever.search, query), timeout, "retrieval"
         )
         return SearchResult(hits, self.retriever.version, dict(self._versions))
 
     async def get_items(
-        self, item_ids: Sequence[str], timeout: float, include_vectors: bool = False
+        self,
+        item_ids: Sequence[str],
+        timeout: float,
+        include_vectors: bool = False,
+        version: str = "",
     ) -> ItemsResult:
+        _check(version, self.retriever.version, "retrieval")
         found, missing = await within(
             asyncio.to_thread(self.retriever.get_items, item_ids), timeout, "retrieval"
         )
-        return [(item, vector if include_vectors else None) for item, vector in found], missing
+        return ItemsResult(
+            [(item, vector if include_vectors else None) for item, vector in found],
+            missing,
+            self.retriever.version,
+        )
 
     async def close(self) -> None:
         return None
@@ -64,8 +75,13 @@ class LocalRankingStage:
         self.ranker = ranker
 
     async def rank(
-        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+        self,
+        context: RankContext,
+        candidates: Sequence[Candidate],
+        timeout: float,
+        version: str = "",
     ) -> RankResult:
+        _check(version, self.ranker.versions.get("bundle_version", ""), "ranking")
         outcome = await within(self.ranker.rank(context, candidates), timeout, "ranking")
         versions = {name: value for name, value in outcome.versions.items() if value}
         return RankResult(list(outcome.scored), versions, bool(outcome.cf_folded_in))
@@ -77,14 +93,24 @@ class LocalRankingStage:
         k: int,
         exclude: frozenset[str],
         timeout: float,
+        version: str = "",
     ) -> RecallResult:
+        held = self.ranker.versions.get("bundle_version", "")
+        _check(version, held, "ranking")
         recall = await within(
             asyncio.to_thread(self.ranker.recall, user_id, history, k, exclude), timeout, "ranking"
         )
-        return RecallResult(list(recall.items), bool(recall.cf_folded_in))
+        return RecallResult(list(recall.items), bool(recall.cf_folded_in), held)
 
     async def close(self) -> None:
         return None
+
+
+def _check(wanted: str, held: str, service: str) -> None:
+    """A stage here holds one version: a call pinned to another is refused, as over gRPC
+    (one that does not know its version refuses nothing)."""
+    if wanted and held and wanted != held:
+        raise VersionUnavailable(service, wanted, (held,))
 
 
 def gather_pools(

@@ -159,6 +159,17 @@ def clear_rejection(root: Path, version: str) -> None:
     (root / version / REJECTED).unlink(missing_ok=True)
 
 
+def current_version(root: Path) -> str:
+    """The version ROOT/CURRENT names; one-line InvalidInput when there is none."""
+    pointer = Path(root) / CURRENT
+    if not pointer.is_file():
+        raise InvalidInput(f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`")
+    version = _read(pointer).strip()
+    if not version:
+        raise InvalidInput(f"{pointer}: empty; it should name a bundle version")
+    return version
+
+
 @dataclass(frozen=True)
 class Bundle:
     """A resolved, complete bundle version on disk."""
@@ -179,12 +190,7 @@ class Bundle:
         """Opens ROOT/<version>, or the version CURRENT names; one-line InvalidInput otherwise."""
         root = Path(root)
         if version is None:
-            pointer = root / CURRENT
-            if not pointer.is_file():
-                raise InvalidInput(
-                    f"{root}: not a bundle root (no {CURRENT} file); run `recsys build`"
-                )
-            version = _read(pointer).strip()
+            version = current_version(root)
         manifest_path = root / version / MANIFEST
         if not manifest_path.is_file():
             raise InvalidInput(

@@ -42,3 +42,16 @@ class UpstreamError(RecsysError):
         super().__init__(f"{service} failed with {status}: {details}")
         self.service = service
         self.status = status
+
+
+class VersionUnavailable(RecsysError):
+    """A request pinned to a bundle version this process does not hold (any more, or yet)."""
+
+    def __init__(self, service: str, wanted: str, held: tuple[str, ...]) -> None:
+        holds = ", ".join(held) or "none"
+        super().__init__(
+            f"{service}: bundle version {wanted!r} is not loaded here (holds: {holds})"
+        )
+        self.service = service
+        self.wanted = wanted
+        self.held = held  # live version first, then the previous one while it is kept

@@ -45,7 +45,19 @@ CLIENT_HANDLING = Histogram(
 )
 
 BUNDLE_INFO = Gauge(
-    "recsys_bundle_info", "Bundle version being served (value 1).", ("service", "version")
+    "recsys_bundle_info",
+    "The live bundle version (value 1; only the live version has a series).",
+    ("service", "version"),
+)
+BUNDLE_LOADED = Gauge(
+    "recsys_bundle_loaded_timestamp_seconds",
+    "Unix time of the last successful bundle load (at start or a hot swap).",
+    ("service",),
+)
+BUNDLE_LOAD_FAILURES = Counter(
+    "recsys_bundle_load_failures_total",
+    "Bundle versions CURRENT named that failed to load; the previous version kept serving.",
+    ("service",),
 )
 SERVING = Gauge("recsys_serving", "1 while health is SERVING, else 0.", ("service",))
 
@@ -86,6 +98,25 @@ INDEX_ITEMS = Gauge("recsys_index_items", "Live items in the ANN index.")
 WRITES = Counter(
     "recsys_writes_total", "Catalog writes accepted, by caller identity.", ("identity", "method")
 )
+
+
+_live_versions: dict[str, str] = {}
+
+
+def set_bundle_version(service: str, version: str) -> None:
+    """Marks `version` as the live one of `service`: its series is 1, the previous one is gone."""
+    old = _live_versions.get(service)
+    if old == version:
+        return
+    if old is not None:
+        BUNDLE_INFO.remove(service, old)
+    BUNDLE_INFO.labels(service=service, version=version).set(1)
+    _live_versions[service] = version
+
+
+def init_bundle_metrics(service: str) -> None:
+    """Creates the load-failure series at 0, so an alert on its increase sees the first one."""
+    BUNDLE_LOAD_FAILURES.labels(service=service)
 
 
 def init_gateway_metrics() -> None:

@@ -29,6 +29,20 @@ class Settings(BaseSettings):
         "over whichever bundle version it loads; one per retrieval process (default BUNDLE/state).",
     )
     device: Device = Field("auto", description="Model/index device: auto, cpu or cuda.")
+    bundle_poll_s: float = Field(
+        10.0,
+        ge=0,
+        description="Retrieval and ranking read BUNDLE/CURRENT this often and switch to a new "
+        "version without a restart: loaded beside the live one, then swapped (0: off, the "
+        "version loaded at start serves until a restart).",
+    )
+    bundle_keep_previous_s: float = Field(
+        120.0,
+        ge=0,
+        description="After a switch, the previous version stays loaded this long (twice the "
+        "memory) to answer requests the gateway pins to it, so an answer never mixes versions "
+        "while the other service is still switching; then it is closed once idle.",
+    )
 
     # Network
     host: str = Field("0.0.0.0", description="Address every server binds.")

@@ -9,10 +9,12 @@ TLS (recsys.rpc.tls) is on when the settings name a certificate, else the port i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,10 +23,11 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import start_http_server
 
 from recsys.core import metrics
+from recsys.core.bundle import current_version
 from recsys.core.errors import InvalidInput, RecsysError
 from recsys.core.settings import Settings
 from recsys.rpc.auth import WriteAuthorizer
-from recsys.rpc.status import status_code
+from recsys.rpc.status import status_code, trailing_metadata
 from recsys.rpc.tls import server_credentials
 
 log = logging.getLogger(__name__)
@@ -43,6 +46,18 @@ class Service(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class Reloadable(Protocol):
+    """A service that can switch bundle versions while it serves (retrieval, ranking)."""
+
+    name: str
+
+    async def reload(self, version: str) -> None:
+        """Loads `version` beside the live one, off the event loop, then makes it live; raises
+        (and keeps the live one) when it cannot be loaded."""
+        ...
 
 
 class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
@@ -82,7 +97,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 self._writes.check(method, context)  # before decoding: strangers learn nothing
                 response = await inner(_decode(decode, raw, method), context)
             except RecsysError as exc:
-                code, message = status_code(exc), str(exc)
+                code, message, trailers = status_code(exc), str(exc), trailing_metadata(exc)
             except asyncio.CancelledError:
                 finish(grpc.StatusCode.CANCELLED.name)
                 raise
@@ -93,6 +108,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 log.exception("unhandled error in %s", method)
                 code = grpc.StatusCode.INTERNAL
                 message = f"internal error in {method}; see the server log"
+                trailers = ()
             else:
                 finish(grpc.StatusCode.OK.name)
                 return response
@@ -100,7 +116,7 @@ class ErrorAndMetricsInterceptor(grpc.aio.ServerInterceptor):
                 self._in_flight -= 1
             # Counted before the status leaves, so a scrape right after the answer sees it.
             finish(code.name)
-            await context.abort(code, message)
+            await context.abort(code, message, trailers)
 
         # Requests arrive as bytes and are decoded inside `behavior`: gRPC would answer a body
         # that fails to parse with UNKNOWN, and the caller's mistake deserves INVALID_ARGUMENT.
@@ -249,11 +265,20 @@ async def serve(
     done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if load in done:
         version = load.result()  # a failed load raises here and the process exits non-zero
-        metrics.BUNDLE_INFO.labels(service=service.name, version=version).set(1)
+        metrics.init_bundle_metrics(service.name)
+        metrics.set_bundle_version(service.name, version)
+        metrics.BUNDLE_LOADED.labels(service=service.name).set_to_current_time()
         await _set_health(health_servicer, names, serving=True)
         metrics.SERVING.labels(service=service.name).set(1)
         log.info("%s serving bundle %s", service.name, version)
+        watcher = None
+        if isinstance(service, Reloadable) and settings.bundle and settings.bundle_poll_s > 0:
+            watcher = asyncio.create_task(watch_bundle(service, settings, version))
         await stop.wait()
+        if watcher is not None:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
     else:
         load.cancel()
     await _set_health(health_servicer, names, serving=False)
@@ -268,6 +293,50 @@ async def serve(
         await health_server.stop(None)
     await service.close()
     log.info("%s stopped", service.name)
+
+
+async def watch_bundle(service: Reloadable, settings: Settings, live: str) -> None:
+    """Reads CURRENT every `bundle_poll_s` and hot-swaps to the version it names. Health stays
+    SERVING throughout; a version that fails to load is logged and counted, the live one keeps
+    serving, and it is not tried again until CURRENT names another version."""
+    assert settings.bundle is not None
+    name = service.name
+    failed: str | None = None
+    unreadable = False  # warned that CURRENT cannot be read (said once, not every poll)
+    while True:
+        await asyncio.sleep(settings.bundle_poll_s)
+        try:
+            wanted = current_version(settings.bundle)
+        except InvalidInput as exc:
+            if not unreadable:
+                log.warning("%s: %s; bundle %s keeps serving", name, exc, live)
+            unreadable = True
+            continue
+        unreadable = False
+        if wanted in (live, failed):
+            continue
+        log.info("%s: CURRENT names bundle %s; loading it beside %s", name, wanted, live)
+        started = time.monotonic()
+        try:
+            await service.reload(wanted)
+        except Exception as exc:
+            failed = wanted
+            metrics.BUNDLE_LOAD_FAILURES.labels(service=name).inc()
+            log.error(
+                "%s: bundle %s failed to load (%s); bundle %s keeps serving",
+                name,
+                wanted,
+                exc if isinstance(exc, RecsysError) else repr(exc),
+                live,
+            )
+            log.debug("%s: loading bundle %s", name, wanted, exc_info=True)
+            continue
+        failed, live = None, wanted
+        metrics.set_bundle_version(name, live)
+        metrics.BUNDLE_LOADED.labels(service=name).set_to_current_time()
+        log.info(
+            "%s: now serving bundle %s (loaded in %.1fs)", name, live, time.monotonic() - started
+        )
 
 
 def run(

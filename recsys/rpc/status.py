@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import grpc
 
 from recsys.core.errors import (
@@ -14,7 +16,13 @@ from recsys.core.errors import (
     RecsysError,
     Unauthenticated,
     UpstreamError,
+    VersionUnavailable,
 )
+
+# Trailing metadata of a FAILED_PRECONDITION for a pinned bundle version: what the caller asked
+# for and what the server holds (comma-separated, live first), so the caller can pin again.
+WANTED_KEY = "recsys-bundle-wanted"
+HELD_KEY = "recsys-bundle-held"
 
 STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
@@ -24,6 +32,7 @@ STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    VersionUnavailable: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 
@@ -33,6 +42,18 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
         if kind in STATUS:
             return STATUS[kind]  # type: ignore[index]
     return grpc.StatusCode.INTERNAL
+
+
+def trailing_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
+    """What the status of `exc` carries besides its message: the versions, for a pinned one."""
+    if isinstance(exc, VersionUnavailable):
+        return ((WANTED_KEY, exc.wanted), (HELD_KEY, ",".join(exc.held)))
+    return ()
+
+
+def _metadata(exc: grpc.aio.AioRpcError) -> dict[str, str]:
+    pairs: Any = exc.trailing_metadata() or ()  # grpc.aio.Metadata iterates (key, value)
+    return {str(k): str(v) for k, v in pairs}
 
 
 def error_from_rpc(service: str, target: str, exc: grpc.aio.AioRpcError) -> RecsysError:
@@ -50,6 +71,9 @@ def error_from_rpc(service: str, target: str, exc: grpc.aio.AioRpcError) -> Recs
         return Unauthenticated(f"{service} at {target}: {details}")
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(f"{service} at {target}: {details}")
+    if code == grpc.StatusCode.FAILED_PRECONDITION and HELD_KEY in (meta := _metadata(exc)):
+        held = tuple(v for v in meta[HELD_KEY].split(",") if v)
+        return VersionUnavailable(service, meta.get(WANTED_KEY, ""), held)
     if code == grpc.StatusCode.UNAVAILABLE:
         return NotReady(f"{service} service unavailable at {target}: {details}")
     return UpstreamError(service, code.name, details)

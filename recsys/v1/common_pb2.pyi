@@ -48,17 +48,19 @@ class ScoreBreakdown(_message.Message):
     def __init__(self, cross_encoder: _Optional[float] = ..., cf: _Optional[float] = ..., retrieval: _Optional[float] = ..., fused: _Optional[float] = ...) -> None: ...
 
 class ModelVersions(_message.Message):
-    __slots__ = ("bundle_version", "encoder", "index_factory", "cross_encoder", "cf", "fusion")
+    __slots__ = ("bundle_version", "encoder", "index_factory", "cross_encoder", "cf", "fusion", "ranking_bundle_version")
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     INDEX_FACTORY_FIELD_NUMBER: _ClassVar[int]
     CROSS_ENCODER_FIELD_NUMBER: _ClassVar[int]
     CF_FIELD_NUMBER: _ClassVar[int]
     FUSION_FIELD_NUMBER: _ClassVar[int]
+    RANKING_BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     bundle_version: str
     encoder: str
     index_factory: str
     cross_encoder: str
     cf: str
     fusion: str
-    def __init__(self, bundle_version: _Optional[str] = ..., encoder: _Optional[str] = ..., index_factory: _Optional[str] = ..., cross_encoder: _Optional[str] = ..., cf: _Optional[str] = ..., fusion: _Optional[str] = ...) -> None: ...
+    ranking_bundle_version: str
+    def __init__(self, bundle_version: _Optional[str] = ..., encoder: _Optional[str] = ..., index_factory: _Optional[str] = ..., cross_encoder: _Optional[str] = ..., cf: _Optional[str] = ..., fusion: _Optional[str] = ..., ranking_bundle_version: _Optional[str] = ...) -> None: ...

@@ -36,12 +36,14 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("context", "candidates")
+    __slots__ = ("context", "candidates", "bundle_version")
     CONTEXT_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     context: RankContext
     candidates: _containers.RepeatedCompositeFieldContainer[Candidate]
-    def __init__(self, context: _Optional[_Union[RankContext, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, context: _Optional[_Union[RankContext, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class ScoredCandidate(_message.Message):
     __slots__ = ("item_id", "scores")
@@ -62,16 +64,18 @@ class RankResponse(_message.Message):
     def __init__(self, candidates: _Optional[_Iterable[_Union[ScoredCandidate, _Mapping]]] = ..., versions: _Optional[_Union[_common_pb2.ModelVersions, _Mapping]] = ..., cf_folded_in: _Optional[bool] = ...) -> None: ...
 
 class RecallCandidatesRequest(_message.Message):
-    __slots__ = ("user_id", "history_item_ids", "top_k", "exclude_item_ids")
+    __slots__ = ("user_id", "history_item_ids", "top_k", "exclude_item_ids", "bundle_version")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
     top_k: int
     exclude_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, user_id: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class RecalledItem(_message.Message):
     __slots__ = ("item_id", "cf_score")

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query_text", "query_vector", "history_item_ids", "top_k", "filter", "include_text", "include_vectors")
+    __slots__ = ("query_text", "query_vector", "history_item_ids", "top_k", "filter", "include_text", "include_vectors", "bundle_version")
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -16,6 +16,7 @@ class SearchRequest(_message.Message):
     FILTER_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     query_text: str
     query_vector: _containers.RepeatedScalarFieldContainer[float]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -23,7 +24,8 @@ class SearchRequest(_message.Message):
     filter: _common_pb2.Filter
     include_text: bool
     include_vectors: bool
-    def __init__(self, query_text: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., include_text: _Optional[bool] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, query_text: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., include_text: _Optional[bool] = ..., include_vectors: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("item_id", "score", "item", "text", "vector")
@@ -50,12 +52,14 @@ class SearchResponse(_message.Message):
     def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., bundle_version: _Optional[str] = ..., unknown_history_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class GetItemsRequest(_message.Message):
-    __slots__ = ("item_ids", "include_vectors")
+    __slots__ = ("item_ids", "include_vectors", "bundle_version")
     ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     item_ids: _containers.RepeatedScalarFieldContainer[str]
     include_vectors: bool
-    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, item_ids: _Optional[_Iterable[str]] = ..., include_vectors: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class ItemRecord(_message.Message):
     __slots__ = ("item", "text", "vector")
@@ -68,12 +72,14 @@ class ItemRecord(_message.Message):
     def __init__(self, item: _Optional[_Union[_common_pb2.Item, _Mapping]] = ..., text: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class GetItemsResponse(_message.Message):
-    __slots__ = ("items", "missing_item_ids")
+    __slots__ = ("items", "missing_item_ids", "bundle_version")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
     MISSING_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
+    BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[ItemRecord]
     missing_item_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, items: _Optional[_Iterable[_Union[ItemRecord, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    bundle_version: str
+    def __init__(self, items: _Optional[_Iterable[_Union[ItemRecord, _Mapping]]] = ..., missing_item_ids: _Optional[_Iterable[str]] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class UpsertItemsRequest(_message.Message):
     __slots__ = ("items",)

@@ -36,6 +36,8 @@ EXPORTED_METRICS: dict[str, str] = {
     "grpc_server_handled_total": "counter",
     "grpc_server_handling_seconds": "histogram",
     "recsys_bundle_info": "gauge",
+    "recsys_bundle_loaded_timestamp_seconds": "gauge",
+    "recsys_bundle_load_failures_total": "counter",
     "recsys_serving": "gauge",
     # gateway
     "grpc_client_started_total": "counter",
@@ -65,6 +67,8 @@ EXPORTED_LABELS: dict[str, tuple[str, ...]] = {
     "grpc_client_handled_total": (*_GRPC, "grpc_code"),
     "grpc_client_handling_seconds": (*_GRPC, "grpc_code"),
     "recsys_bundle_info": ("service", "version"),
+    "recsys_bundle_loaded_timestamp_seconds": ("service",),
+    "recsys_bundle_load_failures_total": ("service",),
     "recsys_serving": ("service",),
     "recsys_stage_duration_seconds": ("stage",),
     "recsys_candidates": ("stage",),

@@ -92,7 +92,11 @@ class StalledRankingStage:
         self.cancelled = 0
 
     async def rank(
-        self, context: RankContext, candidates: Sequence[Candidate], timeout: float
+        self,
+        context: RankContext,
+        candidates: Sequence[Candidate],
+        timeout: float,
+        version: str = "",
     ) -> RankResult:
         self.timeouts.append(timeout)
         try:
@@ -109,8 +113,9 @@ class StalledRankingStage:
         k: int,
         exclude: frozenset[str],
         timeout: float,
+        version: str = "",
     ) -> RecallResult:
-        return await self.recaller.recall(user_id, history, k, exclude, timeout)
+        return await self.recaller.recall(user_id, history, k, exclude, timeout, version)
 
     async def close(self) -> None:
         return None
@@ -123,7 +128,7 @@ class StalledRetrievalStage(LocalRetrievalStage):
         super().__init__(TinyRetriever())
         self.cancelled = 0
 
-    async def search(self, query: SearchQuery, timeout: float) -> SearchResult:
+    async def search(self, query: SearchQuery, timeout: float, version: str = "") -> SearchResult:
         try:
             await asyncio.wait_for(asyncio.Event().wait(), STALL_LIMIT_S)
         except asyncio.CancelledError:
@@ -186,6 +191,7 @@ def test_ranked_answer_is_in_fused_order_with_breakdown_and_versions() -> None:
         "index_factory": "Flat",
         "cross_encoder": "overlap",
         "fusion": "mix",
+        "ranking_bundle_version": "v-test",
     }
     assert {"retrieval", "ranking", "total"} <= set(answer.timings)
     assert "diversity" not in answer.timings
