@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote, unquote
 
 import grpc
 
@@ -21,6 +22,7 @@ from recsys.core.errors import (
 
 # Trailing metadata of a FAILED_PRECONDITION for a pinned bundle version: what the caller asked
 # for and what the server holds (comma-separated, live first), so the caller can pin again.
+# Percent-encoded: metadata values must be printable ASCII, and the wanted name is the caller's.
 WANTED_KEY = "recsys-bundle-wanted"
 HELD_KEY = "recsys-bundle-held"
 
@@ -47,7 +49,8 @@ def status_code(exc: BaseException) -> grpc.StatusCode:
 def trailing_metadata(exc: BaseException) -> tuple[tuple[str, str], ...]:
     """What the status of `exc` carries besides its message: the versions, for a pinned one."""
     if isinstance(exc, VersionUnavailable):
-        return ((WANTED_KEY, exc.wanted), (HELD_KEY, ",".join(exc.held)))
+        held = ",".join(quote(v, safe="") for v in exc.held)
+        return ((WANTED_KEY, quote(exc.wanted, safe="")), (HELD_KEY, held))
     return ()
 
 
@@ -72,8 +75,8 @@ def error_from_rpc(service: str, target: str, exc: grpc.aio.AioRpcError) -> Recs
     if code == grpc.StatusCode.PERMISSION_DENIED:
         return PermissionDenied(f"{service} at {target}: {details}")
     if code == grpc.StatusCode.FAILED_PRECONDITION and HELD_KEY in (meta := _metadata(exc)):
-        held = tuple(v for v in meta[HELD_KEY].split(",") if v)
-        return VersionUnavailable(service, meta.get(WANTED_KEY, ""), held)
+        held = tuple(unquote(v) for v in meta[HELD_KEY].split(",") if v)
+        return VersionUnavailable(service, unquote(meta.get(WANTED_KEY, "")), held)
     if code == grpc.StatusCode.UNAVAILABLE:
         return NotReady(f"{service} service unavailable at {target}: {details}")
     return UpstreamError(service, code.name, details)

@@ -35,6 +35,8 @@ ACCEPTABLE = {
     grpc.StatusCode.NOT_FOUND,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
+    # A request pinned to a bundle_version the service does not hold (the reply says which).
+    grpc.StatusCode.FAILED_PRECONDITION,
 }
 CALL_TIMEOUT_S = 30.0
 MAX_DEPTH = 3  # nested messages below this are left unset
@@ -120,6 +122,8 @@ def call(stack: Launcher, service: str, method: MethodDescriptor, body: bytes) -
             code: grpc.StatusCode = exc.code()  # type: ignore[attr-defined]
             if code == grpc.StatusCode.INVALID_ARGUMENT:
                 assert exc.details(), "INVALID_ARGUMENT must say which field"  # type: ignore[attr-defined]
+            if code == grpc.StatusCode.FAILED_PRECONDITION:
+                assert "bundle version" in exc.details(), exc.details()  # type: ignore[attr-defined]
             return code
     return grpc.StatusCode.OK
 
