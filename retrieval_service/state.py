@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import threading
 import zipfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,7 +43,7 @@ LOCK = "LOCK"
 SNAPSHOT_FORMAT = 1
 MIGRATED_SUFFIX = ".migrated"
 _SEGMENT = re.compile(r"^journal\.(\d+)\.jsonl$")
-_TEMP_PREFIX = ".snapshot."
+_TEMP_PREFIX = ".snapshot."  # the temp files write_atomic leaves if it dies mid-write
 # A read-only reader can race a compaction that removes segments it listed: it reads again.
 _READ_ATTEMPTS = 5
 
@@ -281,17 +280,8 @@ def write_snapshot(path: Path, data: SnapshotData, through: int) -> None:
         "deleted": data.deleted,
     }
     meta_bytes = np.frombuffer(json.dumps(meta, ensure_ascii=False).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=_TEMP_PREFIX, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, meta=meta_bytes, vectors=np.asarray(data.vectors, dtype=np.float32))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    vectors = np.asarray(data.vectors, dtype=np.float32)
+    bundle_files.write_atomic(path, lambda fh: np.savez(fh, meta=meta_bytes, vectors=vectors))
     fsync_dir(path.parent)
 
 

@@ -9,11 +9,11 @@ import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from recsys.core.errors import InvalidInput
 
@@ -81,12 +81,13 @@ def readable_by_all(directory: Path) -> None:
         path.chmod(mode | (0o555 if path.is_dir() else 0o444))
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temp file + fsync + rename so readers never see a partial file."""
+def write_atomic(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """`write(file)` into a temp file beside `path`, fsync, rename: readers never see a partial
+    file, and a failure leaves `path` as it was."""
     fd, tmp = atomic_temp(path)
     try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -94,6 +95,10 @@ def _write_atomic(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    write_atomic(path, lambda fh: fh.write(text.encode()))
 
 
 @contextlib.contextmanager
