@@ -6,7 +6,7 @@ import contextlib
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,15 +18,19 @@ from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import default
 from retrieval_service.catalog import ItemStore, load_catalog_items
+from retrieval_service.changelog import ChangeLog, start_position
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
 from retrieval_service.state import (
     Latest,
     OnlineState,
     Upsert,
+    delete_record,
     encoder_identity,
+    fold_record,
     legacy_journal,
     read_changes,
+    upsert_record,
 )
 
 log = logging.getLogger(__name__)
@@ -48,7 +52,10 @@ class Replay:
     deletes: int = 0  # item ids deleted online (present in this bundle or not)
     stored_vectors: int = 0  # upserts served with their journaled vectors
     encoded: int = 0  # upserts re-encoded: no vector, or one from another encoder
-    journal_records: int = 0  # records read after the snapshot
+    journal_records: int = 0  # records read after the snapshot (or from the change log)
+
+    def __add__(self, other: Replay) -> Replay:
+        return Replay(*(a + b for a, b in zip(astuple(self), astuple(other), strict=True)))
 
 
 @dataclass(frozen=True)
@@ -88,6 +95,11 @@ class Retriever:
         # Identity of the vectors this version's encoder makes (a state dir records its own).
         self.encoder_id = encoder_id or (state.encoder if state is not None else "")
         self.replayed = Replay()
+        # The shared change log this version follows instead of a state dir, and the position of
+        # the last record applied; `_following` keeps catch-ups in log order.
+        self.log: ChangeLog | None = None
+        self.position = 0
+        self._following = threading.Lock()
         # FAISS add() and search() must not overlap; encoding happens outside the lock.
         self._lock = threading.Lock()
         # Hot swap (see `successor`): changes recorded while a successor loads; the successor
@@ -105,10 +117,19 @@ class Retriever:
         device: str = "auto",
         history: HistoryWeights = HistoryWeights(),
         compact_records: int = default("journal_compact_records"),
+        change_log: ChangeLog | None = None,
     ) -> Retriever:
-        """Loads a bundle version and applies the online changes kept in state_dir (when set),
+        """Loads a bundle version and applies the online changes of the shared change log (from
+        the position the version was built at) or else those kept in state_dir (when set),
         whichever bundle version they were made under."""
         retriever = cls.open(bundle, device, history)
+        if change_log is not None:
+            try:
+                retriever.follow(change_log, start_position(bundle, change_log))
+            except BaseException:
+                retriever.close()
+                raise
+            return retriever
         if state_dir is not None:
             retriever.state = OnlineState(
                 state_dir,
@@ -151,11 +172,51 @@ class Retriever:
         if self.state is None:
             return
         changes = self.state.load()
-        self._apply(changes.latest, changes.journal_records)
+        self.replayed = replace(
+            self._apply(changes.latest), journal_records=changes.journal_records
+        )
+        self._log_replay("the state dir")
         if self.replayed.encoded or self.state.migration_pending or self.state.due:
             self._compact_logged()
 
-    def _apply(self, latest: Latest, journal_records: int) -> None:
+    def follow(self, log: ChangeLog, position: int) -> None:
+        """Applies the change log's records after `position` (this version's start) and keeps
+        following it: writes are committed there, and `catch_up` applies what is new."""
+        self.log, self.position = log, position
+        self.replayed = self.catch_up()
+        self._log_replay(f"change log {log.name} after position {position}")
+
+    def catch_up(self) -> Replay:
+        """Applies the change log's records after this version's position, in order, a page at
+        a time (each page in one step); raises NotReady when the log cannot be read."""
+        assert self.log is not None
+        total = Replay()
+        with self._following:
+            while records := self.log.read_after(self.position):
+                latest: Latest = {}
+                for record in records:
+                    where = f"change log {self.log.name} position {record.position}"
+                    fold_record(record.record, latest, where)
+                total += replace(self._apply(latest), journal_records=len(records))
+                self.position = records[-1].position
+        return total
+
+    def _log_replay(self, source: str) -> None:
+        replayed = self.replayed
+        if replayed.upserts or replayed.deletes:
+            log.info(
+                "applied online changes from %s over bundle %s: %d upserts (%d with stored "
+                "vectors, %d re-encoded), %d deletes, %d records",
+                source,
+                self.version,
+                replayed.upserts,
+                replayed.stored_vectors,
+                replayed.encoded,
+                replayed.deletes,
+                replayed.journal_records,
+            )
+
+    def _apply(self, latest: Latest) -> Replay:
         """Applies the latest change per item in one step: journaled vectors where this
         version's encoder made them, one batched encoding pass for the rest."""
         upserts = [u for u in latest.values() if u is not None]
@@ -170,24 +231,12 @@ class Retriever:
             if parts:
                 self._add([u.item for u in stored + stale], np.concatenate(parts))
             self.store.delete(deleted)
-        self.replayed = Replay(
+        return Replay(
             upserts=len(upserts),
             deletes=len(deleted),
             stored_vectors=len(stored),
             encoded=len(stale),
-            journal_records=journal_records,
         )
-        if upserts or deleted:
-            log.info(
-                "applied online changes over bundle %s: %d upserts (%d with stored vectors, "
-                "%d re-encoded), %d deletes, %d journal records after the snapshot",
-                self.version,
-                len(upserts),
-                len(stored),
-                len(stale),
-                len(deleted),
-                journal_records,
-            )
 
     def _reusable(self, upsert: Upsert, encoder: str) -> bool:
         """Whether the journaled vector is what the serving encoder would compute."""
@@ -294,6 +343,11 @@ class Retriever:
         search. A version that was switched away from passes the call on to its successor."""
         texts = [item.text() for item in items]
         vectors = self.encoder.encode(texts)
+        if self.log is not None:
+            # Applied here through the log, so this replica answers with every earlier change.
+            self.log.append(upsert_record(items, vectors, self.encoder_id))
+            self.catch_up()
+            return len(self.store)
         mirror = self._predecessor
         mirror_vectors = vectors
         if mirror is not None and mirror.encoder_id != self.encoder_id:
@@ -317,6 +371,15 @@ class Retriever:
     def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Journals and tombstones the items; returns (deleted, missing). A version that was
         switched away from passes the call on to its successor."""
+        if self.log is not None:
+            self.catch_up()  # "missing" is judged on every change committed so far
+            with self._lock:
+                present = [i for i in item_ids if self.store.row(i) is not None]
+            if present:
+                self.log.append(delete_record(present))
+                self.catch_up()
+            deleted = set(present)
+            return present, [i for i in item_ids if i not in deleted]
         with self._lock:
             successor = self._successor
             if successor is None:
@@ -347,13 +410,25 @@ class Retriever:
         (with a copy of later changes) until it is closed.
         """
         new = Retriever.open(bundle, device, self.history)
+        if self.log is not None:
+            # Every change is in the log: the new version catches up on its own, and this one
+            # keeps following it while it answers pinned searches.
+            try:
+                new.follow(self.log, start_position(bundle, self.log))
+            except BaseException:
+                new.close()
+                raise
+            return new
         state = self.state
         try:
             with self._lock:
                 self._tap = []
             if state is not None:
                 changes = read_changes(state.directory)  # every change acknowledged so far
-                new._apply(changes.latest, changes.journal_records)
+                new.replayed = replace(
+                    new._apply(changes.latest), journal_records=changes.journal_records
+                )
+                new._log_replay("the state dir")
             for _ in range(CATCH_UP_PASSES):
                 with self._lock:
                     pending, self._tap = self._tap, []
@@ -453,6 +528,8 @@ class Retriever:
             "device": self.index.device,
             "encoder": self.encoder.name,
             "pooling": self.encoder.pooling,
+            "change_log": self.log.name if self.log is not None else "",
+            "change_log_position": self.position,
         }
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import grpc
 import numpy as np
@@ -11,12 +14,16 @@ import numpy as np
 from recsys.core import metrics
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, RecsysError, VersionUnavailable
 from recsys.core.live import LiveVersions
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.changelog import ChangeLog
 from retrieval_service.retriever import HistoryWeights, Retriever
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def search_query(msg: retrieval_pb2.SearchRequest, settings: Settings) -> SearchQuery:
@@ -138,7 +145,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         with self.live.use() as loaded:
             items = upsert_items(request, self.settings)
             size = await asyncio.to_thread(loaded.value.upsert, items)
-        metrics.INDEX_ITEMS.set(size)
+        observe(self.live.pick().value)
         return retrieval_pb2.UpsertItemsResponse(upserted=len(items), index_size=size)
 
     async def DeleteItems(
@@ -147,8 +154,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         with self.live.use() as loaded:
             ids = item_ids(request.item_ids, "item_ids", self.settings.max_upsert_items)
             deleted, missing = await asyncio.to_thread(loaded.value.delete, ids)
-        size = len(self.live.pick().value.store)  # the live version's, should it have switched
-        metrics.INDEX_ITEMS.set(size)
+        size = observe(self.live.pick().value)  # the live version's, should it have switched
         return retrieval_pb2.DeleteItemsResponse(
             deleted=len(deleted), missing_item_ids=missing, index_size=size
         )
@@ -163,6 +169,14 @@ async def _close_retriever(retriever: Retriever) -> None:
     retriever.close()
 
 
+def observe(live: Retriever) -> int:
+    """Exports the live version's size and change log position; returns the size."""
+    size = len(live.store)
+    metrics.INDEX_ITEMS.set(size)
+    metrics.CHANGE_LOG_APPLIED.set(live.position)
+    return size
+
+
 class RetrievalService:
     """The retrieval process: servicer plus bundle loading and hot swaps (see
     recsys.rpc.server.Service and Reloadable)."""
@@ -173,6 +187,10 @@ class RetrievalService:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.servicer = RetrievalServicer(settings)
+        self.change_log: ChangeLog | None = None
+        # Waits on the log and catch-ups run here, not in the pool that serves requests.
+        self._log_thread = ThreadPoolExecutor(1, thread_name_prefix="change-log")
+        self._follower: asyncio.Task[None] | None = None
 
     def add_to_server(self, server: grpc.aio.Server) -> None:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, server)
@@ -182,17 +200,67 @@ class RetrievalService:
             raise InvalidInput("--bundle (RECSYS_BUNDLE) is required")
         bundle = Bundle.open(self.settings.bundle)
         history = HistoryWeights(self.settings.history_half_life, self.settings.history_weight)
+        if self.settings.change_log_url:
+            self.change_log = await self._in_log_thread(
+                ChangeLog, self.settings.change_log_url, self.settings.change_log_table
+            )
         retriever = await asyncio.to_thread(
             Retriever.load,
             bundle,
-            self.settings.state_path(),
+            None if self.change_log else self.settings.state_path(),
             self.settings.device,
             history,
             self.settings.journal_compact_records,
+            self.change_log,
         )
         self.servicer.live.switch(bundle.version, retriever)
-        metrics.INDEX_ITEMS.set(len(retriever.store))
+        observe(retriever)
+        if self.change_log is not None:
+            log.info(
+                "retrieval follows change log %s from position %d",
+                self.change_log.name,
+                retriever.position,
+            )
+            self._follower = asyncio.create_task(self._follow(self.change_log))
         return bundle.version
+
+    async def _follow(self, change_log: ChangeLog) -> None:
+        """Applies new change log records to every version held (the live one and a previous
+        one kept for pinned reads) when notified of a commit, or every change_log_poll_s. While
+        the log cannot be read, the replica keeps answering from what it has applied, counts
+        the failures and logs once per outage."""
+        poll = self.settings.change_log_poll_s
+        failing = False
+        while True:
+            try:
+                await self._in_log_thread(change_log.wait, poll)
+                for version in self.servicer.live.held:
+                    try:
+                        held = self.servicer.live.pick(version).value
+                    except VersionUnavailable:
+                        continue  # retired meanwhile
+                    await self._in_log_thread(held.catch_up)
+                head = await self._in_log_thread(change_log.head)
+            except Exception as exc:  # the follower must outlive any failure, and say so
+                metrics.CHANGE_LOG_ERRORS.inc()
+                if not failing:
+                    log.warning(
+                        "retrieval: %s; answering from position %d until the change log can be "
+                        "applied again",
+                        exc if isinstance(exc, RecsysError) else repr(exc),
+                        self.servicer.live.pick().value.position,
+                    )
+                failing = True
+                await asyncio.sleep(poll)
+                continue
+            if failing:
+                log.info("retrieval: change log %s can be read again", change_log.name)
+            failing = False
+            metrics.CHANGE_LOG_HEAD.set(head)
+            observe(self.servicer.live.pick().value)
+
+    async def _in_log_thread(self, work: Callable[..., T], *args: object) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._log_thread, work, *args)
 
     async def reload(self, version: str) -> None:
         """Loads `version` with the online changes beside the live one (which keeps serving and
@@ -202,7 +270,12 @@ class RetrievalService:
         live = self.servicer.live.pick().value
         retriever = await asyncio.to_thread(live.successor, bundle, self.settings.device)
         self.servicer.live.switch(version, retriever)
-        metrics.INDEX_ITEMS.set(len(retriever.store))
+        observe(retriever)
 
     async def close(self) -> None:
+        if self._follower is not None:
+            self._follower.cancel()
         await self.servicer.live.close()
+        self._log_thread.shutdown(wait=True, cancel_futures=True)
+        if self.change_log is not None:
+            self.change_log.close()

@@ -149,20 +149,10 @@ class Journal:
                 os.fsync(fh.fileno())
 
     def append_upsert(self, items: Sequence[Item], vectors: np.ndarray, encoder: str) -> None:
-        """Journals items with their vectors, so replay under the same encoder encodes nothing."""
-        matrix = np.ascontiguousarray(vectors, dtype="<f4")
-        self._append(
-            {
-                "op": "upsert",
-                "items": [asdict(item) for item in items],
-                "encoder": encoder,
-                "dimension": int(matrix.shape[1]),
-                "vectors": base64.b64encode(matrix.tobytes()).decode("ascii"),
-            }
-        )
+        self._append(upsert_record(items, vectors, encoder))
 
     def append_delete(self, item_ids: Sequence[str]) -> None:
-        self._append({"op": "delete", "item_ids": list(item_ids)})
+        self._append(delete_record(item_ids))
 
     def _append(self, record: dict[str, Any]) -> None:
         with self.path.open("a", encoding="utf-8") as fh:
@@ -183,25 +173,45 @@ class Journal:
                 except (json.JSONDecodeError, UnicodeDecodeError):
                     record = None
                 if not isinstance(record, dict):
-                    raise InvalidInput(f"{self.path} line {number}: corrupt journal record")
+                    raise InvalidInput(f"{self.path} line {number}: corrupt record")
                 yield number, record
 
     def fold_into(self, latest: Latest) -> int:
         """Applies every record to `latest` (later changes win); returns the record count."""
         count = 0
         for number, record in self.records():
-            try:
-                _fold_record(record, latest)
-            except (KeyError, TypeError, ValueError, binascii.Error) as exc:
-                raise InvalidInput(
-                    f"{self.path} line {number}: corrupt journal record ({_reason(exc)})"
-                ) from None
+            fold_record(record, latest, f"{self.path} line {number}")
             count += 1
         return count
 
 
+def upsert_record(items: Sequence[Item], vectors: np.ndarray, encoder: str) -> dict[str, Any]:
+    """A change record of items with their vectors, so replay under the same encoder encodes
+    nothing: the one format of the local journal and the shared change log."""
+    matrix = np.ascontiguousarray(vectors, dtype="<f4")
+    return {
+        "op": "upsert",
+        "items": [asdict(item) for item in items],
+        "encoder": encoder,
+        "dimension": int(matrix.shape[1]),
+        "vectors": base64.b64encode(matrix.tobytes()).decode("ascii"),
+    }
+
+
+def delete_record(item_ids: Sequence[str]) -> dict[str, Any]:
+    return {"op": "delete", "item_ids": list(item_ids)}
+
+
+def fold_record(record: dict[str, Any], latest: Latest, where: str) -> None:
+    """One upsert or delete record into the latest state per item id; InvalidInput names `where`
+    the record came from when it is corrupt."""
+    try:
+        _fold_record(record, latest)
+    except (KeyError, TypeError, ValueError, binascii.Error) as exc:
+        raise InvalidInput(f"{where}: corrupt record ({_reason(exc)})") from None
+
+
 def _fold_record(record: dict[str, Any], latest: Latest) -> None:
-    """One upsert or delete record into the latest state per item id."""
     if record["op"] == "delete":
         for item_id in record["item_ids"]:
             latest[str(item_id)] = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from hypothesis import HealthCheck, settings
 
 from recsys.core.settings import Settings
 from recsys.rpc.launcher import SERVICES, Launcher, on_free_ports
+from tests.postgres import PostgresServer, binaries
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -133,3 +135,38 @@ def own_stack(sample_bundle_root: Path, tmp_path: Path) -> Iterator[Callable[...
     finally:
         for launcher in launchers:
             launcher.close()
+
+
+def _postgres_server() -> PostgresServer:
+    bin_dir = binaries()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL not found (.ci/run installs Debian's postgresql package)")
+    server = PostgresServer(bin_dir)
+    server.start()
+    return server
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A real PostgreSQL server shared by the session; tests take a database each."""
+    server = _postgres_server()
+    try:
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def change_log_url(postgres: PostgresServer) -> str:
+    """A fresh database on the session's PostgreSQL, for one test's change log."""
+    return postgres.create_database(f"t{uuid.uuid4().hex[:12]}")
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server private to one test, which may kill and restart it."""
+    server = _postgres_server()
+    try:
+        yield server
+    finally:
+        server.remove()

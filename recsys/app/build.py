@@ -65,6 +65,10 @@ class BuildOptions:
     # The live version a retrain starts from: its embeddings of unchanged item texts are reused
     # (same encoder files only) and its fine-tuned cross-encoder is where fine-tuning starts.
     warm_from: Bundle | None = None
+    # The shared catalog change log (retrieval's change_log_url): its changes up to its current
+    # position are folded into the catalog, and serving replays only what comes after.
+    change_log_url: str | None = None
+    change_log_table: str = default("change_log_table")
 
 
 @dataclass(frozen=True)
@@ -76,18 +80,54 @@ class BuildInputs:
     report: IngestReport
     # Searches and their relevant items (fine-tuned on; a share held out to fit search fusion).
     queries: Sequence[tuple[str, Sequence[str]]] = ()
+    # Where the change log was read to ({"log_id", "position", "name"}), for the manifest.
+    change_log: dict[str, Any] | None = None
 
 
 def load_inputs(options: BuildOptions, catalog: pd.DataFrame | None = None) -> BuildInputs:
-    """Reads and validates the catalog (unless given, as load_catalog returns it), interactions
-    and queries (raises InvalidInput naming the file)."""
+    """Reads and validates the catalog (unless given, as load_catalog returns it) with the change
+    log's changes folded in (when set), interactions and queries (raises InvalidInput naming
+    the file)."""
     catalog = load_catalog(options.catalog) if catalog is None else catalog
+    change_log = None
+    if options.change_log_url:
+        catalog, change_log = _with_logged_changes(
+            catalog, options.change_log_url, options.change_log_table
+        )
     known = set(catalog["item_id"])
     interactions, report = load_interactions(
         options.interactions, known_item_ids=known, strict=options.strict
     )
     queries = () if options.queries is None else load_queries(options.queries, known)
-    return BuildInputs(catalog, interactions, report, queries)
+    return BuildInputs(catalog, interactions, report, queries, change_log)
+
+
+def _with_logged_changes(
+    catalog: pd.DataFrame, url: str, table: str
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The catalog with every change up to the log's head applied (online changes win over the
+    file), and where the log was read to."""
+    from recsys.app.ingest import catalog_items, items_to_frame
+    from retrieval_service.changelog import ChangeLog, read_through
+    from retrieval_service.state import Latest, apply_changes, fold_record
+
+    log_ = ChangeLog(url, table)
+    try:
+        position, records = read_through(log_)
+    finally:
+        log_.close()
+    latest: Latest = {}
+    for record in records:
+        fold_record(record.record, latest, f"change log {log_.name} position {record.position}")
+    log.info(
+        "change log %s: %d records through position %d folded into the catalog (%d items changed)",
+        log_.name,
+        len(records),
+        position,
+        len(latest),
+    )
+    changed = items_to_frame(apply_changes(catalog_items(catalog), latest))
+    return changed, {"log_id": log_.log_id, "position": position, "name": log_.name}
 
 
 def load_queries(path: Path, known_item_ids: set[str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -217,6 +257,7 @@ def build_bundle(
                 },
                 "validation": validation_record,
                 "warm_start": warm_start,
+                **({"change_log": inputs.change_log} if inputs.change_log else {}),
                 **retrieval.manifest,
                 "cf": cf_section,
                 "cross_encoder": ranker_section,
@@ -716,6 +757,10 @@ def _fusion_list(ranker: Any, pool: Any, relevant: set[str]) -> Any:
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:
     record = asdict(replace(options, warm_from=None))
+    if options.change_log_url:
+        from retrieval_service.changelog import redacted
+
+        record["change_log_url"] = redacted(options.change_log_url)  # no password in manifests
     record["warm_from"] = None if options.warm_from is None else options.warm_from.version
     return {k: str(v) if isinstance(v, Path) else v for k, v in record.items()}
 

@@ -195,8 +195,26 @@ def _add_build(sub: Any) -> None:
         "%(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    _add_change_log(p)
     _add_log_level(p)
     p.set_defaults(handler=_run_build)
+
+
+def _add_change_log(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--change-log",
+        metavar="URL",
+        help="the catalog change log retrieval replicas share (their RECSYS_CHANGE_LOG_URL, "
+        "postgresql://USER@HOST:PORT/DB; give the password by PGPASSWORD or PGPASSFILE, not "
+        "here): its changes up to now are folded into the catalog and recorded with their "
+        "position, so replicas replay only what comes after",
+    )
+    p.add_argument(
+        "--change-log-table",
+        default=default("change_log_table"),
+        metavar="NAME",
+        help="its table (default %(default)s)",
+    )
 
 
 def _build_ranker_steps() -> int:
@@ -244,6 +262,8 @@ def _run_build(args: argparse.Namespace) -> int:
             queries=args.queries,
             rerank_budget_ms=budget,
             seed=args.seed,
+            change_log_url=args.change_log,
+            change_log_table=args.change_log_table,
         )
     )
     print(f"built {bundle.path} (CURRENT → {bundle.version})")
@@ -311,6 +331,7 @@ def _add_retrain(sub: Any) -> None:
         help="gate this version under ROOT (e.g. one kept aside earlier) instead of building one",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    _add_change_log(p)
     _add_log_level(p)
     p.set_defaults(handler=_run_retrain)
 
@@ -334,6 +355,8 @@ def _retrain_gate_users() -> int:
 
 
 def _run_retrain(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from recsys.app.retrain import EXIT_REFUSED, EXIT_SWITCHED, judge, retrain
     from recsys.core.bundle import Bundle
 
@@ -364,8 +387,12 @@ def _run_retrain(args: argparse.Namespace) -> int:
     else:
         from recsys.app.retrain import retrain_inputs, retrain_options
 
-        options = retrain_options(
-            live, args.bundle, args.interactions, args.catalog, args.queries, steps, args.device
+        options = replace(
+            retrain_options(
+                live, args.bundle, args.interactions, args.catalog, args.queries, steps, args.device
+            ),
+            change_log_url=args.change_log,
+            change_log_table=args.change_log_table,
         )
         inputs = retrain_inputs(options, live, catalog_given=args.catalog is not None)
         done = retrain(live, options, inputs, drop, users)

@@ -49,6 +49,8 @@ _PER_RUN = {
     "warm_from",
     "ranker",
     "student",
+    "change_log_url",
+    "change_log_table",
 }
 
 

@@ -92,6 +92,18 @@ RANKING_INFERENCE = Histogram(
 
 # Retrieval
 INDEX_ITEMS = Gauge("recsys_index_items", "Live items in the ANN index.")
+CHANGE_LOG_APPLIED = Gauge(
+    "recsys_change_log_applied_position",
+    "Position of the last catalog change log record this replica's live version applied.",
+)
+CHANGE_LOG_HEAD = Gauge(
+    "recsys_change_log_head_position",
+    "Newest position this replica has seen committed in the catalog change log.",
+)
+CHANGE_LOG_ERRORS = Counter(
+    "recsys_change_log_errors_total",
+    "Failed reads of the catalog change log (this replica stops following it until one works).",
+)
 
 # Any server: writes let through by the write policy (recsys.rpc.auth). Identities come from
 # the configured allow-list (or "anonymous" without one), so the label stays bounded.

@@ -124,6 +124,22 @@ class Settings(BaseSettings):
     history_weight: float = Field(
         1.0, ge=0, description="Weight of the history vector when mixed with a text query."
     )
+    change_log_url: str = Field(
+        "",
+        description="PostgreSQL URL (postgresql://USER@HOST:PORT/DB; password from the URL, "
+        "PGPASSWORD or PGPASSFILE) of the catalog change log shared by every retrieval replica: "
+        "writes are committed there before they are acknowledged and every replica applies them "
+        "in order. Empty: the local journal in state_dir, for one replica.",
+    )
+    change_log_table: str = Field(
+        "catalog_changes", description="Table of the change log (one per catalog)."
+    )
+    change_log_poll_s: float = Field(
+        1.0,
+        gt=0,
+        description="Replicas read the change log this often besides when notified of a change "
+        "(a notification lost while reconnecting delays a change at most this long).",
+    )
     journal_compact_records: int = Field(
         5000,
         ge=1,

@@ -116,7 +116,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("size", "dimension", "bundle_version", "index_factory", "device", "encoder", "pooling")
+    __slots__ = ("size", "dimension", "bundle_version", "index_factory", "device", "encoder", "pooling", "change_log", "change_log_position")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -124,6 +124,8 @@ class GetIndexInfoResponse(_message.Message):
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     ENCODER_FIELD_NUMBER: _ClassVar[int]
     POOLING_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_LOG_FIELD_NUMBER: _ClassVar[int]
+    CHANGE_LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
     size: int
     dimension: int
     bundle_version: str
@@ -131,4 +133,6 @@ class GetIndexInfoResponse(_message.Message):
     device: str
     encoder: str
     pooling: str
-    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., bundle_version: _Optional[str] = ..., index_factory: _Optional[str] = ..., device: _Optional[str] = ..., encoder: _Optional[str] = ..., pooling: _Optional[str] = ...) -> None: ...
+    change_log: str
+    change_log_position: int
+    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., bundle_version: _Optional[str] = ..., index_factory: _Optional[str] = ..., device: _Optional[str] = ..., encoder: _Optional[str] = ..., pooling: _Optional[str] = ..., change_log: _Optional[str] = ..., change_log_position: _Optional[int] = ...) -> None: ...

@@ -197,3 +197,43 @@ def test_without_queries_searches_never_use_the_cross_encoder(tmp_path: Path) ->
     assert query["fitted_on"]["cross_encoder"].startswith("skipped")
     # Recommendations still have their cross-encoder to weigh.
     assert bundle.manifest["fusion"]["history"]["second"] is not None
+
+
+def test_a_build_from_the_change_log_folds_its_changes_and_records_where_it_read_to(
+    tmp_path: Path, change_log_url: str
+) -> None:
+    """`recsys build --change-log`: items upserted online join the catalog, deleted ones leave
+    it, and the manifest records the log's id and position (the URL without its password)."""
+    import numpy as np
+
+    from recsys.app.cli import main
+    from recsys.core import bundle as bundle_files
+    from recsys.core.domain import Item
+    from retrieval_service.catalog import load_catalog_items
+    from retrieval_service.changelog import ChangeLog
+    from retrieval_service.state import delete_record, upsert_record
+
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title\n" + "".join(f"i{k},Item number {k}\n" for k in range(6)))
+    interactions = tmp_path / "interactions.csv"
+    rows = [(u, f"i{(u + k) % 6}", 1000 * k) for u in range(3) for k in range(4)]
+    interactions.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{t}\n" for u, i, t in rows)
+    )
+    log = ChangeLog(change_log_url)
+    new = Item("new-1", "An item added online", category="Online")
+    log.append(upsert_record([new], np.ones((1, 384), np.float32), "any encoder"))
+    position = log.append(delete_record(["i0"]))
+    with_password = change_log_url.replace("recsys@", "recsys:s3cret@")  # trust auth ignores it
+    out = tmp_path / "bundle"
+    argv = ["build", "--catalog", str(catalog), "--interactions", str(interactions)]
+    assert main([*argv, "--out", str(out), "--no-ranker", "--change-log", with_password]) == 0
+    bundle = Bundle.open(out)
+    items = {item.item_id: item for item in load_catalog_items(bundle.file(bundle_files.CATALOG))}
+    assert items["new-1"] == new and "i0" not in items and len(items) == 6
+    assert bundle.manifest["change_log"] == {
+        "log_id": log.log_id,
+        "position": position,
+        "name": log.name,
+    }
+    assert "s3cret" not in json.dumps(bundle.manifest)

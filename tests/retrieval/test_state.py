@@ -252,7 +252,7 @@ def test_corrupt_state_is_one_line_naming_the_file_and_line(tmp_path: Path) -> N
         **{"encoder": "e", "dimension": 4, "vectors": "AAAA"},  # 3 bytes, not 4 floats
     }
     segment.write_text(json.dumps(good) + "\n" + json.dumps(bad_vectors) + "\n")
-    with pytest.raises(InvalidInput, match=r"line 2: corrupt journal record \(3 vector bytes"):
+    with pytest.raises(InvalidInput, match=r"line 2: corrupt record \(3 vector bytes"):
         read_changes(tmp_path)
     segment.unlink()
     (tmp_path / SNAPSHOT).write_bytes(b"not a zip")

@@ -1,0 +1,160 @@
+"""The shared change log on a real PostgreSQL: commit order is position order, notifications
+wake followers, a crash of the server loses nothing acknowledged, and retrievers that follow one
+log converge on the same catalog."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recsys.core.bundle import Bundle
+from recsys.core.errors import InvalidInput, NotReady
+from retrieval_service.changelog import ChangeLog, read_through, start_position
+from retrieval_service.retriever import Retriever
+from retrieval_service.state import delete_record
+from tests.postgres import PostgresServer
+from tests.retrieval.conftest import write_retrieval_version
+from tests.retrieval.test_state import FLOOR_LAMP, KAYAK, TELESCOPE, state_of, top
+
+
+@pytest.fixture(scope="module")
+def v1(catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return write_retrieval_version(tmp_path_factory.mktemp("bundle"), catalog, "v1")
+
+
+def follow(bundle: Bundle, log: ChangeLog) -> Retriever:
+    return Retriever.load(bundle, None, device="cpu", change_log=log)
+
+
+def test_positions_increase_and_reads_return_records_in_order(change_log_url: str) -> None:
+    log = ChangeLog(change_log_url)
+    positions = [log.append(delete_record([f"id-{n}"])) for n in range(5)]
+    assert positions == sorted(positions) and len(set(positions)) == 5
+    assert log.head() == positions[-1]
+    records = log.read_after(positions[1])
+    assert [r.position for r in records] == positions[2:]
+    assert [r.record["item_ids"] for r in records] == [["id-2"], ["id-3"], ["id-4"]]
+    assert log.read_after(positions[-1]) == []
+    # Opening the log again (another replica) finds the same tables and the same log id.
+    again = ChangeLog(change_log_url)
+    assert again.log_id == log.log_id and again.head() == positions[-1]
+
+
+def test_a_reader_tailing_concurrent_writers_never_skips_a_position(change_log_url: str) -> None:
+    """Four writers commit while a reader pages through; because positions become visible in
+    order, a reader that moved past a position never meets it later."""
+    log = ChangeLog(change_log_url)
+    acknowledged: list[int] = []
+    guard = threading.Lock()
+
+    def write(writer: int) -> None:
+        own = ChangeLog(change_log_url)  # a replica of its own: its own connections
+        for n in range(40):
+            position = own.append(delete_record([f"w{writer}-{n}"]))
+            with guard:
+                acknowledged.append(position)
+        own.close()
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for thread in writers:
+        thread.start()
+    seen: list[int] = []
+    while any(t.is_alive() for t in writers) or (seen[-1] if seen else 0) < log.head():
+        seen += [r.position for r in log.read_after(seen[-1] if seen else 0, limit=7)]
+    for thread in writers:
+        thread.join()
+    assert seen == sorted(acknowledged)
+
+
+def test_wait_returns_when_a_change_is_committed(change_log_url: str) -> None:
+    log = ChangeLog(change_log_url)
+    assert log.wait(0.2) is False
+    woke: list[bool] = []
+    waiter = threading.Thread(target=lambda: woke.append(log.wait(30)))
+    waiter.start()
+    ChangeLog(change_log_url).append(delete_record(["x"]))
+    waiter.join(timeout=30)
+    assert woke == [True]
+
+
+def test_a_crashed_server_loses_no_acknowledged_change(own_postgres: PostgresServer) -> None:
+    url = own_postgres.create_database("crash")
+    log = ChangeLog(url)
+    acknowledged = [log.append(delete_record([f"before-{n}"])) for n in range(20)]
+    own_postgres.kill()
+    with pytest.raises(NotReady, match=r"^change log postgresql://recsys@127\.0\.0\.1:\d+/crash"):
+        log.append(delete_record(["during"]))
+    own_postgres.start()
+    acknowledged.append(log.append(delete_record(["after"])))  # the same object reconnects
+    records = log.read_after(0)
+    assert [r.position for r in records] == acknowledged
+    assert [r.record["item_ids"][0] for r in records][-1] == "after"
+
+
+def test_bad_urls_are_one_line_errors(postgres: PostgresServer) -> None:
+    with pytest.raises(InvalidInput, match="change_log_url: not a PostgreSQL URL"):
+        ChangeLog("not a url")
+    with pytest.raises(InvalidInput, match="change_log_table 'a; drop'"):
+        ChangeLog(postgres.url(), table="a; drop")
+    with pytest.raises(NotReady, match="nosuchdb") as info:
+        ChangeLog(postgres.url("nosuchdb"))
+    assert "\n" not in str(info.value)
+
+
+def test_retrievers_on_one_log_converge(v1: Bundle, change_log_url: str) -> None:
+    """A write to one replica is applied by the other when it catches up; deletes judge
+    'missing' on every change so far; a replica started later replays everything."""
+    a = follow(v1, ChangeLog(change_log_url))
+    b = follow(v1, ChangeLog(change_log_url))
+    a.upsert([TELESCOPE, FLOOR_LAMP])
+    assert top(a, "telescope for looking at stars") == ["new-1"]
+    assert top(b, "telescope for looking at stars") != ["new-1"]
+    b.catch_up()
+    assert top(b, "telescope for looking at stars") == ["new-1"]
+    assert b.delete(["new-1", "nope"]) == (["new-1"], ["nope"])
+    assert a.delete(["new-1"]) == ([], ["new-1"])  # a catches up before it judges
+    b.upsert([KAYAK])
+    a.catch_up()
+    late = follow(v1, ChangeLog(change_log_url))
+    ids = ["new-1", "new-2", "item-018"]
+    assert state_of(a, ids) == state_of(b, ids) == state_of(late, ids)
+    assert state_of(late, ids) == {"new-1": None, "new-2": KAYAK, "item-018": FLOOR_LAMP}
+    assert a.position == b.position == late.position == late.log.head()  # type: ignore[union-attr]
+    assert late.replayed.stored_vectors == 2  # journaled vectors reused: nothing re-encoded
+    assert late.info()["change_log_position"] == late.position
+
+
+def test_a_bundle_built_from_the_log_replays_only_what_came_after(
+    catalog: pd.DataFrame, tmp_path: Path, change_log_url: str
+) -> None:
+    from recsys.core.bundle import publish, staged_version, write_manifest
+
+    log = ChangeLog(change_log_url)
+    writer = follow(write_retrieval_version(tmp_path, catalog, "v1"), log)
+    writer.upsert([TELESCOPE])
+    position, records = read_through(log)
+    assert position == writer.position and len(records) == 1
+    writer.upsert([KAYAK])
+    # v2 says it holds the log through `position` (a real build also folds those changes in).
+    manifest = dict(Bundle.open(tmp_path, "v1").manifest)
+    manifest["change_log"] = {"log_id": log.log_id, "position": position, "name": log.name}
+    with staged_version(tmp_path, "v2") as stage:
+        for path in Bundle.open(tmp_path, "v1").path.iterdir():
+            if path.name != "manifest.json":
+                (stage / path.name).symlink_to(path)
+        write_manifest(stage, {**manifest, "version": "v2"})
+    publish(tmp_path, "v2")
+    v2 = Bundle.open(tmp_path, "v2")
+    assert start_position(v2, log) == position
+    later = follow(v2, log)
+    assert later.replayed.upserts == 1  # only the kayak
+    assert state_of(later, ["new-1", "new-2"]) == {"new-1": None, "new-2": KAYAK}
+
+    other = ChangeLog(change_log_url, table="other_catalog")
+    with pytest.raises(
+        InvalidInput, match=r"bundle v2: built from change log .* but change_log_url"
+    ):
+        follow(v2, other)
