@@ -12,7 +12,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, so nothing else pulls a multi-GB CUDA build in its place.
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[cpu,dev]"
+	# milvus-lite (the Milvus tests' engine) brings faiss-cpu: with the cpu build only.
+	$(BIN)/pip install -q -e ".[cpu,dev,milvus-lite]"
 	touch $@
 
 setup: $(VENV)/.installed
