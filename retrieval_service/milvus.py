@@ -37,6 +37,8 @@ METRIC = "IP"
 # A write the service acknowledged must be visible to the next search on any replica.
 CONSISTENCY = "Strong"
 DEFAULT_TIMEOUT_S = 10.0
+# Collection property naming the bundle version a completed load came from.
+LOADED_PROPERTY = "recsys.loaded_from"
 
 VECTOR = "vector"
 _TEXT_FIELDS = ("title", "description", "category")
@@ -352,9 +354,28 @@ class MilvusCatalog:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
+    def loaded_from(self) -> str | None:
+        """The bundle version whose catalog a completed `load` put here (None: not loaded yet,
+        or a load that did not finish)."""
+        with self._call("describe"):
+            described = self._client.describe_collection(self.collection, timeout=self._timeout)
+        value = (described.get("properties") or {}).get(LOADED_PROPERTY)
+        return None if value is None else str(value)
+
+    def mark_loaded(self, version: str) -> None:
+        """Records that `version`'s catalog is fully loaded: replicas opening it later skip the
+        load (a collection property, so it is set only after every batch is in)."""
+        with self._call("mark loaded"):
+            self._client.alter_collection_properties(
+                self.collection, properties={LOADED_PROPERTY: version}, timeout=self._timeout
+            )
+
     def info(self) -> dict[str, Any]:
-        """What /info reports: where the catalog is (without credentials), its index and size."""
+        """What /info reports: where the catalog is (without credentials), its index and size;
+        `index_factory` and `device` as GetIndexInfo shows them."""
         return {
+            "index_factory": f"milvus {self.index_type} {self.collection} at {_redact(self._uri)}",
+            "device": "milvus",
             "backend": "milvus",
             "uri": _redact(self._uri),
             "collection": self.collection,

@@ -17,10 +17,10 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import default
-from retrieval_service.catalog import ItemStore, load_catalog_items
+from retrieval_service.backends import CatalogBackend, FaissCatalog, MilvusTarget, open_backend
+from retrieval_service.catalog import ItemStore
 from retrieval_service.changelog import ChangeLog, start_position
 from retrieval_service.encoder import TextEncoder
-from retrieval_service.index import VectorIndex
 from retrieval_service.state import (
     Latest,
     OnlineState,
@@ -79,16 +79,14 @@ class Retriever:
     def __init__(
         self,
         encoder: TextEncoder,
-        index: VectorIndex,
-        store: ItemStore,
+        catalog: CatalogBackend,
         state: OnlineState | None,
         version: str,
         history: HistoryWeights = HistoryWeights(),
         encoder_id: str = "",
     ) -> None:
         self.encoder = encoder
-        self.index = index
-        self.store = store
+        self.catalog = catalog
         self.state = state
         self.version = version
         self.history = history
@@ -100,8 +98,11 @@ class Retriever:
         self.log: ChangeLog | None = None
         self.position = 0
         self._following = threading.Lock()
-        # FAISS add() and search() must not overlap; encoding happens outside the lock.
+        # Keeps a change's journal record and its application in one order, and the hot swap's
+        # hand-over atomic; searches do not take it (the catalog guards itself).
         self._lock = threading.Lock()
+        # The Milvus collections a successor version opens (None: embedded FAISS).
+        self.milvus: MilvusTarget | None = None
         # Hot swap (see `successor`): changes recorded while a successor loads; the successor
         # that writes go to once it holds the state dir; the predecessor kept for pinned
         # searches, which gets a copy of each change in memory.
@@ -118,11 +119,12 @@ class Retriever:
         history: HistoryWeights = HistoryWeights(),
         compact_records: int = default("journal_compact_records"),
         change_log: ChangeLog | None = None,
+        milvus: MilvusTarget | None = None,
     ) -> Retriever:
-        """Loads a bundle version and applies the online changes of the shared change log (from
-        the position the version was built at) or else those kept in state_dir (when set),
-        whichever bundle version they were made under."""
-        retriever = cls.open(bundle, device, history)
+        """Loads a bundle version (into FAISS, or its Milvus collection) and applies the online
+        changes of the shared change log (from the position the version was built at) or else
+        those kept in state_dir (when set), whichever bundle version they were made under."""
+        retriever = cls.open(bundle, device, history, milvus)
         if change_log is not None:
             try:
                 retriever.follow(change_log, start_position(bundle, change_log))
@@ -146,9 +148,13 @@ class Retriever:
 
     @classmethod
     def open(
-        cls, bundle: Bundle, device: str = "auto", history: HistoryWeights = HistoryWeights()
+        cls,
+        bundle: Bundle,
+        device: str = "auto",
+        history: HistoryWeights = HistoryWeights(),
+        milvus: MilvusTarget | None = None,
     ) -> Retriever:
-        """A bundle version's encoder, index and catalog, without online changes."""
+        """A bundle version's encoder and catalog, without online changes."""
         manifest = bundle.manifest
         encoder = TextEncoder.load(
             bundle.file(bundle_files.ENCODER_DIR),
@@ -156,15 +162,17 @@ class Retriever:
             device=device,
             max_length=manifest["encoder"].get("max_length", 256),
         )
-        index = VectorIndex.load(
-            bundle.file(bundle_files.INDEX),
-            factory=manifest["index"]["factory"],
-            device=device,
-            nprobe=manifest["index"].get("nprobe", 16),
-        )
-        items = load_catalog_items(bundle.file(bundle_files.CATALOG))
-        store = ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
-        return cls(encoder, index, store, None, bundle.version, history, encoder_identity(manifest))
+        catalog = open_backend(bundle, device, milvus)
+        retriever = cls(encoder, catalog, None, bundle.version, history, encoder_identity(manifest))
+        retriever.milvus = milvus
+        return retriever
+
+    @property
+    def store(self) -> ItemStore:
+        """The in-memory items and vectors (the embedded FAISS backend only: offline callers)."""
+        if not isinstance(self.catalog, FaissCatalog):
+            raise TypeError(f"bundle {self.version} is served from {self.catalog.info()}")
+        return self.catalog.store
 
     def _replay(self) -> None:
         """Applies the state dir's changes at start (see `_apply`), then folds what was
@@ -229,8 +237,9 @@ class Retriever:
             parts.append(self.encoder.encode([u.item.text() for u in stale]))
         with self._lock:
             if parts:
-                self._add([u.item for u in stored + stale], np.concatenate(parts))
-            self.store.delete(deleted)
+                self.catalog.upsert([u.item for u in stored + stale], np.concatenate(parts))
+            if deleted:
+                self.catalog.delete(deleted)
         return Replay(
             upserts=len(upserts),
             deletes=len(deleted),
@@ -243,7 +252,7 @@ class Retriever:
         return (
             upsert.vector is not None
             and upsert.encoder == encoder
-            and upsert.vector.shape == (self.store.dimension,)
+            and upsert.vector.shape == (self.catalog.dimension,)
         )
 
     # -- queries -------------------------------------------------------------------------------
@@ -252,9 +261,9 @@ class Retriever:
         """The normalised query vector and the history ids the catalog does not know."""
         parts: list[np.ndarray] = []
         if query.vector is not None:
-            if query.vector.shape != (self.store.dimension,):
+            if query.vector.shape != (self.catalog.dimension,):
                 raise InvalidInput(
-                    f"query_vector: expected {self.store.dimension} floats, got {query.vector.size}"
+                    f"query_vector: expected {self.catalog.dimension} floats, got {query.vector.size}"
                 )
             parts.append(_normalise(query.vector.astype(np.float32)))
         elif query.text:
@@ -271,14 +280,12 @@ class Retriever:
 
     def history_vector(self, item_ids: Sequence[str]) -> tuple[np.ndarray | None, list[str]]:
         """Recency-weighted mean of the known items' vectors (ids most recent first)."""
-        vectors, weights, unknown = [], [], []
-        with self._lock:
-            for position, item_id in enumerate(item_ids):
-                row = self.store.row(item_id)
-                if row is None:
-                    unknown.append(item_id)
-                    continue
-                vectors.append(self.store.vector_at(row))
+        found, unknown = self.catalog.get(item_ids)
+        vector_of = {item.item_id: vector for item, vector in found}
+        vectors, weights = [], []
+        for position, item_id in enumerate(item_ids):
+            if item_id in vector_of:
+                vectors.append(vector_of[item_id])
                 weights.append(0.5 ** (position / self.history.half_life))
         if not vectors:
             return None, unknown
@@ -288,53 +295,22 @@ class Retriever:
     def search(self, query: SearchQuery) -> tuple[list[Hit], list[str]]:
         """Top-k live items for the query after filters; also returns unknown history ids."""
         vector, unknown = self.query_vector(query)
-        excluded = set(query.exclude_item_ids)
-        hits: list[Hit] = []
-        with self._lock:
-            total = self.index.ntotal
-            # Over-fetch, then filter tombstones, exclusions and categories; widen until full.
-            fetch = min(total, max(2 * query.top_k, query.top_k + len(excluded) + 16))
-            while True:
-                scores, rows = self.index.search(vector[None, :], fetch)
-                hits = self._filter(scores[0], rows[0], query, excluded)
-                if len(hits) >= query.top_k or fetch >= total:
-                    break
-                fetch = min(total, fetch * 4)
-        return hits[: query.top_k], unknown
-
-    def _filter(
-        self, scores: np.ndarray, rows: np.ndarray, query: SearchQuery, excluded: set[str]
-    ) -> list[Hit]:
-        hits = []
-        for score, row in zip(scores, rows, strict=True):
-            item = self.store.item_at(int(row)) if row >= 0 else None
-            if item is None or item.item_id in excluded:
-                continue
-            if query.categories and item.category not in query.categories:
-                continue
-            hits.append(
-                Hit(
-                    item_id=item.item_id,
-                    score=float(score),
-                    item=item if query.include_text else None,
-                    vector=self.store.vector_at(int(row)).copy() if query.include_vectors else None,
-                )
-            )
-        return hits
+        found = self.catalog.search(
+            vector,
+            query.top_k,
+            exclude=query.exclude_item_ids,
+            categories=query.categories,
+            with_vectors=query.include_vectors,
+        )
+        hits = [
+            Hit(item.item_id, score, item if query.include_text else None, found_vector)
+            for item, score, found_vector in found
+        ]
+        return hits, unknown
 
     def get_items(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]:
         """Known items with their vectors, in request order, and the ids not found."""
-        found, missing = [], []
-        with self._lock:
-            for item_id in item_ids:
-                row = self.store.row(item_id)
-                if row is None:
-                    missing.append(item_id)
-                else:
-                    item = self.store.item_at(row)
-                    assert item is not None
-                    found.append((item, self.store.vector_at(row).copy()))
-        return found, missing
+        return self.catalog.get(item_ids)
 
     # -- online changes ------------------------------------------------------------------------
 
@@ -347,7 +323,7 @@ class Retriever:
             # Applied here through the log, so this replica answers with every earlier change.
             self.log.append(upsert_record(items, vectors, self.encoder_id))
             self.catch_up()
-            return len(self.store)
+            return len(self.catalog)
         mirror = self._predecessor
         mirror_vectors = vectors
         if mirror is not None and mirror.encoder_id != self.encoder_id:
@@ -357,24 +333,22 @@ class Retriever:
             if successor is None:
                 if self.state is not None:
                     self.state.append_upsert(items, vectors)
-                self._add(items, vectors)
+                self.catalog.upsert(items, vectors)
                 if self._tap is not None:
                     self._tap.append(_Change(items, vectors, self.encoder_id))
                 if self._predecessor is not None and self._predecessor is mirror:
                     mirror._mirror(_Change(items, mirror_vectors, mirror.encoder_id))
-                size = len(self.store)
         if successor is not None:
             return successor.upsert(items)
         self._compact_when_due()
-        return size
+        return len(self.catalog)
 
     def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         """Journals and tombstones the items; returns (deleted, missing). A version that was
         switched away from passes the call on to its successor."""
         if self.log is not None:
             self.catch_up()  # "missing" is judged on every change committed so far
-            with self._lock:
-                present = [i for i in item_ids if self.store.row(i) is not None]
+            present = self._present(item_ids)
             if present:
                 self.log.append(delete_record(present))
                 self.catch_up()
@@ -383,10 +357,10 @@ class Retriever:
         with self._lock:
             successor = self._successor
             if successor is None:
-                present = [i for i in item_ids if self.store.row(i) is not None]
+                present = self._present(item_ids)
                 if present and self.state is not None:
                     self.state.append_delete(present)
-                result = self.store.delete(item_ids)
+                result = self.catalog.delete(item_ids)
                 if present and self._tap is not None:
                     self._tap.append(_Change(deleted=present))
                 if present and self._predecessor is not None:
@@ -395,6 +369,12 @@ class Retriever:
             return successor.delete(item_ids)
         self._compact_when_due()
         return result
+
+    def _present(self, item_ids: Sequence[str]) -> list[str]:
+        """The ids the catalog holds, in request order (each once)."""
+        _, missing = self.catalog.get(list(dict.fromkeys(item_ids)))
+        absent = set(missing)
+        return [i for i in dict.fromkeys(item_ids) if i not in absent]
 
     # -- hot swap --------------------------------------------------------------------------------
 
@@ -409,7 +389,7 @@ class Retriever:
         The caller then makes the new version live; this one keeps answering pinned searches
         (with a copy of later changes) until it is closed.
         """
-        new = Retriever.open(bundle, device, self.history)
+        new = Retriever.open(bundle, device, self.history, self.milvus)
         if self.log is not None:
             # Every change is in the log: the new version catches up on its own, and this one
             # keeps following it while it answers pinned searches.
@@ -467,9 +447,9 @@ class Retriever:
         """Applies a change in memory only (the journal has it already)."""
         with self._lock:
             if change.items and change.vectors is not None:
-                self._add(change.items, change.vectors)
+                self.catalog.upsert(change.items, change.vectors)
             if change.deleted:
-                self.store.delete(change.deleted)
+                self.catalog.delete(change.deleted)
 
     def compact(self) -> bool:
         """Folds the online changes into a snapshot and drops the journal it holds; False when
@@ -483,6 +463,7 @@ class Retriever:
         from stops getting copies of its successor's changes."""
         if self.state is not None:
             self.state.close()
+        self.catalog.close()
         successor = self._successor
         if successor is not None:
             with successor._lock:
@@ -506,26 +487,19 @@ class Retriever:
 
     def _capture(self, item_ids: list[str]) -> tuple[list[Item], np.ndarray]:
         """The live items and vectors of the ids (called under the lock)."""
-        rows, items = [], []
-        for item_id in item_ids:
-            row = self.store.row(item_id)
-            item = None if row is None else self.store.item_at(row)
-            if row is not None and item is not None:
-                rows.append(row)
-                items.append(item)
-        return items, self.store.vectors_at(rows)
-
-    def _add(self, items: Sequence[Item], vectors: np.ndarray) -> None:
-        self.store.upsert(items, vectors)
-        self.index.add(vectors)
+        found, _ = self.catalog.get(item_ids)
+        vectors = [vector for _, vector in found]
+        matrix = np.stack(vectors) if vectors else np.zeros((0, self.catalog.dimension), np.float32)
+        return [item for item, _ in found], matrix
 
     def info(self) -> dict[str, Any]:
+        backend = self.catalog.info()
         return {
-            "size": len(self.store),
-            "dimension": self.store.dimension,
+            "size": len(self.catalog),
+            "dimension": self.catalog.dimension,
             "bundle_version": self.version,
-            "index_factory": self.index.factory,
-            "device": self.index.device,
+            "index_factory": backend["index_factory"],
+            "device": backend["device"],
             "encoder": self.encoder.name,
             "pooling": self.encoder.pooling,
             "change_log": self.log.name if self.log is not None else "",

@@ -19,6 +19,7 @@ from recsys.core.live import LiveVersions
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_service.backends import MilvusTarget
 from retrieval_service.changelog import ChangeLog
 from retrieval_service.retriever import HistoryWeights, Retriever
 
@@ -169,9 +170,21 @@ async def _close_retriever(retriever: Retriever) -> None:
     retriever.close()
 
 
+def milvus_target(settings: Settings) -> MilvusTarget | None:
+    """Where the Milvus backend keeps bundle versions (None: the embedded FAISS index)."""
+    if settings.retrieval_backend != "milvus":
+        return None
+    return MilvusTarget(
+        settings.milvus_uri,
+        settings.milvus_token_file,
+        settings.milvus_collection_prefix,
+        settings.milvus_index_type,
+    )
+
+
 def observe(live: Retriever) -> int:
     """Exports the live version's size and change log position; returns the size."""
-    size = len(live.store)
+    size = len(live.catalog)
     metrics.INDEX_ITEMS.set(size)
     metrics.CHANGE_LOG_APPLIED.set(live.position)
     return size
@@ -212,6 +225,7 @@ class RetrievalService:
             history,
             self.settings.journal_compact_records,
             self.change_log,
+            milvus_target(self.settings),
         )
         self.servicer.live.switch(bundle.version, retriever)
         observe(retriever)

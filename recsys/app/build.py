@@ -346,12 +346,13 @@ def validation_queries(validation: pd.DataFrame) -> list[tuple[str, Sequence[str
 def _staged_retriever(inputs: BuildInputs, retrieval: Any, stage: Path) -> Any:
     """A Retriever over the version being built (offline: no journal)."""
     from recsys.app.ingest import catalog_items
+    from retrieval_service.backends import FaissCatalog
     from retrieval_service.catalog import ItemStore
     from retrieval_service.retriever import Retriever
 
     vectors = np.load(stage / bundle_files.EMBEDDINGS)
     store = ItemStore(catalog_items(inputs.catalog), vectors)
-    return Retriever(retrieval.encoder, retrieval.index, store, None, "staging")
+    return Retriever(retrieval.encoder, FaissCatalog(store, retrieval.index), None, "staging")
 
 
 def _offline_ranker(cf: Any, fusion: Any) -> Any:

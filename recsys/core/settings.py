@@ -140,6 +140,31 @@ class Settings(BaseSettings):
         description="Replicas read the change log this often besides when notified of a change "
         "(a notification lost while reconnecting delays a change at most this long).",
     )
+    retrieval_backend: Literal["faiss", "milvus"] = Field(
+        "faiss",
+        description="Where retrieval keeps each bundle version's items and vectors: faiss (in "
+        "this process's memory or GPU) or milvus (a Milvus cluster: sharded, replicated; "
+        "replicas hold no catalog state).",
+    )
+    milvus_uri: str = Field(
+        "",
+        description="Milvus endpoint (http://HOST:19530) for retrieval_backend=milvus, or a Milvus "
+        "Lite file (*.db, one process only).",
+    )
+    milvus_token_file: Path | None = Field(
+        None, description="File holding the Milvus token (USER:PASSWORD or an API key)."
+    )
+    milvus_collection_prefix: str = Field(
+        "recsys",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Each bundle version lives in collection PREFIX_<version>, filled from the "
+        "bundle by the first replica that opens it.",
+    )
+    milvus_index_type: str = Field(
+        "AUTOINDEX",
+        description="Milvus vector index of new collections (AUTOINDEX, HNSW, IVF_FLAT, FLAT, "
+        "GPU_CAGRA, ...).",
+    )
     journal_compact_records: int = Field(
         5000,
         ge=1,
@@ -217,6 +242,12 @@ class Settings(BaseSettings):
         """The built-in defaults with `values`, ignoring RECSYS_* variables: offline jobs (build,
         evaluation) take their inputs from their options, never from the environment."""
         return cls.model_construct(**values)
+
+    @model_validator(mode="after")
+    def _milvus_needs_a_uri(self) -> Settings:
+        if self.retrieval_backend == "milvus" and not self.milvus_uri:
+            raise ValueError("milvus_uri: required with retrieval_backend=milvus")
+        return self
 
     def state_path(self) -> Path:
         """Directory of retrieval's durable online changes (snapshot and journal)."""

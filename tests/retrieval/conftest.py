@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pandas as pd
 import pytest
 
 from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
+from retrieval_service.backends import MilvusTarget
 from retrieval_service.encoder import Pooling, TextEncoder, default_encoder_dir
 
 TITLES = [
@@ -93,3 +95,22 @@ def write_retrieval_version(
         write_manifest(stage, {"version": version, **built.manifest})
     publish(root, version)
     return Bundle.open(root, version)
+
+
+@pytest.fixture(scope="session")
+def milvus_db(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A Milvus Lite file for the session (one process opens it; collections keep tests apart)."""
+    pytest.importorskip("milvus_lite", reason="Milvus Lite comes with the milvus-lite extra")
+    return str(tmp_path_factory.mktemp("milvus") / "retrieval.db")
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def backend(request: pytest.FixtureRequest) -> MilvusTarget | None:
+    """The catalog backend a test runs on: embedded FAISS (None), then Milvus Lite with a
+    collection prefix of the test's own, as `retrieval_backend=milvus` would serve."""
+    if request.param == "faiss":
+        return None
+    prefix = f"t{uuid.uuid4().hex[:12]}"
+    return MilvusTarget(
+        request.getfixturevalue("milvus_db"), collection_prefix=prefix, index_type="FLAT"
+    )

@@ -388,6 +388,8 @@ def test_info_names_the_collection_without_credentials(
 ) -> None:
     catalog, _, _ = loaded
     assert catalog.info() == {
+        "index_factory": f"milvus FLAT catalog at {db}",
+        "device": "milvus",
         "backend": "milvus",
         "uri": db,
         "collection": "catalog",

@@ -11,6 +11,7 @@ import pytest
 from recsys.app.ingest import catalog_items
 from recsys.app.movielens import read_movielens
 from recsys.core.domain import SearchQuery
+from retrieval_service.backends import FaissCatalog
 from retrieval_service.catalog import ItemStore
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
@@ -32,7 +33,7 @@ def test_own_title_is_the_first_hit(
 ) -> None:
     items, vectors = movielens_items
     index = VectorIndex.build(vectors, factory, device="cpu")
-    retriever = Retriever(encoder, index, ItemStore(items, vectors), None, "test")
+    retriever = Retriever(encoder, FaissCatalog(ItemStore(items, vectors), index), None, "test")
     picked = random.Random(0).sample(items, SAMPLE)
     hits = sum(
         retriever.search(SearchQuery(top_k=1, text=item.title))[0][0].item_id == item.item_id

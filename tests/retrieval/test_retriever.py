@@ -8,26 +8,25 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
 from recsys.core.errors import InvalidInput
-from retrieval_service.catalog import ItemStore
+from retrieval_service.backends import MilvusTarget
 from retrieval_service.encoder import TextEncoder
-from retrieval_service.index import VectorIndex
 from retrieval_service.retriever import HistoryWeights, Retriever
-from retrieval_service.state import Journal, OnlineState
+from retrieval_service.state import Journal
+from tests.retrieval.conftest import write_retrieval_version
+
+
+@pytest.fixture(scope="module")
+def v1(catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
+    return write_retrieval_version(tmp_path_factory.mktemp("bundle"), catalog, "v1")
 
 
 def make_retriever(
-    encoder: TextEncoder, catalog: pd.DataFrame, state: OnlineState | None
+    bundle: Bundle, backend: MilvusTarget | None, state_dir: Path | None = None
 ) -> Retriever:
-    items = [
-        Item(r.item_id, r.title, r.description, r.category) for r in catalog.itertuples(index=False)
-    ]
-    vectors = encoder.encode([i.text() for i in items])
-    index = VectorIndex.build(vectors, "Flat", device="cpu")
-    retriever = Retriever(encoder, index, ItemStore(items, vectors), state, "v-test")
-    retriever._replay()
-    return retriever
+    return Retriever.load(bundle, state_dir, device="cpu", compact_records=100, milvus=backend)
 
 
 def ids(retriever: Retriever, **query: object) -> list[str]:
@@ -36,9 +35,9 @@ def ids(retriever: Retriever, **query: object) -> list[str]:
 
 
 def test_text_search_finds_the_item_and_filters_apply(
-    encoder: TextEncoder, catalog: pd.DataFrame
+    v1: Bundle, catalog: pd.DataFrame, backend: MilvusTarget | None
 ) -> None:
-    retriever = make_retriever(encoder, catalog, None)
+    retriever = make_retriever(v1, backend)
     assert ids(retriever, top_k=3, text="Espresso machine")[0] == "item-004"
     kitchen = ids(retriever, top_k=3, text="Espresso machine", categories=frozenset({"Books"}))
     assert all(catalog.set_index("item_id").loc[i, "category"] == "Books" for i in kitchen)
@@ -49,9 +48,9 @@ def test_text_search_finds_the_item_and_filters_apply(
 
 
 def test_history_vector_is_recency_weighted_and_unknown_ids_are_reported(
-    encoder: TextEncoder, catalog: pd.DataFrame
+    v1: Bundle, catalog: pd.DataFrame, backend: MilvusTarget | None
 ) -> None:
-    retriever = make_retriever(encoder, catalog, None)
+    retriever = make_retriever(v1, backend)
     retriever.history = HistoryWeights(half_life=1.0)
     history = ("item-005", "item-006", "item-013", "item-014")  # knife, skillet, two books
     categories = catalog.set_index("item_id")["category"]
@@ -71,9 +70,9 @@ def test_history_vector_is_recency_weighted_and_unknown_ids_are_reported(
 
 
 def test_query_needs_something_and_vectors_need_the_right_dimension(
-    encoder: TextEncoder, catalog: pd.DataFrame
+    v1: Bundle, encoder: TextEncoder, backend: MilvusTarget | None
 ) -> None:
-    retriever = make_retriever(encoder, catalog, None)
+    retriever = make_retriever(v1, backend)
     with pytest.raises(InvalidInput, match="query"):
         retriever.search(SearchQuery(top_k=3, history_item_ids=("unknown",)))
     with pytest.raises(InvalidInput, match="query_vector"):
@@ -83,9 +82,9 @@ def test_query_needs_something_and_vectors_need_the_right_dimension(
 
 
 def test_upserts_and_deletes_survive_a_reload_through_the_journal(
-    encoder: TextEncoder, catalog: pd.DataFrame, tmp_path: Path
+    v1: Bundle, catalog: pd.DataFrame, tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    retriever = make_retriever(encoder, catalog, OnlineState(tmp_path, "test-encoder", 100))
+    retriever = make_retriever(v1, backend, tmp_path)
     new = Item("new-1", "Telescope for stargazing", "Refractor, 70 mm aperture.", "Outdoors")
     replaced = Item("item-018", "Floor lamp", "Tall arc lamp.", "Home")
     size = retriever.upsert([new, replaced])
@@ -94,10 +93,10 @@ def test_upserts_and_deletes_survive_a_reload_through_the_journal(
     assert ids(retriever, top_k=1, text="Telescope for stargazing") == ["new-1"]
     retriever.close()
 
-    reloaded = make_retriever(encoder, catalog, OnlineState(tmp_path, "test-encoder", 100))
-    assert len(reloaded.store) == len(catalog)  # +1 new, -1 deleted, replaced in place
+    reloaded = make_retriever(v1, backend, tmp_path)
+    assert len(reloaded.catalog) == len(catalog)  # +1 new, -1 deleted, replaced in place
     assert ids(reloaded, top_k=1, text="Telescope for stargazing") == ["new-1"]
-    assert reloaded.store.get("item-018") == replaced
+    assert reloaded.get_items(["item-018"])[0][0][0] == replaced
     assert "item-019" not in ids(reloaded, top_k=len(catalog), text="Scented candle")
     found, missing = reloaded.get_items(["item-018", "item-019"])
     assert [i.item_id for i, _ in found] == ["item-018"] and missing == ["item-019"]

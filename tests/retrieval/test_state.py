@@ -14,6 +14,7 @@ import pytest
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
 from recsys.core.errors import InvalidInput
+from retrieval_service.backends import MilvusTarget
 from retrieval_service.retriever import Retriever
 from retrieval_service.state import (
     SNAPSHOT,
@@ -44,8 +45,15 @@ def versions(catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) ->
     }
 
 
-def load(bundle: Bundle, state_dir: Path, compact_records: int = 1000) -> Retriever:
-    return Retriever.load(bundle, state_dir, device="cpu", compact_records=compact_records)
+def load(
+    bundle: Bundle,
+    state_dir: Path,
+    compact_records: int = 1000,
+    backend: MilvusTarget | None = None,
+) -> Retriever:
+    return Retriever.load(
+        bundle, state_dir, device="cpu", compact_records=compact_records, milvus=backend
+    )
 
 
 def top(retriever: Retriever, text: str, k: int = 1) -> list[str]:
@@ -60,9 +68,9 @@ def state_of(retriever: Retriever, item_ids: list[str]) -> dict[str, Item | None
 
 
 def test_replay_uses_the_journaled_vectors_when_the_encoder_is_the_same(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    retriever = load(versions["v1"], tmp_path)
+    retriever = load(versions["v1"], tmp_path, backend=backend)
     retriever.upsert([TELESCOPE])
     retriever.upsert([FLOOR_LAMP])
     retriever.upsert([KAYAK])
@@ -72,7 +80,7 @@ def test_replay_uses_the_journaled_vectors_when_the_encoder_is_the_same(
     }
     retriever.close()
 
-    reloaded = load(versions["v1"], tmp_path)
+    reloaded = load(versions["v1"], tmp_path, backend=backend)
     assert reloaded.replayed.encoded == 0  # not one text went through the encoder
     assert reloaded.replayed.stored_vectors == 2 and reloaded.replayed.deletes == 1
     assert reloaded.replayed.journal_records == 4
@@ -84,15 +92,15 @@ def test_replay_uses_the_journaled_vectors_when_the_encoder_is_the_same(
 
 
 def test_another_encoder_re_encodes_the_changes_and_stores_its_own_vectors(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
     assert encoder_identity(versions["v1"].manifest) == encoder_identity(versions["v2"].manifest)
     assert encoder_identity(versions["v1"].manifest) != encoder_identity(versions["v3"].manifest)
-    retriever = load(versions["v1"], tmp_path)
+    retriever = load(versions["v1"], tmp_path, backend=backend)
     retriever.upsert([TELESCOPE, FLOOR_LAMP])
     retriever.close()
 
-    other = load(versions["v3"], tmp_path)
+    other = load(versions["v3"], tmp_path, backend=backend)
     assert other.replayed.encoded == 2 and other.replayed.stored_vectors == 0
     expected = other.encoder.encode([TELESCOPE.text(), FLOOR_LAMP.text()])
     vectors = [vector for _, vector in other.get_items(["new-1", "item-018"])[0]]
@@ -100,20 +108,22 @@ def test_another_encoder_re_encodes_the_changes_and_stores_its_own_vectors(
     assert top(other, "Telescope for stargazing") == ["new-1"]
     other.close()
     # The re-encoded vectors went into a snapshot: the next start under v3 encodes nothing.
-    again = load(versions["v3"], tmp_path)
+    again = load(versions["v3"], tmp_path, backend=backend)
     assert again.replayed.encoded == 0 and again.replayed.stored_vectors == 2
     again.close()
 
 
 def test_a_newer_bundle_version_keeps_the_changes_made_under_the_older_one(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    old = load(versions["v1"], tmp_path)
+    old = load(versions["v1"], tmp_path, backend=backend)
     old.upsert([TELESCOPE, FLOOR_LAMP])
     assert old.delete(["item-019"]) == (["item-019"], [])
     old.close()
 
-    new = load(versions["v2"], tmp_path)  # its catalog still holds item-019 and the desk lamp
+    new = load(
+        versions["v2"], tmp_path, backend=backend
+    )  # its catalog still holds item-019 and the desk lamp
     assert new.version == "v2" and new.replayed.encoded == 0
     assert top(new, "Telescope for stargazing") == ["new-1"]
     assert state_of(new, ["new-1", "item-018", "item-019"]) == {
@@ -126,14 +136,14 @@ def test_a_newer_bundle_version_keeps_the_changes_made_under_the_older_one(
     renamed = state_of(new, ["item-000", "item-005"])
     assert renamed["item-000"] is None and renamed["item-005"] is not None
     assert renamed["item-005"].title == "Santoku knife"
-    assert len(new.store) == 23 + 1 - 1  # v2's 23 items, + telescope, - item-019
+    assert len(new.catalog) == 23 + 1 - 1  # v2's 23 items, + telescope, - item-019
     new.close()
 
 
 def test_compaction_keeps_every_acknowledged_change_and_no_deleted_item_returns(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    retriever = load(versions["v1"], tmp_path, compact_records=3)
+    retriever = load(versions["v1"], tmp_path, compact_records=3, backend=backend)
     expected: dict[str, Item | None] = {}
     for n in range(12):  # one-item changes; compaction after every third record
         item = Item(f"c-{n % 5}", f"Compaction probe {n} lantern", category="Outdoors")
@@ -148,7 +158,7 @@ def test_compaction_keeps_every_acknowledged_change_and_no_deleted_item_returns(
     assert len(segments(tmp_path)) == 1  # compacted segments are gone
     retriever.close()
 
-    reloaded = load(versions["v1"], tmp_path, compact_records=3)
+    reloaded = load(versions["v1"], tmp_path, compact_records=3, backend=backend)
     assert reloaded.replayed.journal_records < 3  # start-up read the snapshot, not the history
     assert reloaded.replayed.encoded == 0
     assert state_of(reloaded, list(expected)) == expected
@@ -158,10 +168,10 @@ def test_compaction_keeps_every_acknowledged_change_and_no_deleted_item_returns(
 
 
 def test_a_crash_between_the_snapshot_and_the_journal_removal_loses_and_revives_nothing(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
     state_dir = tmp_path / "state"
-    retriever = load(versions["v1"], state_dir)
+    retriever = load(versions["v1"], state_dir, backend=backend)
     retriever.upsert([TELESCOPE])
     retriever.upsert([KAYAK])
     retriever.delete(["new-1", "item-003"])
@@ -174,7 +184,7 @@ def test_a_crash_between_the_snapshot_and_the_journal_removal_loses_and_revives_
         (state_dir / name).write_bytes(data)
     assert len(segments(state_dir)) == 2
 
-    reloaded = load(versions["v1"], state_dir)
+    reloaded = load(versions["v1"], state_dir, backend=backend)
     assert reloaded.replayed.journal_records == 1  # the old segments were skipped
     assert state_of(reloaded, ["new-1", "new-2", "item-003"]) == dict.fromkeys(
         ["new-1", "new-2", "item-003"]
@@ -185,10 +195,10 @@ def test_a_crash_between_the_snapshot_and_the_journal_removal_loses_and_revives_
 
 
 def test_a_crash_before_the_snapshot_rename_keeps_the_journal_in_force(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
     state_dir = tmp_path / "state"
-    retriever = load(versions["v1"], state_dir)
+    retriever = load(versions["v1"], state_dir, backend=backend)
     retriever.upsert([TELESCOPE, KAYAK])
     retriever.delete(["new-2"])
     retriever.close()
@@ -198,7 +208,7 @@ def test_a_crash_before_the_snapshot_rename_keeps_the_journal_in_force(
         fh.write('{"op": "upsert", "items": [{"item_id": "torn"')
     (state_dir / ".snapshot.abc123.tmp").write_bytes(b"PK\x03\x04 half a zip")
 
-    reloaded = load(versions["v1"], state_dir)
+    reloaded = load(versions["v1"], state_dir, backend=backend)
     assert state_of(reloaded, ["new-1", "new-2", "torn"]) == {
         "new-1": TELESCOPE,
         "new-2": None,
@@ -207,13 +217,13 @@ def test_a_crash_before_the_snapshot_rename_keeps_the_journal_in_force(
     assert not list(state_dir.glob(".snapshot.*"))
     reloaded.upsert([FLOOR_LAMP])  # appended after the torn record was cut
     reloaded.close()
-    again = load(versions["v1"], state_dir)
+    again = load(versions["v1"], state_dir, backend=backend)
     assert state_of(again, ["new-1", "item-018"]) == {"new-1": TELESCOPE, "item-018": FLOOR_LAMP}
     again.close()
 
 
 def test_an_old_per_version_journal_is_migrated_into_the_shared_state(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
     old = legacy_journal(tmp_path, "v1")
     records = [
@@ -225,7 +235,7 @@ def test_an_old_per_version_journal_is_migrated_into_the_shared_state(
     other = legacy_journal(tmp_path, "v0")  # an older version's: lost before, left alone now
     other.write_text(json.dumps({"op": "delete", "item_ids": ["item-001"]}) + "\n")
 
-    retriever = load(versions["v1"], tmp_path)
+    retriever = load(versions["v1"], tmp_path, backend=backend)
     assert retriever.replayed.encoded == 2  # the old format has no vectors
     expected = {"new-1": TELESCOPE, "new-2": None, "item-018": FLOOR_LAMP, "item-019": None}
     assert state_of(retriever, list(expected)) == expected
@@ -234,7 +244,7 @@ def test_an_old_per_version_journal_is_migrated_into_the_shared_state(
     assert other.exists() and (tmp_path / SNAPSHOT).is_file()
     retriever.close()
 
-    newer = load(versions["v2"], tmp_path)
+    newer = load(versions["v2"], tmp_path, backend=backend)
     assert newer.replayed.encoded == 0
     assert state_of(newer, list(expected)) == expected
     newer.close()
@@ -269,14 +279,14 @@ def test_one_state_dir_has_one_writer(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_and_its_tail_apply_over_a_newer_version(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    retriever = load(versions["v1"], tmp_path, compact_records=2)
+    retriever = load(versions["v1"], tmp_path, compact_records=2, backend=backend)
     retriever.upsert([TELESCOPE])
     retriever.upsert([KAYAK])  # the second record: compacted
     retriever.delete(["item-019"])  # the tail
     retriever.close()
-    newer = load(versions["v2"], tmp_path)
+    newer = load(versions["v2"], tmp_path, backend=backend)
     assert newer.replayed.journal_records == 1 and newer.replayed.encoded == 0
     assert state_of(newer, ["new-1", "new-2", "item-019"]) == {
         "new-1": TELESCOPE,

@@ -15,6 +15,7 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
 from recsys.core.errors import InvalidInput
 from retrieval_service import retriever as retriever_module
+from retrieval_service.backends import MilvusTarget
 from retrieval_service.retriever import Retriever
 from retrieval_service.state import Changes, read_changes
 from tests.retrieval.conftest import write_retrieval_version
@@ -78,9 +79,9 @@ def swap_under_writes(old: Retriever, bundle: Bundle) -> tuple[Retriever, Writer
 
 @pytest.mark.parametrize("version", ["v2", "v3"], ids=["same encoder", "another encoder"])
 def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_dir(
-    versions: dict[str, Bundle], tmp_path: Path, version: str
+    versions: dict[str, Bundle], tmp_path: Path, version: str, backend: MilvusTarget | None
 ) -> None:
-    old = load(versions["v1"], tmp_path)
+    old = load(versions["v1"], tmp_path, backend=backend)
     old.upsert([TELESCOPE])
     old.delete(["item-019"])
 
@@ -102,7 +103,7 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
     new.upsert([Item("after-1", "Garden gnome", "", "Garden")])
     old.close()
     new.close()
-    again = load(versions[version], tmp_path)
+    again = load(versions[version], tmp_path, backend=backend)
     assert again.replayed.encoded == 0  # another encoder's vectors were snapshotted at the swap
     found, missing = again.get_items(sorted(live | gone | {"after-1"}))
     assert {item.item_id for item, _ in found} == live | {"after-1"}
@@ -112,11 +113,15 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
 
 @pytest.mark.parametrize("version", ["v2", "v3"], ids=["same encoder", "another encoder"])
 def test_changes_acknowledged_after_the_state_dir_was_read_are_carried_over(
-    versions: dict[str, Bundle], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, version: str
+    versions: dict[str, Bundle],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    version: str,
+    backend: MilvusTarget | None,
 ) -> None:
     """The window the journal read cannot see: writes right after it reach the successor
     through the record of changes the old version keeps while it loads."""
-    old = load(versions["v1"], tmp_path)
+    old = load(versions["v1"], tmp_path, backend=backend)
     late = Item("late-2", "Late telescope", "Arrived after the read.", "Outdoors")
 
     def read_then_write(directory: Path) -> Changes:
@@ -140,9 +145,9 @@ def test_changes_acknowledged_after_the_state_dir_was_read_are_carried_over(
 
 
 def test_a_version_that_fails_to_load_leaves_the_live_one_writing(
-    versions: dict[str, Bundle], tmp_path: Path
+    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
 ) -> None:
-    old = load(versions["v1"], tmp_path)
+    old = load(versions["v1"], tmp_path, backend=backend)
     broken = Bundle(versions["v1"].root, "v1", {"encoder": {"pooling": "mean"}})  # no index
     with pytest.raises((KeyError, InvalidInput, OSError, RuntimeError)):
         old.successor(broken, device="cpu")
@@ -151,6 +156,6 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_writing(
     assert state_of(old, ["new-1"]) == {"new-1": TELESCOPE}
     old.close()
     # The state dir is free again and holds the change.
-    again = load(versions["v1"], tmp_path)
+    again = load(versions["v1"], tmp_path, backend=backend)
     assert state_of(again, ["new-1"]) == {"new-1": TELESCOPE}
     again.close()

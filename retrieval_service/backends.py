@@ -1,0 +1,200 @@
+"""Where a bundle version's items and vectors live while it serves: the embedded FAISS index
+(default: in this process's memory, or on its GPU) or Milvus (a distributed engine: replicas
+hold no catalog state). The Retriever talks to either through `CatalogBackend`."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Item
+from recsys.core.errors import InvalidInput
+from retrieval_service.catalog import ItemStore, load_catalog_items
+from retrieval_service.index import VectorIndex
+
+# (item, inner product with the query, its vector when asked for) per hit, best first.
+Found = list[tuple[Item, float, np.ndarray | None]]
+
+
+class CatalogBackend(Protocol):
+    """A bundle version's live items and vectors: filtered nearest-neighbour search, lookups by
+    id and online upserts/deletes. Thread-safe."""
+
+    @property
+    def dimension(self) -> int: ...
+
+    def __len__(self) -> int: ...
+
+    def search(
+        self,
+        vector: np.ndarray,
+        top_k: int,
+        exclude: frozenset[str] = frozenset(),
+        categories: frozenset[str] = frozenset(),
+        with_vectors: bool = False,
+    ) -> Found: ...
+
+    def get(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]: ...
+
+    def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> None: ...
+
+    def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]: ...
+
+    def info(self) -> dict[str, Any]:
+        """At least `index_factory` and `device`, as GetIndexInfo reports them."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MilvusTarget:
+    """Where the Milvus backend keeps each bundle version: collection PREFIX_<version>."""
+
+    uri: str
+    token_file: Path | None = None
+    collection_prefix: str = "recsys"
+    index_type: str = "AUTOINDEX"
+
+    def collection(self, version: str) -> str:
+        return f"{self.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', version)}"
+
+    def token(self) -> str:
+        if self.token_file is None:
+            return ""
+        try:
+            return self.token_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput(f"milvus_token_file {self.token_file}: {exc.strerror}") from None
+
+
+class FaissCatalog:
+    """The embedded backend: an ItemStore (items and vectors by row) and a FAISS index over the
+    same rows; replaced or deleted rows stay in the index as tombstones and are filtered out."""
+
+    def __init__(self, store: ItemStore, index: VectorIndex) -> None:
+        self.store = store
+        self.index = index
+        # FAISS add() and search() must not overlap.
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, bundle: Bundle, device: str) -> FaissCatalog:
+        manifest = bundle.manifest
+        index = VectorIndex.load(
+            bundle.file(bundle_files.INDEX),
+            factory=manifest["index"]["factory"],
+            device=device,
+            nprobe=manifest["index"].get("nprobe", 16),
+        )
+        items = load_catalog_items(bundle.file(bundle_files.CATALOG))
+        return cls(ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS))), index)
+
+    @property
+    def dimension(self) -> int:
+        return self.store.dimension
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def search(
+        self,
+        vector: np.ndarray,
+        top_k: int,
+        exclude: frozenset[str] = frozenset(),
+        categories: frozenset[str] = frozenset(),
+        with_vectors: bool = False,
+    ) -> Found:
+        with self._lock:
+            total = self.index.ntotal
+            # Over-fetch, then filter tombstones, exclusions and categories; widen until full.
+            fetch = min(total, max(2 * top_k, top_k + len(exclude) + 16))
+            while True:
+                scores, rows = self.index.search(vector[None, :], fetch)
+                found = self._filter(scores[0], rows[0], exclude, categories, with_vectors)
+                if len(found) >= top_k or fetch >= total:
+                    return found[:top_k]
+                fetch = min(total, fetch * 4)
+
+    def _filter(
+        self,
+        scores: np.ndarray,
+        rows: np.ndarray,
+        exclude: frozenset[str],
+        categories: frozenset[str],
+        with_vectors: bool,
+    ) -> Found:
+        found: Found = []
+        for score, row in zip(scores, rows, strict=True):
+            item = self.store.item_at(int(row)) if row >= 0 else None
+            if item is None or item.item_id in exclude:
+                continue
+            if categories and item.category not in categories:
+                continue
+            vector = self.store.vector_at(int(row)).copy() if with_vectors else None
+            found.append((item, float(score), vector))
+        return found
+
+    def get(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]:
+        found, missing = [], []
+        with self._lock:
+            for item_id in item_ids:
+                row = self.store.row(item_id)
+                item = None if row is None else self.store.item_at(row)
+                if row is None or item is None:
+                    missing.append(item_id)
+                else:
+                    found.append((item, self.store.vector_at(row).copy()))
+        return found, missing
+
+    def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> None:
+        with self._lock:
+            self.store.upsert(items, vectors)
+            self.index.add(vectors)
+
+    def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        with self._lock:
+            return self.store.delete(item_ids)
+
+    def info(self) -> dict[str, Any]:
+        return {"index_factory": self.index.factory, "device": self.index.device}
+
+    def close(self) -> None:
+        """Nothing to release: the memory goes with the object."""
+
+
+def open_backend(bundle: Bundle, device: str, milvus: MilvusTarget | None) -> CatalogBackend:
+    """The bundle version's catalog in FAISS, or in its Milvus collection (filled from the
+    bundle by the first replica that opens it)."""
+    if milvus is None:
+        return FaissCatalog.open(bundle, device)
+    try:
+        from retrieval_service.milvus import MilvusCatalog
+    except ImportError:
+        raise InvalidInput(
+            "retrieval_backend milvus: pymilvus is not installed (pip install 'recsys[milvus]')"
+        ) from None
+    catalog = MilvusCatalog.connect(
+        milvus.uri,
+        milvus.collection(bundle.version),
+        int(bundle.manifest["encoder"]["dimension"]),
+        token=milvus.token(),
+        index_type=milvus.index_type,
+    )
+    try:
+        if catalog.loaded_from() != bundle.version:
+            items = load_catalog_items(bundle.file(bundle_files.CATALOG))
+            catalog.load(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
+            catalog.mark_loaded(bundle.version)
+    except BaseException:
+        catalog.close()
+        raise
+    return catalog
