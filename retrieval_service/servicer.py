@@ -146,7 +146,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         with self.live.use() as loaded:
             items = upsert_items(request, self.settings)
             size = await asyncio.to_thread(loaded.value.upsert, items)
-        observe(self.live.pick().value)
+        await asyncio.to_thread(observe, self.live.pick().value)
         return retrieval_pb2.UpsertItemsResponse(upserted=len(items), index_size=size)
 
     async def DeleteItems(
@@ -155,7 +155,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         with self.live.use() as loaded:
             ids = item_ids(request.item_ids, "item_ids", self.settings.max_upsert_items)
             deleted, missing = await asyncio.to_thread(loaded.value.delete, ids)
-        size = observe(self.live.pick().value)  # the live version's, should it have switched
+        # The live version's size, should it have switched meanwhile.
+        size = await asyncio.to_thread(observe, self.live.pick().value)
         return retrieval_pb2.DeleteItemsResponse(
             deleted=len(deleted), missing_item_ids=missing, index_size=size
         )
@@ -163,7 +164,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def GetIndexInfo(
         self, request: retrieval_pb2.GetIndexInfoRequest, context: grpc.aio.ServicerContext
     ) -> retrieval_pb2.GetIndexInfoResponse:
-        return retrieval_pb2.GetIndexInfoResponse(**self.live.pick().value.info())
+        info = await asyncio.to_thread(self.live.pick().value.info)  # Milvus: a count query
+        return retrieval_pb2.GetIndexInfoResponse(**info)
 
 
 async def _close_retriever(retriever: Retriever) -> None:
@@ -183,7 +185,8 @@ def milvus_target(settings: Settings) -> MilvusTarget | None:
 
 
 def observe(live: Retriever) -> int:
-    """Exports the live version's size and change log position; returns the size."""
+    """Exports the live version's size and change log position; returns the size (blocking:
+    with Milvus a count query)."""
     size = len(live.catalog)
     metrics.INDEX_ITEMS.set(size)
     metrics.CHANGE_LOG_APPLIED.set(live.position)
@@ -228,7 +231,7 @@ class RetrievalService:
             milvus_target(self.settings),
         )
         self.servicer.live.switch(bundle.version, retriever)
-        observe(retriever)
+        await asyncio.to_thread(observe, retriever)
         if self.change_log is not None:
             log.info(
                 "retrieval follows change log %s from position %d",
@@ -271,7 +274,7 @@ class RetrievalService:
                 log.info("retrieval: change log %s can be read again", change_log.name)
             failing = False
             metrics.CHANGE_LOG_HEAD.set(head)
-            observe(self.servicer.live.pick().value)
+            await self._in_log_thread(observe, self.servicer.live.pick().value)
 
     async def _in_log_thread(self, work: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._log_thread, work, *args)
@@ -284,7 +287,7 @@ class RetrievalService:
         live = self.servicer.live.pick().value
         retriever = await asyncio.to_thread(live.successor, bundle, self.settings.device)
         self.servicer.live.switch(version, retriever)
-        observe(retriever)
+        await asyncio.to_thread(observe, retriever)
 
     async def close(self) -> None:
         if self._follower is not None:
