@@ -21,7 +21,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = REPO_ROOT / "deploy"
-OVERLAYS = ("cpu", "gpu", "mtls")
+OVERLAYS = ("cpu", "gpu", "mtls", "shared-log", "milvus")
 DASHBOARD = DEPLOY / "grafana" / "recsys-dashboard.json"
 RULES = DEPLOY / "prometheus" / "prometheusrule.yaml"
 SCHEMAS = DEPLOY / "schemas"
@@ -52,6 +52,10 @@ EXPORTED_METRICS: dict[str, str] = {
     "recsys_ranking_inference_seconds": "histogram",
     # retrieval
     "recsys_index_items": "gauge",
+    # the shared catalog change log (0 on the local journal): positions and failed reads
+    "recsys_change_log_applied_position": "gauge",
+    "recsys_change_log_head_position": "gauge",
+    "recsys_change_log_errors_total": "counter",
     # any server that takes writes (retrieval): accepted UpsertItems/DeleteItems by caller
     "recsys_writes_total": "counter",
 }

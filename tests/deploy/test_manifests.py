@@ -8,6 +8,7 @@ import re
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import kubernetes_validate
@@ -42,6 +43,11 @@ CERT_MANAGER_GROUP = "cert-manager.io/"
 CRD_SCHEMAS = {"PodMonitor": "podmonitor.json", "PrometheusRule": "prometheusrule.json"}
 CERT_MANAGER_SCHEMAS = {"Certificate": "certificate.json", "Issuer": "issuer.json"}
 GPU = "nvidia.com/gpu"
+CHANGE_LOG_SECRET = "recsys-change-log"
+MILVUS_SECRET = "recsys-milvus"
+POSTGRES_PORT = 5432
+MILVUS_PORT = 19530
+DNS_PORT = 53
 
 
 def find(objects: Objects, kind: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -88,6 +94,35 @@ def setting_default(name: str) -> Any:
 
 def labels_match(selector: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(k) == v for k, v in selector.items())
+
+
+def secret_env(c: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    """The container's variables set from Secrets: name -> (Secret, key)."""
+    return {
+        var["name"]: (ref["name"], ref["key"])
+        for var in c.get("env", [])
+        if (ref := var.get("valueFrom", {}).get("secretKeyRef"))
+    }
+
+
+def shared_log(objects: Objects) -> bool:
+    """Whether retrieval follows the shared change log (its URL comes from a Secret)."""
+    return "RECSYS_CHANGE_LOG_URL" in secret_env(container(objects, "retrieval"))
+
+
+def egress_ports(policy: dict[str, Any]) -> dict[int, list[dict[str, Any]]]:
+    """Port -> the peers the policy lets its pods reach on it."""
+    ports: dict[int, list[dict[str, Any]]] = {}
+    for rule in policy["spec"].get("egress", []):
+        for port in rule["ports"]:
+            ports.setdefault(port["port"], []).extend(rule["to"])
+    return ports
+
+
+def namespaces_of(peers: list[dict[str, Any]]) -> set[str]:
+    return {
+        peer["namespaceSelector"]["matchLabels"]["kubernetes.io/metadata.name"] for peer in peers
+    }
 
 
 # -- rendering and schemas ---------------------------------------------------------------------
@@ -243,7 +278,11 @@ def test_bundle_and_state_volumes(objects: Objects) -> None:
         assert bundle.get("readOnly") is True
         claim = volumes[bundle["name"]]["persistentVolumeClaim"]
         one(objects, "PersistentVolumeClaim", claim["claimName"])
-        if service == "retrieval":
+        if service == "retrieval" and shared_log(objects):
+            # The log is the one record of online changes: no per-pod journal to lose.
+            assert "RECSYS_STATE_DIR" not in env
+            assert "/state" not in mounts and "state" not in volumes
+        elif service == "retrieval":
             state = mounts[env["RECSYS_STATE_DIR"]]
             assert not state.get("readOnly", False)
             assert not env["RECSYS_STATE_DIR"].startswith(env["RECSYS_BUNDLE"])
@@ -285,16 +324,27 @@ def test_retrain_cronjob_writes_the_bundle_the_services_read(objects: Objects) -
         "PersistentVolumeClaim",
         volumes[data["name"]]["persistentVolumeClaim"]["claimName"],
     )
-    # The services' hardening, and no network at all.
+    # The services' hardening, and no network but the change log's database.
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
     assert c["securityContext"]["readOnlyRootFilesystem"] is True
     for path in ("/tmp", "/cache"):
         assert "emptyDir" in volumes[mounts[path]["name"]]
-    policy = one(objects, "NetworkPolicy", "retrain")["spec"]
-    assert labels_match(policy["podSelector"]["matchLabels"], job["template"]["metadata"]["labels"])
-    assert policy["policyTypes"] == ["Ingress", "Egress"]
-    assert not policy.get("ingress") and not policy.get("egress")
+    policy = one(objects, "NetworkPolicy", "retrain")
+    spec = policy["spec"]
+    assert labels_match(spec["podSelector"]["matchLabels"], job["template"]["metadata"]["labels"])
+    assert spec["policyTypes"] == ["Ingress", "Egress"]
+    assert not spec.get("ingress")
+    if not shared_log(objects):
+        assert args.change_log is None
+        assert not spec.get("egress")
+        return
+    # The replicas' log, folded in and its position recorded, read with their credentials.
+    retrieval_secrets = secret_env(container(objects, "retrieval"))
+    assert args.change_log == "$(RECSYS_CHANGE_LOG_URL)", "kubelet expands it from env"
+    assert secret_env(c)["RECSYS_CHANGE_LOG_URL"] == retrieval_secrets["RECSYS_CHANGE_LOG_URL"]
+    assert secret_env(c)["PGPASSWORD"] == retrieval_secrets["PGPASSWORD"]
+    assert set(egress_ports(policy)) == {POSTGRES_PORT, DNS_PORT}
 
 
 def test_gateway_dials_headless_services(objects: Objects) -> None:
@@ -371,9 +421,75 @@ def test_network_policies(objects: Objects) -> None:
             assert others == (
                 [{"recsys.io/catalog-writer": "true"}] if service == "retrieval" else []
             )
-            assert policy["spec"]["egress"] == []
+            _check_egress(objects, service, policy)
         metrics = _ingress_sources(policy, setting_default(facts.metrics_port_setting))
         assert metrics and all(peer and "namespaceSelector" in peer for peer in metrics)
+
+
+def _check_egress(objects: Objects, service: str, policy: dict[str, Any]) -> None:
+    """Retrieval and ranking reach nothing, except retrieval its change log's PostgreSQL and
+    its Milvus (each in its own namespace, on its port only) and DNS to find them."""
+    expected: set[int] = set()
+    if service == "retrieval" and shared_log(objects):
+        expected |= {POSTGRES_PORT, DNS_PORT}
+    settings = settings_of(objects, service)
+    if service == "retrieval" and settings.retrieval_backend == "milvus":
+        expected |= {MILVUS_PORT, DNS_PORT}
+    ports = egress_ports(policy)
+    assert set(ports) == expected, f"{service} egress {sorted(ports)}"
+    for port, peers in ports.items():
+        # Every rule names its peers: none opens a port to the whole network.
+        assert peers and all(set(p) == {"namespaceSelector"} for p in peers), (service, port)
+    if DNS_PORT in ports:
+        assert namespaces_of(ports[DNS_PORT]) == {"kube-system"}
+    if POSTGRES_PORT in ports:
+        assert "kube-system" not in namespaces_of(ports[POSTGRES_PORT])
+    if MILVUS_PORT in ports:
+        uri = urlsplit(settings.milvus_uri)
+        assert uri.port == MILVUS_PORT
+        host = uri.hostname or ""
+        match = re.fullmatch(r"[a-z0-9-]+\.([a-z0-9-]+)\.svc(\.cluster\.local)?", host)
+        assert match, f"RECSYS_MILVUS_URI {settings.milvus_uri}: a Service name"
+        assert namespaces_of(ports[MILVUS_PORT]) == {match[1]}, "egress reaches Milvus' namespace"
+
+
+def test_shared_change_log_comes_from_a_secret(overlay: str, objects: Objects) -> None:
+    """The log's URL and password from the Secret; no password in the environment or config."""
+    assert shared_log(objects) == (overlay in {"shared-log", "milvus"}), overlay
+    if not shared_log(objects):
+        return
+    c = container(objects, "retrieval")
+    secrets = secret_env(c)
+    assert secrets["RECSYS_CHANGE_LOG_URL"] == (CHANGE_LOG_SECRET, "url")
+    assert secrets["PGPASSWORD"] == (CHANGE_LOG_SECRET, "password")
+    assert not find(objects, "Secret"), "Secrets are created by hand, never committed"
+    env = env_of(objects, "retrieval")
+    assert not any("CHANGE_LOG_URL" in k for k in env), "the URL comes from the Secret only"
+    assert not any("PASSWORD" in k.upper() for k in env)
+    # The HPA may scale retrieval: every replica converges on the same log.
+    assert one(objects, "HorizontalPodAutoscaler", "retrieval")["spec"]["maxReplicas"] > 8
+
+
+def test_milvus_backend_settings_and_token(overlay: str, objects: Objects) -> None:
+    settings = settings_of(objects, "retrieval")
+    assert (settings.retrieval_backend == "milvus") == (overlay == "milvus"), overlay
+    if settings.retrieval_backend != "milvus":
+        return
+    assert settings.milvus_uri.startswith(("http://", "https://")), "a Milvus server, not Lite"
+    assert shared_log(objects), "online writes must reach every version's collection in order"
+    # The token is a file from the Secret, mounted as a directory (a subPath mount would never
+    # see a rotated Secret), never an environment variable.
+    token = settings.milvus_token_file
+    assert token is not None
+    pod = one(objects, "Deployment", "retrieval")["spec"]["template"]["spec"]
+    mounts = {m["mountPath"]: m for m in pod["containers"][0]["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mount = mounts[str(token.parent)]
+    assert mount.get("readOnly") is True and "subPath" not in mount
+    secret = volumes[mount["name"]]["secret"]
+    assert secret["secretName"] == MILVUS_SECRET
+    assert {"key": "token", "path": token.name} in secret["items"]
+    assert not any("MILVUS" in name for name in secret_env(pod["containers"][0]))
 
 
 def test_tls_files_come_from_issued_certificates(overlay: str, objects: Objects) -> None:
@@ -504,6 +620,8 @@ def test_alerts_compare_a_query_with_a_threshold() -> None:
         "RecsysTargetDown",
         "RecsysNotServing",
         "RecsysIndexShrank",
+        "RecsysCatalogReplicaLagging",
+        "RecsysChangeLogUnreachable",
     }
     assert required <= names
     docs = (REPO_ROOT / "docs" / "operations.md").read_text()
