@@ -264,7 +264,15 @@ async def serve(
     waiter = asyncio.create_task(stop.wait())
     done, _ = await asyncio.wait({load, waiter}, return_when=asyncio.FIRST_COMPLETED)
     if load in done:
-        version = load.result()  # a failed load raises here and the process exits non-zero
+        try:
+            version = load.result()  # a failed load raises here and the process exits non-zero
+        except BaseException:
+            # Stopped here, not by the garbage collector after the loop has closed (a traceback).
+            await server.stop(None)
+            if health_server is not None:
+                await health_server.stop(None)
+            await service.close()
+            raise
         metrics.init_bundle_metrics(service.name)
         metrics.set_bundle_version(service.name, version)
         metrics.BUNDLE_LOADED.labels(service=service.name).set_to_current_time()

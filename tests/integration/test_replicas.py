@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 import grpc
 
-from recsys.rpc.launcher import Launcher
+from recsys.rpc.launcher import Launcher, free_port
 from recsys.v1 import common_pb2, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.changelog import ChangeLog
+from tests.postgres import PostgresServer
 
 Stub = retrieval_pb2_grpc.RetrievalServiceStub
 # Generous for a busy 2-core machine; the figures printed are what matters (usually ~10 ms).
@@ -98,3 +99,15 @@ def test_a_write_to_any_replica_reaches_all_and_a_late_replica_catches_up_first(
         f"median {statistics.median(latencies) * 1000:.0f} ms, max {max(latencies) * 1000:.0f} ms "
         f"({len(latencies)} writes)"
     )
+
+
+def test_a_replica_that_cannot_reach_the_log_exits_2_with_one_line(
+    own_stack: Callable[..., Launcher], postgres: PostgresServer
+) -> None:
+    """It cannot catch up, so it must not serve: one line naming the log, no traceback."""
+    unreachable = postgres.url("catalog").replace(f":{postgres.port}/", f":{free_port()}/")
+    stack = own_stack("retrieval", wait=False, change_log_url=unreachable)
+    assert stack.procs["retrieval"].wait(timeout=120) == 2
+    log = stack.log_tail("retrieval")
+    assert log.splitlines()[-1].startswith("recsys: error: change log postgresql://"), log
+    assert "Traceback" not in log
