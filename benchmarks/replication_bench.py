@@ -39,7 +39,6 @@ POLL_S = 0.002
 VISIBLE_TIMEOUT_S = 30.0
 
 
-
 def percentiles(seconds: list[float]) -> dict[str, float]:
     ordered = sorted(seconds)
     return {
