@@ -5,7 +5,8 @@ Tables (created when missing, in the URL's database):
 - `<table>`: `position bigint` primary key, `op`, the change `record` (jsonb, the local journal's
   record format: see state.upsert_record) and `created_at`;
 - `<table>_meta`: one row, the log's random id, so a bundle built from one log is never replayed
-  against another.
+  against another, and `trimmed_through`, the last position `trim` deleted, so a version that
+  would need deleted records refuses to load.
 
 Writers take a transaction-scoped advisory lock before drawing the next position and hold it to
 commit, so positions become visible in increasing order: a reader that has seen position P has
@@ -110,10 +111,41 @@ class ChangeLog:
         return [LogRecord(int(p), r) for p, r in rows]
 
     def head(self) -> int:
-        """The newest committed position (0 for an empty log)."""
-        query = sql.SQL("SELECT coalesce(max(position), 0) FROM {}").format(self._table)
+        """The newest committed position (0 for an empty log; never below a trim's floor)."""
+        query = sql.SQL(
+            "SELECT greatest(coalesce(max(position), 0), (SELECT trimmed_through FROM {})) FROM {}"
+        ).format(self._meta, self._table)
         row = self._call("read", lambda conn: conn.execute(query).fetchone())
         return int(row[0]) if row else 0
+
+    def trimmed_through(self) -> int:
+        """The last position `trim` deleted (0: nothing was)."""
+        query = sql.SQL("SELECT trimmed_through FROM {}").format(self._meta)
+        row = self._call("read", lambda conn: conn.execute(query).fetchone())
+        return int(row[0]) if row else 0
+
+    def trim(self, through: int) -> int:
+        """Deletes the records up to `through` (never beyond the head) and records the floor in
+        the same transaction; returns how many were deleted."""
+
+        def delete(conn: psycopg.Connection[Any]) -> int:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (self.table,))
+                conn.execute(
+                    sql.SQL("UPDATE {} SET trimmed_through = greatest(trimmed_through, %s)").format(
+                        self._meta
+                    ),
+                    (through,),
+                )
+                cursor = conn.execute(
+                    sql.SQL("DELETE FROM {} WHERE position <= %s").format(self._table), (through,)
+                )
+                return int(cursor.rowcount)
+
+        head = self.head()
+        if through > head:
+            raise InvalidInput(f"--through {through}: beyond the log's head, position {head}")
+        return self._call("write", delete)
 
     def wait(self, timeout_s: float) -> bool:
         """Blocks until a change is committed or `timeout_s` passes; True when notified."""
@@ -186,6 +218,8 @@ class ChangeLog:
                         " record jsonb NOT NULL,"
                         " created_at timestamptz NOT NULL DEFAULT now());"
                         "CREATE TABLE IF NOT EXISTS {meta} (log_id text PRIMARY KEY);"
+                        "ALTER TABLE {meta}"
+                        " ADD COLUMN IF NOT EXISTS trimmed_through bigint NOT NULL DEFAULT 0;"
                         "INSERT INTO {meta} SELECT gen_random_uuid()::text"
                         " WHERE NOT EXISTS (SELECT 1 FROM {meta})"
                     ).format(
@@ -210,14 +244,21 @@ def start_position(bundle: Bundle, log: ChangeLog) -> int:
     """Where a bundle version's replay of the log starts: the position `recsys build` read it
     to, or 0 (every change) for a version built without it."""
     built = bundle.manifest.get("change_log")
-    if not built:
-        return 0
-    if built.get("log_id") != log.log_id:
+    position = 0
+    if built:
+        if built.get("log_id") != log.log_id:
+            raise InvalidInput(
+                f"bundle {bundle.version}: built from change log {built.get('name')} "
+                f"(id {built.get('log_id')}), but change_log_url names {log.name} (id {log.log_id})"
+            )
+        position = int(built["position"])
+    trimmed = log.trimmed_through()
+    if position < trimmed:
         raise InvalidInput(
-            f"bundle {bundle.version}: built from change log {built.get('name')} "
-            f"(id {built.get('log_id')}), but change_log_url names {log.name} (id {log.log_id})"
+            f"bundle {bundle.version}: needs change log {log.name} from position {position}, but "
+            f"it is trimmed through {trimmed}; rebuild it with `recsys build --change-log`"
         )
-    return int(built["position"])
+    return position
 
 
 def read_through(log: ChangeLog) -> tuple[int, list[LogRecord]]:

@@ -114,8 +114,16 @@ def _with_logged_changes(
     log_ = ChangeLog(url, table)
     try:
         position, records = read_through(log_)
+        trimmed = log_.trimmed_through()
     finally:
         log_.close()
+    if trimmed:
+        log.warning(
+            "change log %s is trimmed through position %d: the catalog given must already hold "
+            "the changes up to there (a version built from the log does)",
+            log_.name,
+            trimmed,
+        )
     latest: Latest = {}
     for record in records:
         fold_record(record.record, latest, f"change log {log_.name} position {record.position}")

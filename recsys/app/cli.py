@@ -591,6 +591,30 @@ def _add_catalog(sub: Any) -> None:
     _add_log_level(export)
     export.set_defaults(handler=_run_export_state)
 
+    trim = csub.add_parser(
+        "trim-log",
+        help="delete change log records every bundle version under ROOT already holds",
+        description="Delete the shared change log's records up to the oldest position any "
+        "version under ROOT was built at (`recsys build --change-log`), so replicas and builds "
+        "read less. The floor is recorded: a version built before it refuses to load. Refused "
+        "while ROOT holds a version built without the log (it replays from position 0).",
+    )
+    trim.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
+    trim.add_argument(
+        "--change-log",
+        required=True,
+        metavar="URL",
+        help="the log's PostgreSQL URL (password by PGPASSWORD or PGPASSFILE)",
+    )
+    trim.add_argument(
+        "--change-log-table",
+        default=default("change_log_table"),
+        metavar="NAME",
+        help="its table (default %(default)s)",
+    )
+    _add_log_level(trim)
+    trim.set_defaults(handler=_run_trim_log)
+
     upsert = csub.add_parser(
         "upsert",
         help="add or replace items in a live retrieval service",
@@ -689,6 +713,35 @@ def _run_export_state(args: argparse.Namespace) -> int:
     print(
         f"wrote {len(exported):,} items to {args.out}: {bundle.version}'s {len(items):,} with "
         f"{upserts:,} online upserts and {len(latest) - upserts:,} deletes from {state_dir}"
+    )
+    return 0
+
+
+def _run_trim_log(args: argparse.Namespace) -> int:
+    from recsys.core.bundle import REJECTED, Bundle, versions
+    from retrieval_service.changelog import ChangeLog, start_position
+
+    kept = [v for v in versions(args.bundle) if not (args.bundle / v / REJECTED).is_file()]
+    if not kept:
+        raise InvalidInput(f"--bundle {args.bundle}: holds no bundle version")
+    log = ChangeLog(args.change_log, args.change_log_table)
+    try:
+        floor = min(start_position(Bundle.open(args.bundle, v), log) for v in kept)
+        if floor == 0:
+            unbuilt = [
+                v for v in kept if not Bundle.open(args.bundle, v).manifest.get("change_log")
+            ]
+            raise InvalidInput(
+                f"--bundle {args.bundle}: version {unbuilt[0]} was built without --change-log "
+                "and replays the log from position 0; remove it, or publish a version built "
+                "from the log first"
+            )
+        deleted = log.trim(floor)
+    finally:
+        log.close()
+    print(
+        f"trimmed {deleted:,} records of {log.name} through position {floor} "
+        f"(the oldest of {len(kept)} versions under {args.bundle})"
     )
     return 0
 

@@ -4,13 +4,14 @@ log converge on the same catalog."""
 
 from __future__ import annotations
 
+import shutil
 import threading
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
-from recsys.core.bundle import Bundle
+from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
 from recsys.core.errors import InvalidInput, NotReady
 from retrieval_service.backends import MilvusTarget
 from retrieval_service.changelog import ChangeLog, read_through, start_position
@@ -24,6 +25,21 @@ from tests.retrieval.test_state import FLOOR_LAMP, KAYAK, TELESCOPE, state_of, t
 @pytest.fixture(scope="module")
 def v1(catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Bundle:
     return write_retrieval_version(tmp_path_factory.mktemp("bundle"), catalog, "v1")
+
+
+def built_at(root: Path, version: str, source: Bundle, log: ChangeLog, position: int) -> Bundle:
+    """A copy of `source` (files linked) whose manifest says it was built from `log` through
+    `position`, as `recsys build --change-log` records it (a real build also folds those
+    changes into its catalog), published under ROOT."""
+    manifest = dict(source.manifest)
+    manifest["change_log"] = {"log_id": log.log_id, "position": position, "name": log.name}
+    with staged_version(root, version) as stage:
+        for path in source.path.iterdir():
+            if path.name != "manifest.json":
+                (stage / path.name).symlink_to(path)
+        write_manifest(stage, {**manifest, "version": version})
+    publish(root, version)
+    return Bundle.open(root, version)
 
 
 def follow(bundle: Bundle, log: ChangeLog, backend: MilvusTarget | None = None) -> Retriever:
@@ -135,24 +151,14 @@ def test_retrievers_on_one_log_converge(
 def test_a_bundle_built_from_the_log_replays_only_what_came_after(
     catalog: pd.DataFrame, tmp_path: Path, change_log_url: str
 ) -> None:
-    from recsys.core.bundle import publish, staged_version, write_manifest
-
     log = ChangeLog(change_log_url)
-    writer = follow(write_retrieval_version(tmp_path, catalog, "v1"), log)
+    v1 = write_retrieval_version(tmp_path, catalog, "v1")
+    writer = follow(v1, log)
     writer.upsert([TELESCOPE])
     position, records = read_through(log)
     assert position == writer.position and len(records) == 1
     writer.upsert([KAYAK])
-    # v2 says it holds the log through `position` (a real build also folds those changes in).
-    manifest = dict(Bundle.open(tmp_path, "v1").manifest)
-    manifest["change_log"] = {"log_id": log.log_id, "position": position, "name": log.name}
-    with staged_version(tmp_path, "v2") as stage:
-        for path in Bundle.open(tmp_path, "v1").path.iterdir():
-            if path.name != "manifest.json":
-                (stage / path.name).symlink_to(path)
-        write_manifest(stage, {**manifest, "version": "v2"})
-    publish(tmp_path, "v2")
-    v2 = Bundle.open(tmp_path, "v2")
+    v2 = built_at(tmp_path, "v2", v1, log, position)
     assert start_position(v2, log) == position
     later = follow(v2, log)
     assert later.replayed.upserts == 1  # only the kayak
@@ -163,3 +169,39 @@ def test_a_bundle_built_from_the_log_replays_only_what_came_after(
         InvalidInput, match=r"bundle v2: built from change log .* but change_log_url"
     ):
         follow(v2, other)
+
+
+def test_trimming_records_a_floor_that_older_versions_cannot_load_below(
+    catalog: pd.DataFrame, tmp_path: Path, change_log_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from recsys.app.cli import main
+
+    log = ChangeLog(change_log_url)
+    source = write_retrieval_version(tmp_path / "source", catalog, "v1")
+    writer = follow(source, log)
+    writer.upsert([TELESCOPE])
+    first = writer.position
+    writer.upsert([KAYAK])
+    root = tmp_path / "bundle"
+    trim = ["catalog", "trim-log", "--bundle", str(root), "--change-log", change_log_url]
+    write_retrieval_version(root, catalog, "v1")  # built without the log: replays from 0
+    assert main(trim) == 2
+    assert "version v1 was built without --change-log" in capsys.readouterr().err
+    assert len(log.read_after(0)) == 2
+
+    shutil.rmtree(root / "v1")
+    built_at(root, "v2", source, log, first)
+    built_at(root, "v3", source, log, writer.position)
+    assert main(trim) == 0
+    assert f"trimmed 1 records of {log.name} through position {first}" in capsys.readouterr().out
+    assert [r.position for r in log.read_after(0)] == [writer.position]
+    assert log.trimmed_through() == first
+    # v2 still loads and replays the kayak; a version from before the floor refuses to load.
+    assert state_of(follow(Bundle.open(root, "v2"), log), ["new-2"]) == {"new-2": KAYAK}
+    with pytest.raises(InvalidInput, match=rf"from position 0, but it is trimmed through {first}"):
+        follow(source, log)
+    # Trimmed to the last record, the head stays at the floor: a later build records it.
+    assert log.trim(writer.position) == 1 and log.read_after(0) == []
+    assert log.head() == writer.position
+    with pytest.raises(InvalidInput, match="beyond the log's head"):
+        log.trim(writer.position + 1)
