@@ -9,6 +9,7 @@ uri) speaks the same client API and is what the tests run against.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -37,6 +38,8 @@ METRIC = "IP"
 # A write the service acknowledged must be visible to the next search on any replica.
 CONSISTENCY = "Strong"
 DEFAULT_TIMEOUT_S = 10.0
+CONNECT_ATTEMPTS = 2
+CONNECT_RETRY_S = 0.5
 # Collection property naming the bundle version a completed load came from.
 LOADED_PROPERTY = "recsys.loaded_from"
 
@@ -107,8 +110,7 @@ class MilvusCatalog:
         if dimension < 1:
             raise InvalidInput(f"dimension: {dimension}, must be at least 1")
         try:
-            with _engine("connect", _redact(uri), collection):
-                client = MilvusClient(uri=uri, token=token, timeout=timeout)
+            client = _client(uri, token, timeout, collection)
         except MilvusUnavailable as exc:
             if uri.endswith(".db"):
                 # The usual cause: Milvus Lite opens a .db in one process at a time (a file lock).
@@ -411,6 +413,31 @@ def _engine(op: str, uri: str, collection: str) -> Iterator[None]:
         raise MilvusUnavailable(
             f"milvus {op} on collection {collection!r} at {uri} failed: {first}"
         ) from exc
+
+
+def _client(uri: str, token: str, timeout: float, collection: str) -> MilvusClient:
+    """A connected client; a failed first attempt is tried once more, because gRPC shares one
+    connection among the clients of a target and the server may just have closed it (GOAWAY):
+    the next attempt dials anew."""
+    for attempt in range(CONNECT_ATTEMPTS):
+        try:
+            with _engine("connect", _redact(uri), collection):
+                return MilvusClient(
+                    uri=uri, token=token, timeout=timeout, grpc_options=_grpc_options(uri)
+                )
+        except MilvusUnavailable:
+            if attempt == CONNECT_ATTEMPTS - 1:
+                raise
+            time.sleep(CONNECT_RETRY_S)
+    raise AssertionError("unreachable")
+
+
+def _grpc_options(uri: str) -> dict[str, Any]:
+    """pymilvus pings every 10 s even with no call in flight. A Milvus server permits that;
+    Milvus Lite's in-process server keeps gRPC's default (no pings without data more often than
+    every 5 min), answers GOAWAY "too many pings", and the next call on that connection fails
+    UNAVAILABLE. So towards a Lite file, ping only while calls are in flight."""
+    return {"grpc.keepalive_permit_without_calls": 0} if uri.endswith(".db") else {}
 
 
 def _string_list(values: Sequence[str]) -> str:
