@@ -54,7 +54,9 @@ class BuildOptions:
     cf_regularization: float = 0.05
     cf_alpha: float = 2.0
     cf_weighting: Weighting = "weight"
-    cf_search: bool = True
+    # Off by default: on MovieLens the search raised CF's validation NDCG@10 by 11% but not its
+    # test figure (0.0669 → 0.0646, inside the noise), so the built-in values stay what ships.
+    cf_search: bool = False
     fusion_alpha: float = 0.7
     # The pool serving ranks by default: fusion is fitted and negatives are mined on it.
     candidate_pool: int = default("default_candidate_pool")

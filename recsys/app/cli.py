@@ -186,12 +186,11 @@ def _add_build(sub: Any) -> None:
         "(default: every one; e.g. 4 for ratings out of 5)",
     )
     p.add_argument(
-        "--no-cf-search",
+        "--cf-search",
         action="store_true",
-        help="train CF (ALS) with the built-in values (factors 64, iterations 15, "
-        "regularization 0.05, alpha 2, rating as weight) instead of choosing them by a small "
-        "search on the held-out interactions (about 20 ALS fits; the manifest's cf.search "
-        "records each)",
+        help="choose CF's ALS values by a small search on the held-out interactions (about 20 "
+        "ALS fits; the manifest's cf.search records each) instead of the built-in ones "
+        "(factors 64, iterations 15, regularization 0.05, alpha 2, rating as weight)",
     )
     p.add_argument(
         "--rerank-budget-ms",
@@ -267,7 +266,7 @@ def _run_build(args: argparse.Namespace) -> int:
             student=None if args.no_student else DistillConfig(),
             holdout_per_user=args.holdout_per_user,
             relevant_min_weight=args.relevant_min_weight,
-            cf_search=not args.no_cf_search,
+            cf_search=args.cf_search,
             queries=args.queries,
             rerank_budget_ms=budget,
             seed=args.seed,

@@ -362,8 +362,8 @@ def test_the_build_trains_cf_with_the_values_its_search_chose(sample_bundle_root
     assert search["fits"] > 1 and manifest["timings"]["cf_search_seconds"] >= search["seconds"]
 
 
-def test_no_cf_search_trains_with_the_values_given(tmp_path: Path) -> None:
-    """`recsys build --no-cf-search`: the built-in ALS values, and the manifest says so."""
+def test_without_cf_search_the_build_trains_with_the_values_given(tmp_path: Path) -> None:
+    """`recsys build` without `--cf-search`: the built-in ALS values, and the manifest says so."""
     from recsys.app.cli import format_manifest, main
 
     catalog = tmp_path / "catalog.csv"
@@ -375,7 +375,7 @@ def test_no_cf_search_trains_with_the_values_given(tmp_path: Path) -> None:
     )
     out = tmp_path / "bundle"
     argv = ["build", "--catalog", str(catalog), "--interactions", str(interactions)]
-    assert main([*argv, "--out", str(out), "--no-ranker", "--no-cf-search"]) == 0
+    assert main([*argv, "--out", str(out), "--no-ranker"]) == 0
     manifest = Bundle.open(out).manifest
     assert manifest["settings"]["cf_search"] is False
     assert ALSParams.of(manifest["cf"]) == ALSParams()
