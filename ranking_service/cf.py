@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from collections.abc import Collection, Mapping, Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -18,10 +18,44 @@ from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
+# What an interaction contributes to ALS's confidence: its weight (summed per user and item),
+# or 1 for every item a user interacted with, whatever the weights ("binary").
+Weighting = Literal["weight", "binary"]
+WEIGHTINGS: tuple[Weighting, ...] = ("weight", "binary")
+
+
+@dataclass(frozen=True)
+class ALSParams:
+    """ALS's hyper-parameters (CFModel.train's keywords besides the seed)."""
+
+    factors: int = 64
+    iterations: int = 15
+    regularization: float = 0.05
+    alpha: float = 2.0
+    weighting: Weighting = "weight"
+
+    @classmethod
+    def of(cls, section: Mapping[str, Any]) -> ALSParams:
+        """The values a manifest's `cf` section (CFModel.save's) records; bundles from before
+        `weighting` was recorded trained with weights."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in section.items() if k in names})
+
+    def kwargs(self) -> dict[str, Any]:
+        """CFModel.train's keywords."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def _checked_weighting(weighting: str) -> Weighting:
+    if weighting not in WEIGHTINGS:
+        raise InvalidInput(f"CF weighting {weighting!r}: must be one of {', '.join(WEIGHTINGS)}")
+    return cast(Weighting, weighting)
+
 
 @dataclass
 class CFModel:
-    """User and item factors with their id maps; confidence = alpha × summed interaction weight."""
+    """User and item factors with their id maps; confidence = alpha × summed interaction weight
+    (alpha × 1 per item the user interacted with, for `binary` weighting)."""
 
     user_ids: list[str]
     item_ids: list[str]
@@ -32,8 +66,10 @@ class CFModel:
     iterations: int
     # Who interacted with what at training (users x items, CSR); None in older bundles.
     user_items: sp.csr_matrix | None = None
+    weighting: Weighting = "weight"
 
     def __post_init__(self) -> None:
+        self.weighting = _checked_weighting(self.weighting)
         self._user_row = {u: i for i, u in enumerate(self.user_ids)}
         self._item_row = {it: i for i, it in enumerate(self.item_ids)}
         # Shared by every fold-in: YᵀY is the same for all users.
@@ -55,6 +91,12 @@ class CFModel:
     def factors(self) -> int:
         return int(self.item_factors.shape[1])
 
+    @property
+    def params(self) -> ALSParams:
+        return ALSParams(
+            self.factors, self.iterations, self.regularization, self.alpha, self.weighting
+        )
+
     @classmethod
     def train(
         cls,
@@ -63,12 +105,17 @@ class CFModel:
         iterations: int = 15,
         regularization: float = 0.05,
         alpha: float = 2.0,
+        weighting: Weighting = "weight",
         seed: int = 0,
     ) -> CFModel:
-        """Fits ALS on the (user, item) matrix of summed weights; on a GPU when implicit has CUDA."""
+        """Fits ALS on the (user, item) matrix of summed weights (1 per pair, for `binary`
+        weighting); on a GPU when implicit has CUDA."""
+        weighting = _checked_weighting(weighting)
         grouped = (
             interactions.groupby(["user_id", "item_id"], sort=True)["weight"].sum().reset_index()
         )
+        if weighting == "binary":
+            grouped["weight"] = 1.0
         user_ids = sorted(grouped["user_id"].unique().tolist())
         item_ids = sorted(grouped["item_id"].unique().tolist())
         rows = pd.Categorical(grouped["user_id"], categories=user_ids).codes
@@ -84,11 +131,15 @@ class CFModel:
             matrix, factors, iterations, regularization, alpha, seed
         )
         log.info(
-            "ALS: %d users x %d items, %d factors, %d iterations",
+            "ALS: %d users x %d items, %d factors, %d iterations, regularization %g, alpha %g, "
+            "%s weighting",
             len(user_ids),
             len(item_ids),
             factors,
             iterations,
+            regularization,
+            alpha,
+            weighting,
         )
         return cls(
             user_ids=[str(u) for u in user_ids],
@@ -99,6 +150,7 @@ class CFModel:
             alpha=alpha,
             iterations=iterations,
             user_items=(matrix > 0).astype(np.int8).tocsr(),
+            weighting=weighting,
         )
 
     def save(self, out_dir: Path) -> dict[str, Any]:
@@ -115,6 +167,7 @@ class CFModel:
             "iterations": self.iterations,
             "regularization": self.regularization,
             "alpha": self.alpha,
+            "weighting": self.weighting,
         }
         (out_dir / "params.json").write_text(json.dumps(params))
         return {**params, "users": self.n_users, "items": self.n_items}
@@ -132,6 +185,8 @@ class CFModel:
             alpha=params["alpha"],
             iterations=params["iterations"],
             user_items=sp.load_npz(user_items).tocsr() if user_items.is_file() else None,
+            # Bundles from before it was recorded trained with weights.
+            weighting=params.get("weighting", "weight"),
         )
 
     def user_vector(self, user_id: str) -> np.ndarray | None:
@@ -153,7 +208,8 @@ class CFModel:
         """The ALS solution for a new user from their items (None when CF knows none of them).
 
         Solves (YᵀY + Σ (c−1) y yᵀ + λI) x = Σ c y with c = alpha × weight, as one ALS user step.
-        Repeated items sum their weights, as training does.
+        Repeated items sum their weights, as training does; with `binary` weighting, as there,
+        weights are ignored and every item counts once (c = alpha).
         """
         if weights is not None and len(weights) != len(item_ids):
             raise InvalidInput(
@@ -163,6 +219,9 @@ class CFModel:
         for k, item_id in enumerate(item_ids):
             row = self._item_row.get(item_id)
             if row is not None:
+                if self.weighting == "binary":
+                    confidence[row] = self.alpha
+                    continue
                 w = 1.0 if weights is None else float(weights[k])
                 confidence[row] = confidence.get(row, 0.0) + self.alpha * w
         if not confidence:

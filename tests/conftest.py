@@ -73,6 +73,7 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             student=DistillConfig(steps=20, batch_size=16),
             fusion_lists=40,
             device="cpu",
+            cf_search=True,  # off by default; built here so the search's path is tested
         )
     )
     return root

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,9 @@ from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
 from recsys.core.settings import default
+
+if TYPE_CHECKING:
+    from ranking_service.cf import ALSParams, Weighting
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +47,16 @@ class BuildOptions:
     student: DistillConfig | None = field(default_factory=DistillConfig)
     device: str = "auto"
     strict: bool = False
+    # ALS's hyper-parameters (ranking_service.cf.ALSParams); with cf_search, where the
+    # validation search starts (recsys.app.cf_search), and otherwise what CF trains with.
     cf_factors: int = 64
+    cf_iterations: int = 15
+    cf_regularization: float = 0.05
+    cf_alpha: float = 2.0
+    cf_weighting: Weighting = "weight"
+    # Off by default: on MovieLens the search raised CF's validation NDCG@10 by 11% but not its
+    # test figure (0.0669 → 0.0646, inside the noise), so the built-in values stay what ships.
+    cf_search: bool = False
     fusion_alpha: float = 0.7
     # The pool serving ranks by default: fusion is fitted and negatives are mined on it.
     candidate_pool: int = default("default_candidate_pool")
@@ -198,8 +210,11 @@ def build_bundle(
         timings["retrieval_seconds"] = time.perf_counter() - t0
 
         t0 = time.perf_counter()
+        cf_params, cf_search = _cf_params(options, train, validation)
+        timings["cf_search_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
         log.info("training CF (ALS) on %d interactions before the validation ones", len(train))
-        cf = CFModel.train(train, factors=options.cf_factors, seed=options.seed)
+        cf = CFModel.train(train, seed=options.seed, **cf_params.kwargs())
         timings["cf_seconds"] = time.perf_counter() - t0
 
         # The version being built, served in this process: pools come from it as from serving.
@@ -243,9 +258,9 @@ def build_bundle(
         if len(validation):
             t0 = time.perf_counter()
             log.info("refitting CF on all %d interactions", len(everything))
-            cf = CFModel.train(everything, factors=options.cf_factors, seed=options.seed)
+            cf = CFModel.train(everything, seed=options.seed, **cf_params.kwargs())
             timings["cf_seconds"] += time.perf_counter() - t0
-        cf_section = cf.save(stage / bundle_files.CF_DIR)
+        cf_section = {**cf.save(stage / bundle_files.CF_DIR), "search": cf_search}
         timings["total_seconds"] = time.perf_counter() - started
 
         manifest = write_manifest(
@@ -338,6 +353,40 @@ def _validation(
         "relevant_min_weight": options.relevant_min_weight,
     }
     return train, validation, record
+
+
+def _cf_start(options: BuildOptions) -> ALSParams:
+    """The ALS values the options give."""
+    from ranking_service.cf import ALSParams
+
+    return ALSParams(
+        factors=options.cf_factors,
+        iterations=options.cf_iterations,
+        regularization=options.cf_regularization,
+        alpha=options.cf_alpha,
+        weighting=options.cf_weighting,
+    )
+
+
+def _cf_params(
+    options: BuildOptions, train: pd.DataFrame, validation: pd.DataFrame
+) -> tuple[ALSParams, dict[str, Any]]:
+    """(the ALS values CF trains with, the manifest's record of how they were chosen): chosen
+    by the validation search from the options' values, or those values as they are."""
+    from ranking_service.cf import ALSParams
+    from recsys.app.cf_search import search_cf
+
+    start = _cf_start(options)
+    if options.cf_search:
+        found = search_cf(train, validation, start, options.seed, options.relevant_min_weight)
+        return found.params, found.record
+    live = options.warm_from
+    if live is not None and ALSParams.of(live.manifest.get("cf", {})) == start:
+        reason = f"off: {live.version}'s values, reused"
+    else:
+        reason = "off: trained with the values given"
+    log.info("CF search %s", reason)
+    return start, {"skipped": reason}
 
 
 def validation_queries(validation: pd.DataFrame) -> list[tuple[str, Sequence[str]]]:

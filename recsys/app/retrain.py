@@ -112,13 +112,25 @@ def retrain_options(
     device: str = "auto",
 ) -> BuildOptions:
     """The live version's build options with the new inputs, warm-started from it; fine-tuning
-    runs `ranker_steps` (recorded as the ranker's steps in the manifest)."""
+    runs `ranker_steps` (recorded as the ranker's steps in the manifest). CF trains with the
+    ALS values the live version's CF was trained with (those its build's search chose), with
+    no search of its own."""
+    from ranking_service.cf import ALSParams
     from ranking_service.distill import DistillConfig
     from ranking_service.train import RankerTrainConfig
 
     recorded: dict[str, Any] = live.manifest.get("settings", {})
     names = {f.name for f in fields(BuildOptions)}
     values = {k: v for k, v in recorded.items() if k in names and k not in _PER_RUN}
+    chosen = ALSParams.of(live.manifest.get("cf", {}))
+    values |= {
+        "cf_factors": chosen.factors,
+        "cf_iterations": chosen.iterations,
+        "cf_regularization": chosen.regularization,
+        "cf_alpha": chosen.alpha,
+        "cf_weighting": chosen.weighting,
+        "cf_search": False,
+    }
     if values.get("encoder") is not None:
         values["encoder"] = Path(values["encoder"])
     ranker = recorded.get("ranker")
@@ -205,7 +217,7 @@ def gate(
 ) -> GateResult:
     """Both versions' NDCG@10 on the same held-out users; a candidate whose files differ from its
     manifest, or that fails to load or rank, is refused with the reason."""
-    from ranking_service.cf import CFModel
+    from ranking_service.cf import ALSParams, CFModel
     from recsys.app.splits import hold_out_recent
 
     bad = candidate.verify()
@@ -227,11 +239,11 @@ def gate(
             f"last one (need {MIN_GATE_USERS})",
         )
     try:
-        # The CF the candidate's fusion was fitted with: the one it serves is refitted on the
-        # held-out interactions too, and would be scored on answers it was trained on.
-        cf = CFModel.train(
-            train, factors=int(built.get("cf_factors", 64)), seed=int(built.get("seed", 0))
-        )
+        # The CF the candidate's fusion was fitted with (its ALS values): the one it serves is
+        # refitted on the held-out interactions too, and would be scored on answers it was
+        # trained on.
+        params = ALSParams.of(candidate.manifest.get("cf", {}))
+        cf = CFModel.train(train, seed=int(built.get("seed", 0)), **params.kwargs())
         ours = recommend_ndcg(candidate, seen, relevant, users, device, cf)
     except Exception as exc:  # any failure to load or rank refuses the candidate
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

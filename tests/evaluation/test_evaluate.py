@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
+from ranking_service.cf import ALSParams
 from ranking_service.distill import DistillConfig
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions
@@ -67,7 +68,7 @@ def evaluated(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def test_report_has_the_promised_shape(evaluated: tuple[Path, Path]) -> None:
-    _, out = evaluated
+    root, out = evaluated
     report: dict[str, Any] = json.loads((out / "report.json").read_text())
     rec, srch = report["recommend"], report["search"]
     assert list(rec["methods"]) == list(recommend.METHODS)
@@ -81,8 +82,15 @@ def test_report_has_the_promised_shape(evaluated: tuple[Path, Path]) -> None:
     assert [row["diversity"] for row in rec["diversity_sweep"]] == [0.0, 0.25, 0.5, 0.75]
     assert report["goals"] and all(isinstance(v, bool) for v in report["goals"].values())
     md = (out / "report.md").read_text()
-    for section in ("## Recommend", "### Baselines", "### Ablation", "paired bootstrap"):
+    for section in ("## Recommend", "### CF (ALS)", "### Baselines", "### Ablation"):
         assert section in md
+    assert "paired bootstrap" in md and "- cf / popular, test NDCG@10" in md
+    # cf / popular is the ratio of the two methods' reported NDCG@10.
+    ndcg = {m: rec["methods"][m]["ndcg@10"] for m in ("cf", "popular")}
+    ratio = rec["cf"]["cf / popular"]
+    assert ratio["ratio"] == pytest.approx(ndcg["cf"] / ndcg["popular"], rel=1e-6)
+    assert ratio["low"] <= ratio["ratio"] <= ratio["high"]
+    assert rec["cf"]["params"] == ALSParams.of(Bundle.open(root).manifest["cf"]).kwargs()
     for chart in ("recommend.png", "search.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -142,10 +150,7 @@ def test_no_answer_contains_the_users_history(data_dir: Path, evaluated: tuple[P
     root, _ = evaluated
     data = load_data(data_dir)
     models = EvalModels.load(Bundle.open(root), device="cpu")
-    cf = {
-        k: models.bundle.manifest["cf"][k]
-        for k in ("factors", "iterations", "regularization", "alpha")
-    }
+    cf = ALSParams.of(models.bundle.manifest["cf"]).kwargs()
     baselines, _ = tuned_baselines(data.split, cf, GRIDS)
     runs, cases, _ = recommend.run_recommend(models, data.split, 20, False, baselines)
     assert set(runs) == set(recommend.METHODS) and cases

@@ -1,14 +1,16 @@
-"""ALS on structured data: fold-in matches training, unknown items are NaN, save/load is exact."""
+"""ALS on structured data: fold-in matches training, unknown items are NaN, save/load is exact,
+binary weighting ignores weights."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from ranking_service.cf import CFModel
+from ranking_service.cf import ALSParams, CFModel
 from recsys.core.errors import InvalidInput
 
 
@@ -135,3 +137,71 @@ def test_bad_fold_in_weights_and_non_positive_weights() -> None:
     model = CFModel.train(frame, factors=2, iterations=1)
     with pytest.raises(InvalidInput, match="weights"):
         model.fold_in(["x", "y"], [1.0])
+
+
+def weighted(log: pd.DataFrame) -> pd.DataFrame:
+    """`log` with weights that differ per row, and some rows repeated (their weights sum)."""
+    rng = np.random.default_rng(1)
+    varied = log.assign(weight=rng.choice([0.5, 1.0, 3.0, 5.0], size=len(log)))
+    return pd.concat([varied, varied.iloc[::3]], ignore_index=True)
+
+
+def test_binary_weighting_ignores_weights(log: pd.DataFrame) -> None:
+    """Binary ALS trains on who interacted with what, whatever the weights and repeats; with
+    weights, the same log trains another model."""
+    params = {"factors": 8, "iterations": 10, "regularization": 0.05, "alpha": 2.0, "seed": 0}
+    plain = CFModel.train(log, weighting="binary", **params)
+    varied = CFModel.train(weighted(log), weighting="binary", **params)
+    np.testing.assert_allclose(plain.item_factors, varied.item_factors, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(plain.user_factors, varied.user_factors, rtol=1e-5, atol=1e-6)
+    by_weight = CFModel.train(weighted(log), weighting="weight", **params)
+    assert not np.allclose(by_weight.item_factors, plain.item_factors, atol=1e-3)
+    # Fold-in too: weights and repeats change nothing (every item counts once, c = alpha).
+    once = plain.fold_in(["a1", "a2", "b3"])
+    assert once is not None
+    for items, weights in ((["a1", "a2", "b3"], [5.0, 0.5, 3.0]), (["a1", "a2", "a1", "b3"], None)):
+        again = plain.fold_in(items, weights)
+        assert again is not None
+        np.testing.assert_allclose(again, once, rtol=1e-6)
+    # ... while with weights, they do.
+    a = by_weight.fold_in(["a1", "a2", "b3"])
+    b = by_weight.fold_in(["a1", "a2", "b3"], [5.0, 0.5, 3.0])
+    assert a is not None and b is not None and not np.allclose(a, b, atol=1e-4)
+
+
+def test_binary_fold_in_reproduces_a_trained_user(log: pd.DataFrame) -> None:
+    model = CFModel.train(
+        weighted(log), factors=8, iterations=20, regularization=0.05, weighting="binary", seed=0
+    )
+    trained = model.user_vector("u5")
+    folded = model.fold_in(log[log.user_id == "u5"].item_id.tolist())
+    assert trained is not None and folded is not None
+    assert folded @ trained / (np.linalg.norm(folded) * np.linalg.norm(trained)) > 0.95
+
+
+def test_weighting_round_trips_and_older_bundles_trained_with_weights(
+    log: pd.DataFrame, tmp_path: Path
+) -> None:
+    binary = CFModel.train(log, factors=4, iterations=2, alpha=10.0, weighting="binary", seed=0)
+    section = binary.save(tmp_path / "binary")
+    assert section["weighting"] == "binary"
+    assert ALSParams.of(section) == ALSParams(4, 2, 0.05, 10.0, "binary") == binary.params
+    loaded = CFModel.load(tmp_path / "binary")
+    assert loaded.weighting == "binary" and loaded.params == binary.params
+    vector = loaded.fold_in(["a1", "a1"], [1.0, 4.0])
+    expected = binary.fold_in(["a1"])
+    assert vector is not None and expected is not None
+    np.testing.assert_allclose(vector, expected, rtol=1e-6)
+    # A CF directory from before weighting was recorded: params.json without it.
+    old = tmp_path / "old"
+    CFModel.train(log, factors=4, iterations=2, seed=0).save(old)
+    params = json.loads((old / "params.json").read_text())
+    del params["weighting"]
+    (old / "params.json").write_text(json.dumps(params))
+    assert CFModel.load(old).weighting == "weight"
+    assert ALSParams.of(params).weighting == "weight"
+
+
+def test_unknown_weighting_is_refused(log: pd.DataFrame) -> None:
+    with pytest.raises(InvalidInput, match="weighting 'counts'"):
+        CFModel.train(log, factors=2, iterations=1, weighting="counts")  # type: ignore[arg-type]

@@ -12,8 +12,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
+from ranking_service.cf import WEIGHTINGS, ALSParams, CFModel
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import (
@@ -24,8 +27,10 @@ from recsys.app.build import (
     BuildOptions,
     build_bundle,
 )
+from recsys.app.cf_search import GRID, MIN_USERS, search_cf
 from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
+from recsys.app.splits import hold_out_recent
 from recsys.core.bundle import Bundle
 
 BUILT_IN_POOL = 100
@@ -237,3 +242,143 @@ def test_a_build_from_the_change_log_folds_its_changes_and_records_where_it_read
         "name": log.name,
     }
     assert "s3cret" not in json.dumps(bundle.manifest)
+
+
+# -- CF (ALS) validation search -------------------------------------------------------------------
+
+GROUPS, GROUP_USERS, GROUP_ITEMS, USER_ITEMS = 4, 15, 20, 12
+
+
+def taste_log() -> pd.DataFrame:
+    """Four taste groups of 15 users; each user rates 12 of their group's 20 items over time,
+    so a user's latest items are predictable from their earlier ones (a rank-4 structure)."""
+    rng = np.random.default_rng(0)
+    rows = []
+    for g in range(GROUPS):
+        for u in range(GROUP_USERS):
+            items = rng.choice(GROUP_ITEMS, size=USER_ITEMS, replace=False)
+            for t, i in enumerate(items):
+                rows.append(
+                    {
+                        "user_id": f"g{g}u{u}",
+                        "item_id": f"g{g}i{i}",
+                        "timestamp": t,
+                        "weight": float(rng.choice([1.0, 3.0, 5.0])),
+                        "query": "",
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def held_out_taste_log() -> tuple[pd.DataFrame, pd.DataFrame]:
+    return hold_out_recent(taste_log(), 3)
+
+
+SMALL_GRID = {"weighting": WEIGHTINGS, "factors": (1, 8), "alpha": (2.0, 10.0)}
+# Rank 1 cannot tell four groups apart: the search must move away from it.
+POOR_START = ALSParams(factors=1, iterations=5, regularization=0.05, alpha=2.0)
+
+
+def test_the_cf_search_records_every_setting_and_picks_one_no_worse_than_its_start() -> None:
+    train, validation = held_out_taste_log()
+    found = search_cf(train, validation, POOR_START, seed=0, grid=SMALL_GRID)
+    record = found.record
+    tried = record["tried"]
+    settings = [ALSParams.of(row) for row in tried]
+    assert len(set(settings)) == len(settings) == record["fits"] > 1
+    assert settings[0] == POOR_START and record["start"] == tried[0]
+    assert record["validation_users"] == GROUPS * GROUP_USERS
+    # Coordinate descent: every value of every dimension was tried at least once.
+    for name, values in SMALL_GRID.items():
+        assert {row[name] for row in tried} >= set(values), name
+    # The chosen setting is the best tried (the first such), never worse than the start ...
+    best = max(row["ndcg@10"] for row in tried)
+    assert record["chosen"]["ndcg@10"] == best >= record["start"]["ndcg@10"]
+    assert record["chosen"] == next(row for row in tried if row["ndcg@10"] == best)
+    assert found.params == ALSParams.of(record["chosen"])
+    # ... and here strictly better: more than one factor separates the groups.
+    assert found.params.factors == 8 and best > record["start"]["ndcg@10"] + 0.05
+    assert record["passes"] in (1, 2) and record["seconds"] >= 0
+    # Seeded: the same data gives the same search.
+    again = search_cf(train, validation, POOR_START, seed=0, grid=SMALL_GRID)
+    assert again.params == found.params
+    assert {**again.record, "seconds": 0} == {**record, "seconds": 0}
+
+
+def test_the_cf_search_scores_what_the_evaluation_scores_for_cf() -> None:
+    """Each tried setting's figure is the evaluation's `cf` on validation users: ALS fitted on
+    train, each user folded in from their train history, everything seen excluded."""
+    from recsys.app.evaluation.metrics import accuracy
+    from recsys.app.splits import histories, relevant_items
+    from recsys.core.settings import default
+
+    train, validation = held_out_taste_log()
+    start = ALSParams(factors=8, iterations=5)
+    found = search_cf(train, validation, start, grid={"weighting": WEIGHTINGS})
+    cf = CFModel.train(train, seed=0, **start.kwargs())
+    seen = histories(train)
+    answers = {}
+    for user, history in seen.items():
+        vector = cf.fold_in(history[: default("max_history_items")])
+        assert vector is not None
+        answers[user] = [i for i, _ in cf.recommend(vector, 10, exclude=set(history))]
+    relevant = relevant_items(validation, -np.inf)
+    expected = accuracy(relevant, answers)["ndcg@10"]
+    assert found.record["start"]["ndcg@10"] == pytest.approx(expected, abs=1e-4)
+
+
+def test_the_cf_search_is_skipped_with_too_few_validation_users() -> None:
+    train, validation = held_out_taste_log()
+    found = search_cf(train, validation, POOR_START, grid=SMALL_GRID, min_users=61)
+    assert found.params == POOR_START
+    assert found.record == {
+        "skipped": "skipped: 60 validation users with held-out items and train history "
+        "(need 61); trained with the values given"
+    }
+    # Only relevant held-out items count: none weighs 6.
+    found = search_cf(train, validation, POOR_START, relevant_min_weight=6.0, grid=SMALL_GRID)
+    assert "skipped: 0 validation users" in found.record["skipped"]
+
+
+def test_the_build_trains_cf_with_the_values_its_search_chose(sample_bundle_root: Path) -> None:
+    manifest = Bundle.open(sample_bundle_root).manifest
+    cf, settings = manifest["cf"], manifest["settings"]
+    search = cf["search"]
+    assert settings["cf_search"] is True
+    assert search["validation_users"] == manifest["validation"]["users"] >= MIN_USERS
+    # The search started from the options' values; the CF served was trained with its choice.
+    start = ALSParams(
+        settings["cf_factors"],
+        settings["cf_iterations"],
+        settings["cf_regularization"],
+        settings["cf_alpha"],
+        settings["cf_weighting"],
+    )
+    assert start == ALSParams() and ALSParams.of(search["start"]) == start
+    assert ALSParams.of(cf) == ALSParams.of(search["chosen"])
+    assert search["chosen"]["ndcg@10"] >= search["start"]["ndcg@10"]
+    assert len(search["tried"]) == search["fits"] <= 2 * sum(len(v) for v in GRID.values())
+    assert search["grid"] == {name: list(values) for name, values in GRID.items()}
+    assert search["fits"] > 1 and manifest["timings"]["cf_search_seconds"] >= search["seconds"]
+
+
+def test_without_cf_search_the_build_trains_with_the_values_given(tmp_path: Path) -> None:
+    """`recsys build` without `--cf-search`: the built-in ALS values, and the manifest says so."""
+    from recsys.app.cli import format_manifest, main
+
+    catalog = tmp_path / "catalog.csv"
+    catalog.write_text("item_id,title\n" + "".join(f"i{k},Item number {k}\n" for k in range(6)))
+    interactions = tmp_path / "interactions.csv"
+    rows = [(u, f"i{(u + k) % 6}", 1000 * k) for u in range(3) for k in range(4)]
+    interactions.write_text(
+        "user_id,item_id,timestamp\n" + "".join(f"u{u},{i},{t}\n" for u, i, t in rows)
+    )
+    out = tmp_path / "bundle"
+    argv = ["build", "--catalog", str(catalog), "--interactions", str(interactions)]
+    assert main([*argv, "--out", str(out), "--no-ranker"]) == 0
+    manifest = Bundle.open(out).manifest
+    assert manifest["settings"]["cf_search"] is False
+    assert ALSParams.of(manifest["cf"]) == ALSParams()
+    assert manifest["cf"]["weighting"] == "weight"
+    assert manifest["cf"]["search"] == {"skipped": "off: trained with the values given"}
+    assert "weighting=weight; validation search off" in format_manifest(manifest, out)

@@ -19,9 +19,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ranking_service.cf import ALSParams
 from recsys.app.cli import main
 from recsys.app.ingest import load_interactions
-from recsys.app.retrain import EXIT_REFUSED, judge
+from recsys.app.retrain import EXIT_REFUSED, judge, retrain_options
 from recsys.app.sample import sample_paths, write_grown_log
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, publish, write_manifest
@@ -130,6 +131,10 @@ def test_retrain_reuses_the_live_version_and_switches_when_the_gate_passes(
     assert manifest["settings"]["fusion_lists"] == 40
     assert manifest["counts"]["interactions"] == len(pd.read_csv(grown_log))
     assert Bundle.open(root).verify() == []
+    # CF trains with the ALS values the live version's search chose, searching no more.
+    assert ALSParams.of(manifest["cf"]) == ALSParams.of(Bundle.open(root, live).manifest["cf"])
+    assert manifest["cf"]["search"] == {"skipped": f"off: {live}'s values, reused"}
+    assert manifest["settings"]["cf_search"] is False
 
 
 def test_a_corrupted_candidate_is_refused_kept_aside_and_current_unchanged(
@@ -228,3 +233,32 @@ def test_user_mistakes_exit_2_with_one_line_and_keep_current(
         assert expected in line, (flag, value, line)
     assert current(root) == live
     assert sorted(p.name for p in root.iterdir()) == versions
+
+
+def test_retrain_options_take_the_live_versions_chosen_cf_values(
+    sample_bundle_root: Path, tmp_path: Path
+) -> None:
+    """The values its CF was trained with (its manifest's `cf`), not the build options' starting
+    point, and no search; a live version from before `weighting` was recorded trained with
+    weights."""
+    root = tmp_path / "root"
+    shutil.copytree(sample_bundle_root, root)
+    live = current(root)
+    manifest = json.loads((root / live / bundle_files.MANIFEST).read_text())
+    chosen = ALSParams(
+        factors=32, iterations=30, regularization=1.0, alpha=40.0, weighting="binary"
+    )
+    manifest["cf"] |= chosen.kwargs()
+    write_manifest(root / live, {k: v for k, v in manifest.items() if k != "files"})
+    options = retrain_options(Bundle.open(root), root, INTERACTIONS)
+    assert options.cf_search is False
+    assert (
+        options.cf_factors,
+        options.cf_iterations,
+        options.cf_regularization,
+        options.cf_alpha,
+        options.cf_weighting,
+    ) == (32, 30, 1.0, 40.0, "binary")
+    del manifest["cf"]["weighting"]
+    write_manifest(root / live, {k: v for k, v in manifest.items() if k != "files"})
+    assert retrain_options(Bundle.open(root), root, INTERACTIONS).cf_weighting == "weight"

@@ -83,13 +83,12 @@ class Stage:
 def train_only_ranker(models: EvalModels, split: Split) -> Ranker:
     """The bundle's ranker with CF refitted on the train split alone (its own hyper-parameters
     and seed), as it was when the build fitted fusion on validation."""
-    from ranking_service.cf import CFModel
+    from ranking_service.cf import ALSParams, CFModel
 
-    section = models.bundle.manifest["cf"]
-    params = {k: section[k] for k in ("factors", "iterations", "regularization", "alpha")}
+    params = ALSParams.of(models.bundle.manifest["cf"])
     seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
     ranker = copy.copy(models.ranker)
-    ranker.cf = CFModel.train(split.train, seed=seed, **params)
+    ranker.cf = CFModel.train(split.train, seed=seed, **params.kwargs())
     return ranker
 
 

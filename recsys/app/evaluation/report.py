@@ -60,6 +60,28 @@ def _baselines(tuning: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _cf(cf: dict[str, Any]) -> list[str]:
+    """The bundle's ALS values, how its build chose them, and cf / popular on test."""
+    values = ", ".join(f"{k}={v}" for k, v in cf["params"].items())
+    lines = ["### CF (ALS): the bundle's values", "", f"- ALS: {values}"]
+    search = cf.get("search")
+    if search and "skipped" in search:
+        lines.append(f"- validation search: {search['skipped']}")
+    elif search:
+        lines.append(
+            f"- chosen by the build's validation search: {search['fits']} fits in "
+            f"{search['seconds']} s on {search['validation_users']} users; validation "
+            f"ndcg@10 {search['start']['ndcg@10']:.4f} with the values it started from → "
+            f"{search['chosen']['ndcg@10']:.4f}"
+        )
+    ratio = cf["cf / popular"]
+    lines.append(
+        f"- cf / popular, test NDCG@10 (95% paired bootstrap interval, users resampled, "
+        f"{ratio['draws']} draws): {_interval(ratio)}"
+    )
+    return [*lines, ""]
+
+
 def _ablation(ablation: dict[str, Any]) -> list[str]:
     rows = ablation["rows"]
     plan = (
@@ -108,6 +130,8 @@ def markdown(report: dict[str, Any]) -> str:
                 ],
                 "",
             ]
+        if "cf" in rec:
+            lines += _cf(rec["cf"])
         if "baselines" in rec:
             lines += _baselines(rec["baselines"])
         if "bootstrap" in rec:

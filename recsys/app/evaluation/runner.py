@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
+from ranking_service.cf import ALSParams
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.ablation import run_ablation
@@ -96,8 +97,7 @@ def evaluate_recommend(
 ) -> dict[str, Any]:
     from gateway.diversity import mmr
 
-    cf = models.bundle.manifest["cf"]
-    cf_params = {k: cf[k] for k in ("factors", "iterations", "regularization", "alpha")}
+    cf_params = ALSParams.of(models.bundle.manifest["cf"]).kwargs()
     seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
     baselines, tuning = tuned_baselines(split, cf_params, grids, seed, progress)
     runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
@@ -141,6 +141,15 @@ def evaluate_recommend(
         "methods": methods,
         "users": len(cases),
         "diversity_sweep": sweep,
+        "cf": {
+            "params": cf_params,
+            "search": models.bundle.manifest["cf"].get("search"),
+            "cf / popular": paired_bootstrap_ratio(
+                per_query_ndcg(relevant, runs["cf"]),
+                per_query_ndcg(relevant, runs["popular"]),
+                BOOTSTRAP_DRAWS,
+            ),
+        },
         "baselines": tuning,
         "bootstrap": bootstrap(relevant, {name: runs[name] for name in recommend.METHODS}),
         "ablation": ablation,
