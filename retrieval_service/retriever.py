@@ -389,16 +389,13 @@ class Retriever:
         The caller then makes the new version live; this one keeps answering pinned searches
         (with a copy of later changes) until it is closed.
         """
-        new = Retriever.open(bundle, device, self.history, self.milvus)
         if self.log is not None:
             # Every change is in the log: the new version catches up on its own, and this one
             # keeps following it while it answers pinned searches.
-            try:
-                new.follow(self.log, start_position(bundle, self.log))
-            except BaseException:
-                new.close()
-                raise
-            return new
+            return Retriever.load(
+                bundle, None, device, self.history, change_log=self.log, milvus=self.milvus
+            )
+        new = Retriever.open(bundle, device, self.history, self.milvus)
         state = self.state
         try:
             with self._lock:

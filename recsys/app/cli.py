@@ -202,19 +202,27 @@ def _add_build(sub: Any) -> None:
         "%(default)s)",
     )
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    _add_change_log(p)
+    _add_change_log(p, _FOLDED)
     _add_log_level(p)
     p.set_defaults(handler=_run_build)
 
 
-def _add_change_log(p: argparse.ArgumentParser) -> None:
+_FOLDED = (
+    "its changes up to now are folded into the catalog and recorded with their position, so "
+    "replicas replay only what comes after"
+)
+
+
+def _add_change_log(p: argparse.ArgumentParser, purpose: str, required: bool = False) -> None:
+    """--change-log URL and --change-log-table NAME; `purpose` says what the command does with
+    the log."""
     p.add_argument(
         "--change-log",
+        required=required,
         metavar="URL",
         help="the catalog change log retrieval replicas share (their RECSYS_CHANGE_LOG_URL, "
         "postgresql://USER@HOST:PORT/DB; give the password by PGPASSWORD or PGPASSFILE, not "
-        "here): its changes up to now are folded into the catalog and recorded with their "
-        "position, so replicas replay only what comes after",
+        f"here): {purpose}",
     )
     p.add_argument(
         "--change-log-table",
@@ -339,7 +347,7 @@ def _add_retrain(sub: Any) -> None:
         help="gate this version under ROOT (e.g. one kept aside earlier) instead of building one",
     )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    _add_change_log(p)
+    _add_change_log(p, _FOLDED)
     _add_log_level(p)
     p.set_defaults(handler=_run_retrain)
 
@@ -626,18 +634,7 @@ def _add_catalog(sub: Any) -> None:
         "while ROOT holds a version built without the log (it replays from position 0).",
     )
     trim.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
-    trim.add_argument(
-        "--change-log",
-        required=True,
-        metavar="URL",
-        help="the log's PostgreSQL URL (password by PGPASSWORD or PGPASSFILE)",
-    )
-    trim.add_argument(
-        "--change-log-table",
-        default=default("change_log_table"),
-        metavar="NAME",
-        help="its table (default %(default)s)",
-    )
+    _add_change_log(trim, "the log to trim", required=True)
     _add_log_level(trim)
     trim.set_defaults(handler=_run_trim_log)
 

@@ -160,6 +160,16 @@ def wait_for_acks(ledger: Ledger, count: int, writers: list[Writer], within_s: f
         time.sleep(0.05)
 
 
+def stop_writers(writers: list[Writer], stop: threading.Event) -> None:
+    """Stops the writers and fails if one raised or is stuck in a call."""
+    stop.set()
+    for writer in writers:
+        writer.join(timeout=2 * CALL_TIMEOUT_S)
+    for writer in writers:
+        assert writer.error is None, f"{writer.name} raised {writer.error!r}"
+        assert not writer.is_alive(), f"{writer.name} is stuck in a call"
+
+
 def current_states(
     stub: retrieval_pb2_grpc.RetrievalServiceStub, ids: list[str]
 ) -> dict[str, State]:
@@ -208,12 +218,7 @@ def test_acknowledged_changes_survive_kill_9_under_writes(
             stack.start("retrieval")  # same Settings: same port and state dir
         wait_for_acks(ledger, acks_per_life, writers, within_s=120)
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join(timeout=2 * CALL_TIMEOUT_S)
-    for writer in writers:
-        assert writer.error is None, f"{writer.name} raised {writer.error!r}"
-        assert not writer.is_alive(), f"{writer.name} is stuck in a call"
+        stop_writers(writers, stop)
     # One more crash with the writers stopped: what is read back below was replayed.
     kill9(stack, "retrieval")
     stack.start("retrieval")

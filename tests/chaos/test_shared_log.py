@@ -20,11 +20,11 @@ from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.changelog import ChangeLog
 from tests.chaos.conftest import Scale, kill9, quick_channel
 from tests.chaos.test_durability import (
-    CALL_TIMEOUT_S,
     Ledger,
     Writer,
     current_states,
     first_hits,
+    stop_writers,
     wait_for_acks,
 )
 from tests.postgres import PostgresServer
@@ -70,12 +70,7 @@ def test_killing_a_replica_or_the_log_server_loses_no_acknowledged_change(
             own_postgres.start()
         wait_for_acks(ledger, acks_per_phase, writers, within_s=120)
     finally:
-        stop.set()
-        for writer in writers:
-            writer.join(timeout=2 * CALL_TIMEOUT_S)
-    for writer in writers:
-        assert writer.error is None, f"{writer.name} raised {writer.error!r}"
-        assert not writer.is_alive(), f"{writer.name} is stuck in a call"
+        stop_writers(writers, stop)
 
     head = ChangeLog(url).head()
     ids = sorted(ledger.changes)

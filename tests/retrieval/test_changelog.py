@@ -205,3 +205,16 @@ def test_trimming_records_a_floor_that_older_versions_cannot_load_below(
     assert log.head() == writer.position
     with pytest.raises(InvalidInput, match="beyond the log's head"):
         log.trim(writer.position + 1)
+
+
+def test_a_successor_on_the_log_catches_up_and_the_old_version_keeps_following(
+    v1: Bundle, change_log_url: str
+) -> None:
+    old = follow(v1, ChangeLog(change_log_url))
+    old.upsert([TELESCOPE])
+    new = old.successor(v1, device="cpu")
+    assert new.log is old.log and new.position == old.position
+    assert state_of(new, ["new-1"]) == {"new-1": TELESCOPE}
+    new.upsert([KAYAK])
+    old.catch_up()  # the follower does this for every version held
+    assert state_of(old, ["new-2"]) == {"new-2": KAYAK}
