@@ -37,6 +37,10 @@ class StageScores:
     # CF from the most recent history items only: the user's current taste, next to `cf`'s
     # long-term one (from the user's trained vector or the whole history).
     cf_recent: np.ndarray | None = None
+    # The language model's view: embedding similarity to the history's nearest and most
+    # recent items (ranking_service.content); None without a history the catalog knows.
+    content_nearest: np.ndarray | None = None
+    content_recent: np.ndarray | None = None
     has_query: bool = False
 
 
@@ -119,22 +123,35 @@ FEATURES = (
     "retrieval_missing",
     "popularity",
     "cf_recent",
+    "content_nearest",
+    "content_recent",
 )
 
 
 def features(scores: StageScores) -> np.ndarray:
     """Per-candidate z-scores of each stage, one missing indicator per stage (its z is then 0),
-    then the z-scored popularity prior and short-term CF; columns follow FEATURES.
+    then the z-scored popularity prior, short-term CF and content similarities; columns follow
+    FEATURES.
 
     Retrieval is missing for candidates that only CF proposed.
     """
     n = len(scores.cf)
-    z_ce, z_cf, z_ret, z_pop, z_recent = (
+    z_ce, z_cf, z_ret, z_pop, z_recent, z_nearest, z_content_recent = (
         normalise(s) if s is not None else np.full(n, np.nan)
-        for s in (scores.ce, scores.cf, scores.retrieval, scores.popularity, scores.cf_recent)
+        for s in (
+            scores.ce,
+            scores.cf,
+            scores.retrieval,
+            scores.popularity,
+            scores.cf_recent,
+            scores.content_nearest,
+            scores.content_recent,
+        )
     )
     missing = [np.isnan(z).astype(np.float64) for z in (z_cf, z_ce, z_ret)]
-    matrix = np.column_stack([z_ce, z_cf, z_ret, *missing, z_pop, z_recent])
+    matrix = np.column_stack(
+        [z_ce, z_cf, z_ret, *missing, z_pop, z_recent, z_nearest, z_content_recent]
+    )
     return np.nan_to_num(matrix, nan=0.0)
 
 
@@ -155,7 +172,7 @@ class LogisticFusion:
     def fit(
         cls, x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 500, **meta: Any
     ) -> LogisticFusion:
-        """L2-regularised logistic regression by Newton's method (five features: tiny and exact)."""
+        """L2-regularised logistic regression by Newton's method (ten features: tiny and exact)."""
         design = np.column_stack([x, np.ones(len(x))])
         w = np.zeros(design.shape[1])
         penalty = l2 * np.eye(design.shape[1])
@@ -206,6 +223,8 @@ def subset(scores: StageScores, rows: np.ndarray) -> StageScores:
         retrieval=take(scores.retrieval),
         popularity=take(scores.popularity),
         cf_recent=take(scores.cf_recent),
+        content_nearest=take(scores.content_nearest),
+        content_recent=take(scores.content_recent),
         has_query=scores.has_query,
     )
 

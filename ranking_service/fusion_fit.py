@@ -95,16 +95,31 @@ def fit_two_pass(
     requests: str,
     depths: Sequence[int] = DEPTHS,
     sweep_lists: int | None = None,
+    first_lists: Sequence[FusionList] | None = None,
     **meta: Any,
 ) -> TwoPassFusion:
     """The two passes for one kind of request (their `fitted_on` records the sweep): the first
     fitted on every list, the depth sweep and second pass on `sweep_sample(lists, sweep_lists)`
     (the cross-encoder's time is the cost); `fallback` for both passes when too few lists
-    have a relevant candidate."""
+    have a relevant candidate.
+
+    `first_lists` (default `lists`) fit the first pass: it never reads the cross-encoder, so
+    it may also learn from requests the cross-encoder was fine-tuned on, which the second
+    pass must not."""
     lists = [f for f in lists if f.labels.any()]
     record: dict[str, Any] = {"requests": requests, "lists": len(lists), **meta}
-    if len(lists) < MIN_LISTS:
-        reason = f"only {len(lists)} {requests} with a relevant candidate (need {MIN_LISTS})"
+    if first_lists is not None:
+        first_lists = [f for f in first_lists if f.labels.any()]
+        record["first_pass_lists"] = len(first_lists)
+    fitted_on = lists if first_lists is None else first_lists
+    if len(fitted_on) >= MIN_LISTS and _has_content(fitted_on):
+        record["content_similarity"] = verdict = content_verdict(fitted_on)
+        if not verdict["pays"]:
+            # Both passes then learn without it (its weights are 0, so serving ignores it).
+            lists, fitted_on = _without_content(lists), _without_content(fitted_on)
+        log.info("fusion for %s: content similarity %s", requests, verdict)
+    if len(fitted_on) < MIN_LISTS:
+        reason = f"only {len(fitted_on)} {requests} with a relevant candidate (need {MIN_LISTS})"
         log.warning("fusion for %s: %s; keeping %s", requests, reason, fallback.to_dict())
         second = fallback if score_pairs is not None else None
         return TwoPassFusion(
@@ -114,9 +129,11 @@ def fit_two_pass(
             cross_encoder_pays=second is not None,
             fitted_on={**record, "fallback": reason},
         )
-    first = fit_logistic([first_pass_features(f.scores) for f in lists], [f.labels for f in lists])
-    firsts = [first.fuse(f.scores) for f in lists]
-    first_ndcg = _mean_ndcg(lists, [np.argsort(-s, kind="stable") for s in firsts])
+    first = fit_logistic(
+        [first_pass_features(f.scores) for f in fitted_on], [f.labels for f in fitted_on]
+    )
+    firsts = [first.fuse(f.scores) for f in fitted_on]
+    first_ndcg = _mean_ndcg(fitted_on, [np.argsort(-s, kind="stable") for s in firsts])
     record["first_pass_ndcg@10"] = round(first_ndcg, 4)
     sample = sweep_sample(lists, sweep_lists)
     if score_pairs is None or len(sample) < MIN_LISTS:
@@ -153,6 +170,45 @@ def fit_two_pass(
         "used" if pays else f"skipped (no gain of {MIN_GAIN:.0%} and {GAIN_Z} standard errors)",
     )
     return TwoPassFusion(first, second, depth, pays, record)
+
+
+def content_verdict(lists: Sequence[FusionList]) -> dict[str, Any]:
+    """Cross-fitted NDCG@10 (fitted on one half of `lists`, scored on the other) of the first
+    pass with and without the content-similarity features, and whether they pay: as the
+    cross-encoder must, by MIN_GAIN and GAIN_Z standard errors."""
+    plain = _without_content(lists)
+    folds = np.arange(len(lists)) % 2
+    scored = {"with": np.zeros(len(lists)), "without": np.zeros(len(lists))}
+    for fold in (0, 1):
+        train = [i for i in range(len(lists)) if folds[i] != fold]
+        held = [i for i in range(len(lists)) if folds[i] == fold]
+        for name, variant in (("with", lists), ("without", plain)):
+            first = fit_logistic(
+                [first_pass_features(variant[i].scores) for i in train],
+                [variant[i].labels for i in train],
+            )
+            orders = [np.argsort(-first.fuse(variant[i].scores), kind="stable") for i in held]
+            scored[name][held] = _ndcgs([variant[i] for i in held], orders)
+    gains = scored["with"] - scored["without"]
+    with_, without = float(scored["with"].mean()), float(scored["without"].mean())
+    gain_se = float(gains.std(ddof=1) / np.sqrt(len(gains))) if len(gains) > 1 else 0.0
+    return {
+        "ndcg@10 with": round(with_, 4),
+        "ndcg@10 without": round(without, 4),
+        "gain_se": round(gain_se, 4),
+        "pays": with_ >= without * (1 + MIN_GAIN) and with_ - without >= GAIN_Z * gain_se,
+    }
+
+
+def _has_content(lists: Sequence[FusionList]) -> bool:
+    return any(f.scores.content_nearest is not None for f in lists)
+
+
+def _without_content(lists: Sequence[FusionList]) -> list[FusionList]:
+    return [
+        replace(f, scores=replace(f.scores, content_nearest=None, content_recent=None))
+        for f in lists
+    ]
 
 
 def two_pass_ndcg(

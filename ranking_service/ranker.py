@@ -11,6 +11,7 @@ import numpy as np
 
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
+from ranking_service.content import ItemVectors
 from ranking_service.copies import DIRS, Scorer, load_copy, served_copy
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, build_context
 from ranking_service.fusion import (
@@ -70,8 +71,11 @@ class Ranker:
         rerank_depth: int | None = None,
         rerank_all_kinds: bool = False,
         scorer: Scorer | None = None,
+        content: ItemVectors | None = None,
     ) -> None:
         self.cf = cf
+        # The bundle's item embeddings for content-similarity features (None: none computed).
+        self.content = content
         self.fusion = fusion
         self.batcher = batcher
         self.versions = versions
@@ -121,6 +125,7 @@ class Ranker:
             settings.rerank_depth,
             settings.rerank_kinds == "all",
             scorer,
+            ItemVectors.load(bundle.path),
         )
 
     def start(self) -> None:
@@ -268,13 +273,17 @@ class Ranker:
         """Every stage's scores but the cross-encoder's, and whether CF folded in."""
         cf, folded = self._cf(context, candidates)
         ids = [c.item_id for c in candidates]
-        recent = self.cf.fold_in([h.item_id for h in context.history[:RECENT_HISTORY_ITEMS]])
+        history = [h.item_id for h in context.history]
+        recent = self.cf.fold_in(history[:RECENT_HISTORY_ITEMS])
         retrieval = _retrieval_scores(candidates)
+        content = None if self.content is None else self.content.scores(ids, history)
         stages = StageScores(
             cf=cf,
             retrieval=None if np.isnan(retrieval).all() else retrieval,
             popularity=self.cf.popularity(ids),
             cf_recent=None if recent is None else self.cf.scores(recent, ids),
+            content_nearest=None if content is None else content.nearest,
+            content_recent=None if content is None else content.recent,
             has_query=bool(context.query.strip()),
         )
         return stages, folded

@@ -34,6 +34,7 @@ class Variant:
     drop_cf: bool  # CF and short-term CF scores dropped (missing to fusion)
     cross_encoder: bool  # the cross-encoder's second pass, where the bundle's plan runs it
     means: str
+    drop_content: bool = False  # the content-similarity features dropped (missing to fusion)
 
 
 VARIANTS = (
@@ -61,11 +62,20 @@ VARIANTS = (
         "pool from CF recall alone, so no retrieval candidates or scores",
     ),
     Variant(
+        "without content similarity",
+        None,
+        False,
+        True,
+        "the embedding similarities to the history's items dropped as missing",
+        drop_content=True,
+    ),
+    Variant(
         "without language-model components",
         1.0,
         False,
         False,
-        "neither dense retrieval (pool from CF alone) nor the cross-encoder",
+        "no dense retrieval (pool from CF alone), content similarity or cross-encoder",
+        drop_content=True,
     ),
 )
 
@@ -131,6 +141,8 @@ def _rank(
         scores, _ = ranker.stage_scores(context, cands, None)
         if variant.drop_cf:
             scores = replace(scores, cf=np.full(len(cands), np.nan, np.float32), cf_recent=None)
+        if variant.drop_content:
+            scores = replace(scores, content_nearest=None, content_recent=None)
         first = plan.first.fuse(scores) if cands else np.zeros(0, np.float32)
         has_text = any(h.text.strip() for h in context.history)
         two_pass = variant.cross_encoder and plan.cross_encoder_pays and plan.second is not None
