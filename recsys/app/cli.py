@@ -977,7 +977,13 @@ def _add_evaluate(sub: Any) -> None:
     )
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
-    p.add_argument("--protocol", choices=("recommend", "search", "all"), default="all")
+    p.add_argument(
+        "--protocol",
+        choices=("recommend", "search", "unseen", "all"),
+        default="all",
+        help="recommend: every method on the test users; search: on the test tags; unseen: "
+        "users held out of CF's training, answered from their history; all (default): each",
+    )
     p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
     p.add_argument(
         "--ranker-steps",
@@ -1038,7 +1044,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     if args.pool is not None and args.pool < 10:
         raise InvalidInput(f"--pool {args.pool}: must be >= 10 (metrics are at 10)")
     report = run_evaluation(args.data, args.bundle, args.protocol, args.out, options, args.pool)
-    for protocol in ("recommend", "search"):
+    for protocol in ("recommend", "search", "unseen"):
         if protocol in report:
             print(
                 f"{protocol}: "

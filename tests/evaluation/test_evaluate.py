@@ -20,6 +20,8 @@ from recsys.app.evaluation.ablation import VARIANTS
 from recsys.app.evaluation.baselines import NAMES, Grids, SASRecConfig, tuned_baselines
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.evaluation.runner import FIT_ON, SPLIT_MARK, load_data, run_evaluation
+from recsys.app.evaluation.unseen import METHODS as UNSEEN_METHODS
+from recsys.app.evaluation.unseen import held_out, run_unseen, unseen_ranker, without_held_out
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 
@@ -91,7 +93,7 @@ def test_report_has_the_promised_shape(evaluated: tuple[Path, Path]) -> None:
     assert ratio["ratio"] == pytest.approx(ndcg["cf"] / ndcg["popular"], rel=1e-6)
     assert ratio["low"] <= ratio["ratio"] <= ratio["high"]
     assert rec["cf"]["params"] == ALSParams.of(Bundle.open(root).manifest["cf"]).kwargs()
-    for chart in ("recommend.png", "search.png"):
+    for chart in ("recommend.png", "search.png", "unseen.png"):
         assert (out / chart).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -132,6 +134,36 @@ def test_ablation_starts_from_the_reported_pipeline(evaluated: tuple[Path, Path]
         assert 0.0 <= row["validation ndcg@10"] <= 1.0
         ratio = row["test full / variant"]
         assert ratio["low"] <= ratio["high"]
+
+
+def test_unseen_users_are_answered_without_ever_being_trained_on(
+    data_dir: Path, evaluated: tuple[Path, Path]
+) -> None:
+    root, out = evaluated
+    report = json.loads((out / "report.json").read_text())
+    unseen = report["unseen"]
+    assert list(unseen["methods"]) == list(UNSEEN_METHODS)
+    assert unseen["users"] > 0 and isinstance(unseen["cross_encoder_in_plan"], bool)
+    # The recommend protocol's chosen window is the one short-term CF uses here.
+    chosen = report["recommend"]["baselines"]["cf_recent"]["chosen"]["window"]
+    assert unseen["cf_recent_window"] == chosen
+    assert "unseen users: full ndcg@10 >= 2 x popular" in report["goals"]
+    assert "## Unseen users" in (out / "report.md").read_text()
+    assert (out / "unseen.png").is_file()
+    data = load_data(data_dir)
+    visible = data.split.seen()
+    training = without_held_out(visible)
+    held = set(visible["user_id"]) - set(training["user_id"])
+    assert held and all(held_out(u) for u in held)
+    assert unseen["fitted_on_interactions"] == len(training)
+    models = EvalModels.load(Bundle.open(root), device="cpu")
+    assert all(unseen_ranker(models, training).cf.user_vector(u) is None for u in held)
+    runs, relevant, _ = run_unseen(models, data.split, 20, chosen, False)
+    assert relevant and set(relevant) <= held
+    for user in relevant:
+        assert len(runs["full"][user]) == 10 and runs["cf"][user]
+        history = set(visible.loc[visible["user_id"] == user, "item_id"])
+        assert not any(set(run[user]) & history for run in runs.values())
 
 
 def test_bundle_saw_only_the_train_split(data_dir: Path, evaluated: tuple[Path, Path]) -> None:

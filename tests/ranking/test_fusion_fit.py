@@ -4,15 +4,17 @@ it does not, the depth sweep is recorded, and too few lists fall back to the con
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
-from ranking_service.fusion import ConvexFusion, StageScores, TwoPassFusion
+from ranking_service.fusion import FEATURES, ConvexFusion, StageScores, TwoPassFusion
 from ranking_service.fusion_fit import (
     MIN_LISTS,
     FusionList,
     choose_depth,
+    content_verdict,
     first_pass_features,
     fit_two_pass,
     ndcg,
@@ -162,3 +164,56 @@ def test_the_time_budget_cuts_the_depth_and_refits_the_second_pass_there() -> No
     fallback = fit_two_pass(lists[: MIN_LISTS - 1], CountingScorer(), ConvexFusion(), "users")
     cut = within_budget(fallback, lists, CountingScorer(), pairs_per_s=1000, budget_ms=12)
     assert cut.rerank_depth == 12 and cut.cross_encoder_pays
+
+
+def with_content(lists: Sequence[FusionList], signal: float, seed: int = 1) -> list[FusionList]:
+    """The lists with content similarities that read relevance with `signal` of their weight."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for f in lists:
+        nearest = signal * f.labels + (1 - signal) * rng.normal(size=len(f.labels))
+        scores = replace(f.scores, content_nearest=nearest, content_recent=rng.normal(size=POOL))
+        out.append(replace(f, scores=scores))
+    return out
+
+
+def test_content_similarity_that_knows_relevance_is_kept() -> None:
+    lists = with_content(synthetic_lists(60, 0.5), signal=0.8)
+    fused = fit_two_pass(lists, None, ConvexFusion(), requests="users")
+    verdict = fused.fitted_on["content_similarity"]
+    assert verdict["pays"] and verdict["ndcg@10 with"] > verdict["ndcg@10 without"]
+    assert fused.first.to_dict()["weights"][FEATURES.index("content_nearest")] > 0
+    assert content_verdict(lists) == verdict
+
+
+def test_content_similarity_of_noise_weighs_nothing_in_either_pass() -> None:
+    lists = with_content(synthetic_lists(60, 0.9), signal=0.0)
+    fused = fit_two_pass(lists, CountingScorer(), ConvexFusion(), "users", depths=(5, 10))
+    assert not fused.fitted_on["content_similarity"]["pays"]
+    assert fused.second is not None
+    for fusion in (fused.first, fused.second):
+        weights = fusion.to_dict()["weights"]
+        assert weights[FEATURES.index("content_nearest")] == 0.0
+        assert weights[FEATURES.index("content_recent")] == 0.0
+    # Lists without content (searches) record no verdict.
+    assert (
+        "content_similarity"
+        not in fit_two_pass(
+            lists[:0] + synthetic_lists(30, 0.5), None, ConvexFusion(), "users"
+        ).fitted_on
+    )
+
+
+def test_the_first_pass_may_learn_from_more_lists_than_the_cross_encoder_sees() -> None:
+    scorer = CountingScorer()
+    held, tuned = synthetic_lists(20, 0.9), synthetic_lists(50, 0.9, seed=3)
+    fused = fit_two_pass(
+        held, scorer, ConvexFusion(), "queries", depths=(5,), first_lists=held + tuned
+    )
+    assert fused.first.fitted_on["lists"] == 70 and fused.fitted_on["first_pass_lists"] == 70
+    assert fused.fitted_on["lists"] == 20 and scorer.pairs == 20 * 5
+    # Enough lists for the first pass, too few held out for the cross-encoder: first pass only.
+    few = fit_two_pass(
+        held[: MIN_LISTS - 1], scorer, ConvexFusion(), "queries", first_lists=held + tuned
+    )
+    assert few.first.fitted_on["lists"] == 70 and few.second is None

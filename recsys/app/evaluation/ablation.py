@@ -119,21 +119,22 @@ def answers(
         pools[share] = gather_pools(requests, models.retriever, stage.ranker, policy, desc)
     out: dict[str, dict[str, list[str]]] = {}
     for variant in VARIANTS:
-        ranked = _rank(models, stage.ranker, pools[variant.cf_share], variant, progress)
+        ranked = rank_top(models, stage.ranker, pools[variant.cf_share], variant, progress)
         out[variant.name] = {u: ranked[i] for i, u in enumerate(users)}
         # Users without history get no answer from any variant (as from `full`).
         out[variant.name].update({u: [] for u in stage.relevant if u not in out[variant.name]})
     return out
 
 
-def _rank(
+def rank_top(
     models: EvalModels,
     ranker: Ranker,
     pools: Sequence[CandidatePool],
     variant: Variant,
     progress: bool,
 ) -> list[list[str]]:
-    """Ranker.combine's two passes over each pool, with the variant's component dropped."""
+    """The top 10 of Ranker.combine's two passes over each pool, with the variant's component
+    dropped (the serving cross-encoder scores each head where the plan runs it)."""
     plan = ranker.plan(False)
     firsts, heads, contexts, candidates, stages = [], [], [], [], []
     for pool in pools:

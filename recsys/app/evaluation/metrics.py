@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 K = 10
 ACCURACY_METRICS = (f"ndcg@{K}", f"recall@{K}", f"mrr@{K}")
+BOOTSTRAP_DRAWS = 1000  # paired bootstrap resamples of users (recommend) and queries (search)
 
 
 def accuracy(
@@ -80,3 +82,21 @@ def paired_bootstrap_ratio(
     high = np.percentile(ratios, 97.5, method="higher")
     point = a.mean() / b.mean() if b.mean() > 0 else float("inf")
     return {"ratio": float(point), "low": float(low), "high": float(high), "draws": draws}
+
+
+def bootstrap(
+    relevant: dict[str, set[str]], runs: dict[str, dict[str, list[str]]]
+) -> dict[str, Any]:
+    """`full`'s NDCG@10 over each other method's, and over the best other (chosen on the point
+    estimates), with 95% paired bootstrap intervals over the same users or queries."""
+    ndcg = {name: per_query_ndcg(relevant, run) for name, run in runs.items()}
+    others = {name: values for name, values in ndcg.items() if name != "full"}
+    best = max(others, key=lambda name: others[name].mean())
+    return {
+        "best_other": best,
+        "full / best other": paired_bootstrap_ratio(ndcg["full"], others[best], BOOTSTRAP_DRAWS),
+        "full / each": {
+            name: paired_bootstrap_ratio(ndcg["full"], values, BOOTSTRAP_DRAWS)
+            for name, values in others.items()
+        },
+    }

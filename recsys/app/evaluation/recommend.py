@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import pandas as pd
 
 from gateway.candidates import CandidatePool
+from ranking_service.ranker import Ranker
 from recsys.app.evaluation.baselines import NAMES as BASELINES
 from recsys.app.evaluation.baselines import Baseline, run_baselines
 from recsys.app.evaluation.metrics import K
@@ -87,7 +88,7 @@ def run_recommend(
     contexts, dense_pools, full_pools = [], [], []
     for case in users:
         runs["popular"][case.user_id] = top_k_excluding(popular, set(case.history))
-        runs["cf"][case.user_id] = _cf_top(models, case)
+        runs["cf"][case.user_id] = cf_top(models.ranker, case)
         f, d = full.get(case.user_id), dense.get(case.user_id)
         runs["dense"][case.user_id] = [p.item_id for p in d.items[:K]] if d else []
         contexts.append(f.context() if f else RankContext())
@@ -103,10 +104,10 @@ def run_recommend(
     return runs, users, ranked
 
 
-def _cf_top(models: EvalModels, case: RecommendCase) -> list[str]:
+def cf_top(ranker: Ranker, case: RecommendCase) -> list[str]:
     """CF's own top 10 (RankingService.RecallCandidates), everything seen excluded."""
     try:
-        recall = models.ranker.recall("", case.history[:HISTORY_ITEMS], K, case.history)
+        recall = ranker.recall("", case.history[:HISTORY_ITEMS], K, case.history)
     except NotFound:
         return []  # CF knows none of the user's items
     return [item for item, _ in recall.items]

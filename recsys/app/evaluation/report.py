@@ -108,6 +108,24 @@ def _ablation(ablation: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _unseen(unseen: dict[str, Any]) -> list[str]:
+    plan = "runs" if unseen["cross_encoder_in_plan"] else "does not run"
+    lines = [
+        f"## Unseen users ({unseen['users']} users held out of training)",
+        "",
+        f"Held out: {unseen['held_out']}. CF, most-popular and short-term CF (window "
+        f"{unseen['cf_recent_window']}) are fitted on the other users' "
+        f"{unseen['fitted_on_interactions']} visible interactions; each held-out user is "
+        "answered from their history alone (CF folds them in). The bundle's fusion weights and "
+        "cross-encoder were fitted with every user's training interactions; its plan "
+        f"{plan} the cross-encoder for recommendations.",
+        "",
+        *_table(unseen["methods"]),
+        "",
+    ]
+    return lines + _bootstrap(unseen["bootstrap"], "users")
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human report: one table per protocol, the diversity sweep, and the run's facts."""
     lines = ["# Evaluation report", ""]
@@ -138,6 +156,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines += _bootstrap(rec["bootstrap"], "users")
         if "ablation" in rec:
             lines += _ablation(rec["ablation"])
+    if "unseen" in report:
+        lines += _unseen(report["unseen"])
     if "search" in report:
         search = report["search"]
         lines += [
@@ -184,7 +204,7 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     written = [out_dir / "report.json", out_dir / "report.md"]
     written[0].write_text(json.dumps(report, indent=2, sort_keys=False) + "\n")
     written[1].write_text(markdown(report))
-    for protocol in ("recommend", "search"):
+    for protocol in ("recommend", "search", "unseen"):
         if protocol in report:
             path = out_dir / f"{protocol}.png"
             chart(report[protocol]["methods"], f"{protocol}: methods side by side", path)

@@ -18,7 +18,9 @@ from recsys.app.evaluation.ablation import run_ablation
 from recsys.app.evaluation.baselines import DEFAULT_GRIDS, Grids, Users, tuned_baselines
 from recsys.app.evaluation.metrics import (
     ACCURACY_METRICS,
+    BOOTSTRAP_DRAWS,
     accuracy,
+    bootstrap,
     coverage,
     mean_intra_list_diversity,
     paired_bootstrap_ratio,
@@ -26,6 +28,7 @@ from recsys.app.evaluation.metrics import (
 )
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.evaluation.report import write_report
+from recsys.app.evaluation.unseen import evaluate_unseen
 from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.app.movielens import TagQuery, read_queries
 from recsys.app.splits import Split, temporal_split
@@ -34,7 +37,7 @@ from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
 
-Protocol = Literal["recommend", "search", "all"]
+Protocol = Literal["recommend", "search", "unseen", "all"]
 SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for evaluation
 # What fusion is fitted on: the protocol's validation split, or, as a plain `recsys build`
 # does, the build's own hold-out of everything before test (with the training queries, as
@@ -42,7 +45,6 @@ SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for 
 FIT_ON = {"protocol": SPLIT_MARK, "own-holdout": "movielens-before-test"}
 DIVERSITY_SETTINGS = (0.0, 0.25, 0.5, 0.75)
 RANKER_STEPS = 100  # cross-encoder fine-tuning steps of a bundle built for evaluation
-BOOTSTRAP_DRAWS = 1000  # paired bootstrap resamples of users (recommend) and queries (search)
 
 
 @dataclass(frozen=True)
@@ -156,24 +158,6 @@ def evaluate_recommend(
     }
 
 
-def bootstrap(
-    relevant: dict[str, set[str]], runs: dict[str, dict[str, list[str]]]
-) -> dict[str, Any]:
-    """`full`'s NDCG@10 over each other method's, and over the best other (chosen on the point
-    estimates), with 95% paired bootstrap intervals over the same users or queries."""
-    ndcg = {name: per_query_ndcg(relevant, run) for name, run in runs.items()}
-    others = {name: values for name, values in ndcg.items() if name != "full"}
-    best = max(others, key=lambda name: others[name].mean())
-    return {
-        "best_other": best,
-        "full / best other": paired_bootstrap_ratio(ndcg["full"], others[best], BOOTSTRAP_DRAWS),
-        "full / each": {
-            name: paired_bootstrap_ratio(ndcg["full"], values, BOOTSTRAP_DRAWS)
-            for name, values in others.items()
-        },
-    }
-
-
 def evaluate_search(
     models: EvalModels, queries: list[TagQuery], pool: int, progress: bool
 ) -> dict[str, Any]:
@@ -208,6 +192,9 @@ def goals(report: dict[str, Any]) -> dict[str, bool]:
         out["recommend: language-model components raise test ndcg@10 >= 5% (ablation)"] = (
             lm["test full / variant"]["ratio"] >= 1.05
         )
+    if "unseen" in report:
+        u = {k: v["ndcg@10"] for k, v in report["unseen"]["methods"].items()}
+        out["unseen users: full ndcg@10 >= 2 x popular"] = u["full"] >= 2.0 * u["popular"]
     if "search" in report:
         s = {k: v["ndcg@10"] for k, v in report["search"]["methods"].items()}
         out["search: full ndcg@10 >= 1.20 x bm25"] = s["full"] >= 1.20 * s["bm25"]
@@ -218,6 +205,15 @@ def goals(report: dict[str, Any]) -> dict[str, bool]:
             s["dense+ce"] > s["dense+ce_base"]
         )
     return out
+
+
+def _recent_window(report: dict[str, Any]) -> int:
+    """Short-term CF's window as the recommend protocol's validation search chose it, else the
+    ranker's own."""
+    from ranking_service.ranker import RECENT_HISTORY_ITEMS
+
+    tuning = report.get("recommend", {}).get("baselines", {})
+    return int(tuning.get("cf_recent", {}).get("chosen", {}).get("window", RECENT_HISTORY_ITEMS))
 
 
 def run_evaluation(
@@ -243,6 +239,9 @@ def run_evaluation(
         report["recommend"] = evaluate_recommend(models, data.split, pool, progress, grids)
     if protocol in ("search", "all"):
         report["search"] = evaluate_search(models, data.queries, pool, progress)
+    if protocol in ("unseen", "all"):
+        window = _recent_window(report)
+        report["unseen"] = evaluate_unseen(models, data.split, pool, window, progress)
     report["goals"] = goals(report)
     report["meta"] = {
         "bundle": str(bundle.path),

@@ -1,0 +1,65 @@
+"""Content similarity of candidates to the request's history, from the bundle's item embeddings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ranking_service.content import NEAREST_OF, RECENT_OF, ItemVectors
+from ranking_service.ranker import Ranker
+from recsys.core.bundle import Bundle
+from recsys.core.domain import Candidate, HistoryItem, RankContext
+from recsys.core.settings import Settings
+
+
+def unit(*values: float) -> np.ndarray:
+    v = np.array(values, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_nearest_and_recent_similarities() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(12, 8)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = [f"i{k}" for k in range(12)]
+    store = ItemVectors(ids, vectors)
+    history = ids[2:10]  # most recent first
+    scores = store.scores(["i0", "i1", "gone"], [*history, "unknown"])
+    assert scores is not None
+    sims = vectors[:2] @ vectors[2:10].T
+    expected_nearest = np.sort(sims, axis=1)[:, -NEAREST_OF:].mean(axis=1)
+    np.testing.assert_allclose(scores.nearest[:2], expected_nearest, rtol=1e-5)
+    np.testing.assert_allclose(scores.recent[:2], sims[:, :RECENT_OF].mean(axis=1), rtol=1e-5)
+    # A candidate the catalog lacks (added online) is unscored, not zero.
+    assert np.isnan(scores.nearest[2]) and np.isnan(scores.recent[2])
+    assert store.scores(["i0"], ["unknown"]) is None
+
+
+def test_a_short_history_uses_what_there_is() -> None:
+    store = ItemVectors(["a", "b", "c"], np.stack([unit(1, 0), unit(0, 1), unit(1, 1)]))
+    scores = store.scores(["c", "b"], ["a"])
+    assert scores is not None
+    np.testing.assert_allclose(scores.nearest, [np.sqrt(0.5), 0.0], atol=1e-6)
+    np.testing.assert_allclose(scores.recent, scores.nearest)
+    with pytest.raises(ValueError, match="2 item ids for 3 vectors"):
+        ItemVectors(["a", "b"], np.zeros((3, 2), np.float32))
+
+
+def test_the_served_ranker_scores_content_from_its_bundle(sample_bundle_root: Path) -> None:
+    bundle = Bundle.open(sample_bundle_root)
+    ranker = Ranker.load(bundle, Settings.built_in(bundle=sample_bundle_root))
+    assert ranker.content is not None
+    catalog = pd.read_parquet(bundle.file("catalog.parquet"), columns=["item_id"])
+    first, second = (str(i) for i in catalog["item_id"][:2])
+    context = RankContext(history=(HistoryItem(first, ""),))
+    stages, _ = ranker.stage_scores(context, [Candidate(first, ""), Candidate(second, "")], None)
+    assert stages.content_nearest is not None and stages.content_recent is not None
+    # An item is its own nearest neighbour.
+    assert stages.content_nearest[0] == pytest.approx(1.0, abs=1e-5)
+    assert stages.content_nearest[1] < stages.content_nearest[0]
+    # A search without history has no content scores.
+    query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")], None)
+    assert query.content_nearest is None
