@@ -9,7 +9,6 @@ seen validation).
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -88,18 +87,6 @@ class Stage:
     ranker: Ranker
     histories: dict[str, list[str]]
     relevant: dict[str, set[str]]
-
-
-def train_only_ranker(models: EvalModels, split: Split) -> Ranker:
-    """The bundle's ranker with CF refitted on the train split alone (its own hyper-parameters
-    and seed), as it was when the build fitted fusion on validation."""
-    from ranking_service.cf import ALSParams, CFModel
-
-    params = ALSParams.of(models.bundle.manifest["cf"])
-    seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
-    ranker = copy.copy(models.ranker)
-    ranker.cf = CFModel.train(split.train, seed=seed, **params.kwargs())
-    return ranker
 
 
 def answers(
@@ -224,7 +211,7 @@ def run_ablation(
 ) -> dict[str, Any]:
     """The ablation table over (histories, relevant) of validation users and of test users."""
     stages = {
-        "validation": Stage("validation", train_only_ranker(models, split), *validation),
+        "validation": Stage("validation", models.ranker_refitted_on(split.train), *validation),
         "test": Stage("test", models.ranker, *test),
     }
     results = {

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import atexit
+import copy
 import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import pandas as pd
 from tqdm import tqdm
 
 from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
+from ranking_service.cf import ALSParams, CFModel
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
 from ranking_service.ranker import Ranker, Scorer
 from recsys.app.local import gather_pools
@@ -61,6 +65,22 @@ class EvalModels:
         pool = int(built.get("candidate_pool", default("default_candidate_pool")))
         share = float(built.get("cf_candidate_share", default("cf_candidate_share")))
         return cls(bundle, retriever, ranker, tuned, base, pool, PoolPolicy(cf_share=share))
+
+    @property
+    def seed(self) -> int:
+        return int(self.bundle.manifest.get("settings", {}).get("seed", 0))
+
+    @property
+    def cf_params(self) -> dict[str, Any]:
+        """The bundle's ALS hyper-parameters, as CFModel.train takes them."""
+        return ALSParams.of(self.bundle.manifest["cf"]).kwargs()
+
+    def ranker_refitted_on(self, interactions: pd.DataFrame) -> Ranker:
+        """The bundle's ranker with CF refitted on `interactions` (its own hyper-parameters
+        and seed): what serving would be had CF seen only those."""
+        ranker = copy.copy(self.ranker)
+        ranker.cf = CFModel.train(interactions, seed=self.seed, **self.cf_params)
+        return ranker
 
     def vector(self, item_id: str) -> np.ndarray | None:
         row = self.retriever.store.row(item_id)

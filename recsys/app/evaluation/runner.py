@@ -11,7 +11,6 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from ranking_service.cf import ALSParams
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.ablation import run_ablation
@@ -99,9 +98,8 @@ def evaluate_recommend(
 ) -> dict[str, Any]:
     from gateway.diversity import mmr
 
-    cf_params = ALSParams.of(models.bundle.manifest["cf"]).kwargs()
-    seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
-    baselines, tuning = tuned_baselines(split, cf_params, grids, seed, progress)
+    cf_params = models.cf_params
+    baselines, tuning = tuned_baselines(split, cf_params, grids, models.seed, progress)
     runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
     relevant = {c.user_id: c.relevant for c in cases}
     catalog_size = len(models.retriever.store)

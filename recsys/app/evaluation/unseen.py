@@ -9,18 +9,15 @@ for recommendations at all.
 
 from __future__ import annotations
 
-import copy
 import hashlib
 from typing import Any
 
 import pandas as pd
 
-from ranking_service.cf import ALSParams, CFModel
-from ranking_service.ranker import Ranker
 from recsys.app.evaluation import recommend
 from recsys.app.evaluation.ablation import VARIANTS, rank_top
 from recsys.app.evaluation.baselines import CFRecent
-from recsys.app.evaluation.metrics import accuracy, bootstrap
+from recsys.app.evaluation.metrics import K, accuracy, bootstrap
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.local import gather_pools, pool_request
 from recsys.app.splits import Split
@@ -37,22 +34,13 @@ def without_held_out(interactions: pd.DataFrame) -> pd.DataFrame:
     return interactions[~interactions["user_id"].astype(str).map(held_out)]
 
 
-def unseen_ranker(models: EvalModels, training: pd.DataFrame) -> Ranker:
-    """The bundle's ranker with CF refitted on `training` (its own hyper-parameters and seed)."""
-    manifest = models.bundle.manifest
-    seed = int(manifest.get("settings", {}).get("seed", 0))
-    ranker = copy.copy(models.ranker)
-    ranker.cf = CFModel.train(training, seed=seed, **ALSParams.of(manifest["cf"]).kwargs())
-    return ranker
-
-
 def run_unseen(
     models: EvalModels, split: Split, pool: int, recent_window: int, progress: bool
 ) -> tuple[dict[str, dict[str, list[str]]], dict[str, set[str]], int]:
     """Each method's top 10 per held-out user with a relevant test item, their relevant items,
     and how many interactions the models were fitted on (everything visible, minus theirs)."""
     training = without_held_out(split.seen())
-    ranker = unseen_ranker(models, training)
+    ranker = models.ranker_refitted_on(training)
     cases = [c for c in recommend.cases(split) if held_out(c.user_id)]
     asked = [c for c in cases if c.history]
     requests = [
@@ -68,8 +56,7 @@ def run_unseen(
             strict=True,
         )
     )
-    seed = int(models.bundle.manifest.get("settings", {}).get("seed", 0))
-    recent = CFRecent(recent_window, ALSParams.of(models.bundle.manifest["cf"]).kwargs(), seed)
+    recent = CFRecent(recent_window, models.cf_params, models.seed)
     recent.fit(training)
     popular = recommend.popularity_order(training)
     runs: dict[str, dict[str, list[str]]] = {name: {} for name in METHODS}
@@ -78,7 +65,7 @@ def run_unseen(
         runs["popular"][case.user_id] = recommend.top_k_excluding(popular, seen)
         runs["cf"][case.user_id] = recommend.cf_top(ranker, case)
         runs["cf_recent"][case.user_id] = (
-            recent.recommend(case.history, 10, seen) if case.history else []
+            recent.recommend(case.history, K, seen) if case.history else []
         )
         runs["full"][case.user_id] = full.get(case.user_id, [])
     return runs, {c.user_id: c.relevant for c in cases}, len(training)
