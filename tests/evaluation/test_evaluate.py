@@ -132,8 +132,10 @@ def test_ablation_starts_from_the_reported_pipeline(evaluated: tuple[Path, Path]
     assert rows[0]["test ndcg@10"] == pytest.approx(rec["methods"]["full"]["ndcg@10"], abs=1e-4)
     for row in rows[1:]:
         assert 0.0 <= row["validation ndcg@10"] <= 1.0
-        ratio = row["test full / variant"]
-        assert ratio["low"] <= ratio["high"]
+        assert 0.0 <= row["test ndcg@10 refitted"] <= 1.0
+        for ratio in (row["test full / variant"], row["test full / variant refitted"]):
+            assert ratio["low"] <= ratio["high"]
+    assert "test ndcg@10, refitted" in (out / "report.md").read_text()
 
 
 def test_unseen_users_are_answered_without_ever_being_trained_on(

@@ -190,6 +190,9 @@ def goals(report: dict[str, Any]) -> dict[str, bool]:
         out["recommend: language-model components raise test ndcg@10 >= 5% (ablation)"] = (
             lm["test full / variant"]["ratio"] >= 1.05
         )
+        out["recommend: ... and against a pipeline fitted without them (ablation, refitted)"] = (
+            lm["test full / variant refitted"]["ratio"] >= 1.05
+        )
     if "unseen" in report:
         u = {k: v["ndcg@10"] for k, v in report["unseen"]["methods"].items()}
         out["unseen users: full ndcg@10 >= 2 x popular"] = u["full"] >= 2.0 * u["popular"]
