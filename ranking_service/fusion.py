@@ -11,7 +11,7 @@ present; the learned model sees it as 0 plus an explicit "missing" indicator it 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -341,6 +341,22 @@ def plan(fusion: Fusion, has_query: bool) -> TwoPassFusion:
     if isinstance(fusion, ContextFusion):
         fusion = fusion.pick(has_query)
     return fusion if isinstance(fusion, TwoPassFusion) else TwoPassFusion.single_pass(fusion)
+
+
+CONTENT_FEATURES = ("content_nearest", "content_recent")
+
+
+def reads(fusion: Fusion, names: Sequence[str]) -> bool:
+    """Whether any pass of `fusion` gives weight to any of the features `names` (serving
+    skips computing what no pass reads)."""
+    if isinstance(fusion, LogisticFusion):
+        return any(fusion.weights[FEATURES.index(name)] != 0.0 for name in names)
+    if isinstance(fusion, TwoPassFusion):
+        second = fusion.second is not None and reads(fusion.second, names)
+        return reads(fusion.first, names) or second
+    if isinstance(fusion, ContextFusion):
+        return reads(fusion.query, names) or reads(fusion.history, names)
+    return False  # convex: the cross-encoder, CF and retrieval only
 
 
 def _read(spec: Any) -> Fusion:

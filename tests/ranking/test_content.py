@@ -9,6 +9,15 @@ import pandas as pd
 import pytest
 
 from ranking_service.content import NEAREST_OF, RECENT_OF, ItemVectors
+from ranking_service.fusion import (
+    CONTENT_FEATURES,
+    FEATURES,
+    ContextFusion,
+    ConvexFusion,
+    LogisticFusion,
+    TwoPassFusion,
+    reads,
+)
 from ranking_service.ranker import Ranker
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Candidate, HistoryItem, RankContext
@@ -48,10 +57,14 @@ def test_a_short_history_uses_what_there_is() -> None:
         ItemVectors(["a", "b"], np.zeros((3, 2), np.float32))
 
 
-def test_the_served_ranker_scores_content_from_its_bundle(sample_bundle_root: Path) -> None:
+def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
+    sample_bundle_root: Path,
+) -> None:
     bundle = Bundle.open(sample_bundle_root)
-    ranker = Ranker.load(bundle, Settings.built_in(bundle=sample_bundle_root))
-    assert ranker.content is not None
+    served = Ranker.load(bundle, Settings.built_in(bundle=sample_bundle_root))
+    # Serving computes content similarity only where the build gave it weight.
+    assert (served.content is not None) == reads(served.fusion, CONTENT_FEATURES)
+    ranker = Ranker(served.cf, served.fusion, None, {}, content=ItemVectors.load(bundle.path))
     catalog = pd.read_parquet(bundle.file("catalog.parquet"), columns=["item_id"])
     first, second = (str(i) for i in catalog["item_id"][:2])
     context = RankContext(history=(HistoryItem(first, ""),))
@@ -63,3 +76,15 @@ def test_the_served_ranker_scores_content_from_its_bundle(sample_bundle_root: Pa
     # A search without history has no content scores.
     query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")], None)
     assert query.content_nearest is None
+
+
+def test_fusion_reads_content_only_where_a_pass_weighs_it() -> None:
+    weights = [0.5] * len(FEATURES)
+    blind = [0.0 if name in CONTENT_FEATURES else 0.5 for name in FEATURES]
+    reading, ignoring = LogisticFusion(weights, 0.0), LogisticFusion(blind, 0.0)
+    assert reads(reading, CONTENT_FEATURES) and not reads(ignoring, CONTENT_FEATURES)
+    assert not reads(ConvexFusion(), CONTENT_FEATURES)
+    two_pass = TwoPassFusion(ignoring, reading, 10, cross_encoder_pays=False)
+    assert reads(two_pass, CONTENT_FEATURES)
+    assert not reads(TwoPassFusion(ignoring, None, 0, False), CONTENT_FEATURES)
+    assert reads(ContextFusion(query=ConvexFusion(), history=two_pass), CONTENT_FEATURES)

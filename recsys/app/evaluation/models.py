@@ -18,6 +18,7 @@ from tqdm import tqdm
 from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
 from ranking_service.cf import ALSParams, CFModel
+from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer, build_context
 from ranking_service.ranker import Ranker, Scorer
 from recsys.app.local import gather_pools
@@ -52,6 +53,9 @@ class EvalModels:
         settings = Settings.built_in(bundle=bundle.root, device=device)
         retriever = Retriever.load(bundle, state_dir=None, device=device)
         ranker = Ranker.load(bundle, settings)
+        # The ablation refits fusion on every feature, also those this bundle's fusion gave no
+        # weight (which serving then skips).
+        ranker.content = ranker.content or ItemVectors.load(bundle.path)
         # The copy serving uses (int8 where the build validated it).
         tuned = ranker.scorer
         if tuned is None:
