@@ -117,13 +117,27 @@ def answers(models: EvalModels, stage: Stage, pool: int, progress: bool) -> Stag
         pools[share] = gather_pools(requests, models.retriever, stage.ranker, policy, desc)
     out = StageAnswers({}, {})
     for variant in VARIANTS:
-        variant_pools = pools[variant.cf_share]
-        ranked = rank_top(models, stage.ranker, variant_pools, variant, progress)
+        inputs = _inputs(stage.ranker, pools[variant.cf_share], variant)
+        ranked = _rank_inputs(models, stage.ranker, inputs, variant, progress)
         out.served[variant.name] = {u: ranked[i] for i, u in enumerate(users)}
         out.lists[variant.name] = {
-            u: _first_pass_inputs(stage.ranker, pool, variant)
-            for u, pool in zip(users, variant_pools, strict=True)
+            u: (scores, [c.item_id for c in cands])
+            for u, (_, cands, scores) in zip(users, inputs, strict=True)
         }
+    return out
+
+
+Inputs = list[tuple[RankContext, list[Candidate], StageScores]]
+
+
+def _inputs(ranker: Ranker, pools: Sequence[CandidatePool], variant: Variant) -> Inputs:
+    """Each pool's context, candidates and stage scores with the variant's component dropped."""
+    out = []
+    for pool in pools:
+        context, cands = pool.context(), pool.candidates()
+        out.append(
+            (context, cands, _dropped(ranker.stage_scores(context, cands, None)[0], variant))
+        )
     return out
 
 
@@ -136,27 +150,27 @@ def rank_top(
 ) -> list[list[str]]:
     """The top 10 of Ranker.combine's two passes over each pool, with the variant's component
     dropped (the serving cross-encoder scores each head where the plan runs it)."""
+    return _rank_inputs(models, ranker, _inputs(ranker, pools, variant), variant, progress)
+
+
+def _rank_inputs(
+    models: EvalModels, ranker: Ranker, inputs: Inputs, variant: Variant, progress: bool
+) -> list[list[str]]:
     plan = ranker.plan(False)
-    firsts, heads, contexts, candidates, stages = [], [], [], [], []
-    for pool in pools:
-        context, cands = pool.context(), pool.candidates()
-        scores = _dropped(ranker.stage_scores(context, cands, None)[0], variant)
+    firsts, heads = [], []
+    for context, cands, scores in inputs:
         first = plan.first.fuse(scores) if cands else np.zeros(0, np.float32)
         has_text = any(h.text.strip() for h in context.history)
         two_pass = variant.cross_encoder and plan.cross_encoder_pays and plan.second is not None
-        rows = head(first, plan.rerank_depth) if two_pass and has_text and cands else None
+        heads.append(head(first, plan.rerank_depth) if two_pass and has_text and cands else None)
         firsts.append(first)
-        heads.append(rows)
-        contexts.append(context)
-        candidates.append(cands)
-        stages.append(scores)
+    contexts = [context for context, _, _ in inputs]
+    candidates = [cands for _, cands, _ in inputs]
     scored = _head_scores(
         models, contexts, candidates, heads, f"ablation: {variant.name}", progress
     )
     out = []
-    for cands, scores, first, rows, ce in zip(
-        candidates, stages, firsts, heads, scored, strict=True
-    ):
+    for (_, cands, scores), first, rows, ce in zip(inputs, firsts, heads, scored, strict=True):
         fused = first
         if rows is not None and rows.size:
             assert plan.second is not None
@@ -175,14 +189,6 @@ def _dropped(scores: StageScores, variant: Variant) -> StageScores:
     if variant.drop_content:
         scores = replace(scores, content_nearest=None, content_recent=None)
     return scores
-
-
-def _first_pass_inputs(
-    ranker: Ranker, pool: CandidatePool, variant: Variant
-) -> tuple[StageScores, list[str]]:
-    cands = pool.candidates()
-    scores, _ = ranker.stage_scores(pool.context(), cands, None)
-    return _dropped(scores, variant), [c.item_id for c in cands]
 
 
 def refitted_answers(
