@@ -145,13 +145,14 @@ class CrossEncoderScorer:
         try:
             config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
             # A backbone that was never a classifier gets one logit, as sentence-transformers does.
-            kwargs = {} if _is_classifier(config) else {"num_labels": 1}
+            if not _is_classifier(config):
+                config.num_labels = 1
             # Seeded without touching the caller's RNG, so a fresh head scores the same every load.
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 # fp32 whatever the checkpoint's dtype; CUDA halves it below.
                 model = AutoModelForSequenceClassification.from_pretrained(
-                    model_dir, local_files_only=True, dtype=torch.float32, **kwargs
+                    model_dir, config=config, local_files_only=True, dtype=torch.float32
                 )
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as exc:

@@ -688,11 +688,14 @@ def test_dockerfiles(name: str) -> None:
     other = "cpu" if extra == "gpu" else "gpu"
     assert f"optional-dependencies']['{extra}']" in text
     assert f"optional-dependencies']['{other}']" not in text
+    # Every pip install in the image goes through the lock `make` and CI install through.
+    installs = re.findall(r"pip install (.*)", text)
+    assert installs and all("-c requirements/lock.txt" in i or "--no-deps ." in i for i in installs)
 
 
 def test_dockerignore() -> None:
     lines = (REPO_ROOT / ".dockerignore").read_text().splitlines()
     patterns = {line.strip() for line in lines if line.strip() and not line.startswith("#")}
     assert {".git", ".venv", "artifacts", "tests", "**/__pycache__"} <= patterns
-    for needed in ("pyproject.toml", "README.md", "recsys", "gateway"):
+    for needed in ("pyproject.toml", "README.md", "requirements", "recsys", "gateway"):
         assert needed not in patterns
