@@ -11,6 +11,11 @@ class InvalidInput(RecsysError):
     """Bad request or input file; the message names the field, file, row or value."""
 
 
+class DataLoss(RecsysError):
+    """Data the system itself stored (journal, change log, snapshot, bundle file) is corrupt or
+    unreadable: never the caller's fault, and retrying will not help until an operator acts."""
+
+
 class NotFound(RecsysError):
     """Unknown ids where that matters."""
 
@@ -55,3 +60,10 @@ class VersionUnavailable(RecsysError):
         self.service = service
         self.wanted = wanted
         self.held = held  # live version first, then the previous one while it is kept
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none), for
+    one-line errors and logs."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

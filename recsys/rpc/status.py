@@ -8,6 +8,7 @@ from urllib.parse import quote, unquote
 import grpc
 
 from recsys.core.errors import (
+    DataLoss,
     DeadlineExceeded,
     InvalidInput,
     NotFound,
@@ -28,6 +29,7 @@ HELD_KEY = "recsys-bundle-held"
 
 STATUS: dict[type[RecsysError], grpc.StatusCode] = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
+    DataLoss: grpc.StatusCode.DATA_LOSS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
