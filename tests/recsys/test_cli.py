@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 
 from recsys.app import logs
-from recsys.app.cli import build_parser, main, resolve
+from recsys.app.cli import build_parser, main
+from recsys.app.cli.common import resolve
 from recsys.app.sample import sample_paths
 from recsys.core.settings import Settings, default
 

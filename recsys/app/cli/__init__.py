@@ -1,0 +1,71 @@
+"""The `recsys` command: build, inspect, search, serve, demo and evaluate.
+
+One module per command group; each adds its parsers and runs its commands. Heavy modules
+(torch, transformers, FAISS) are imported inside the commands, so `recsys --help` and
+`recsys bundle info` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from recsys.app.cli.build import add_build
+from recsys.app.cli.bundle import add_bundle
+from recsys.app.cli.catalog import add_catalog
+from recsys.app.cli.common import settings_from_args
+from recsys.app.cli.datasets import add_datasets
+from recsys.app.cli.demo import add_demo
+from recsys.app.cli.evaluate import add_evaluate
+from recsys.app.cli.retrain import add_retrain
+from recsys.app.cli.search import add_search
+from recsys.app.cli.serve import add_serve
+from recsys.app.logs import configure_logging
+from recsys.core.errors import RecsysError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parses arguments and runs a subcommand; user mistakes exit 2 with one line, no traceback."""
+    # Nothing may be fetched from a model hub at run time.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        if args.command == "serve":
+            # The process's one Settings, built once: it also holds serve's log level.
+            args.settings = settings_from_args(args)
+            configure_logging(args.settings.log_level)
+        else:
+            configure_logging(args.log_level)
+        return handler(args)
+    except RecsysError as exc:
+        print(f"recsys: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `recsys` argument parser; builds without importing any heavy module."""
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Two-stage search & recommendation over gRPC: build a bundle, serve it, evaluate it.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (
+        add_build,
+        add_retrain,
+        add_bundle,
+        add_catalog,
+        add_search,
+        add_datasets,
+        add_serve,
+        add_demo,
+        add_evaluate,
+    ):
+        add(sub)
+    return parser
