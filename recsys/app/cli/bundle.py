@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from recsys.app.cli.common import add_log_level
+from recsys.core.errors import DataLoss
 
 
 def add_bundle(sub: Any) -> None:
@@ -58,10 +58,6 @@ def run_info(args: argparse.Namespace) -> int:
     if args.verify:
         bad = bundle.verify()
         if bad:
-            print(
-                f"recsys: error: {len(bad)} files differ from the manifest: {', '.join(bad[:5])}",
-                file=sys.stderr,
-            )
-            return 1
+            raise DataLoss(f"{len(bad)} files differ from the manifest: {', '.join(bad[:5])}")
         print(f"verified {len(bundle.manifest.get('files', {}))} files")
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.app.cli.common import FOLDED, Deferred, add_change_log, add_log_level, resolve
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import DataLoss, InvalidInput
 
 
 def add_retrain(sub: Any) -> None:
@@ -22,7 +22,8 @@ def add_retrain(sub: Any) -> None:
         "one) with both versions and switches CURRENT only if the candidate's NDCG@10 is at "
         "most --max-drop below the live one's; otherwise the candidate is kept aside with "
         "ROOT/<version>/rejected.json. Exit 0: switched; 3: refused (the reason is printed); "
-        "2: a mistake in the arguments or inputs.",
+        "2: a mistake in the arguments or inputs; 4: the change log unreachable; 5: the live "
+        "version damaged (its files differ from its manifest).",
     )
     p.add_argument("--bundle", type=Path, required=True, metavar="ROOT", help="bundle root")
     p.add_argument(
@@ -111,7 +112,7 @@ def run_retrain(args: argparse.Namespace) -> int:
     live = Bundle.open(args.bundle)
     bad = live.verify()
     if bad:
-        raise InvalidInput(
+        raise DataLoss(
             f"{live.path}: the live version's files differ from its manifest ({', '.join(bad[:3])}); "
             "rebuild with `recsys build`"
         )
