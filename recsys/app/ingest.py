@@ -374,11 +374,6 @@ def _weights(frame: pd.DataFrame, source: str) -> np.ndarray:
     return numeric.astype(np.float32)
 
 
-def write_interactions(interactions: pd.DataFrame, path: Path) -> None:
-    """Writes an interaction log (load_interactions' columns) as CSV, Parquet or JSONL."""
-    write_table(interactions[list(INTERACTION_COLUMNS)], path)
-
-
 # -- writing -------------------------------------------------------------------------------------
 
 _Writer = Callable[[pd.DataFrame, Path], None]

@@ -15,7 +15,7 @@ from typing import TypeVar
 import grpc
 
 from recsys.app.ingest import catalog_items, load_catalog
-from recsys.core.errors import InvalidInput, UpstreamError
+from recsys.core.errors import InvalidInput, NotReady, UpstreamError
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.rpc.tls import ClientCertificates
@@ -55,12 +55,20 @@ def retrieval_stub(
         yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
 
-def _write(method: Callable[..., Reply], request: object, metadata: Metadata, at: str) -> Reply:
-    """One write RPC; a failure becomes one line naming the service and what was done before."""
+def _write(
+    method: Callable[..., Reply], request: object, metadata: Metadata, address: str, at: str
+) -> Reply:
+    """One write RPC; a failure becomes one line naming the service and what was done before:
+    NotReady when retrieval cannot be reached (later may work), UpstreamError otherwise."""
     try:
         return method(request, timeout=TIMEOUT_S, metadata=metadata)
     except grpc.RpcError as exc:
-        raise UpstreamError("retrieval", exc.code().name, f"{exc.details()} ({at})") from None
+        code, details = exc.code(), exc.details()
+        if code == grpc.StatusCode.UNAVAILABLE:
+            raise NotReady(
+                f"retrieval service unavailable at {address}: {details} ({at})"
+            ) from None
+        raise UpstreamError("retrieval", code.name, f"{details} ({at})") from None
 
 
 def upsert_catalog(address: str, catalog: Path, settings: Settings, metadata: Metadata) -> int:
@@ -74,7 +82,7 @@ def upsert_catalog(address: str, catalog: Path, settings: Settings, metadata: Me
                 items=[convert.item_to_proto(i) for i in chunk]
             )
             done = f"{start:,} of {len(items):,} items acknowledged before this batch"
-            _write(stub.UpsertItems, request, metadata, done)
+            _write(stub.UpsertItems, request, metadata, address, done)
     return len(items)
 
 
@@ -89,6 +97,6 @@ def delete_items(
                 item_ids=list(item_ids[start : start + batch])
             )
             done = f"{start:,} of {len(item_ids):,} ids deleted before this batch"
-            reply = _write(stub.DeleteItems, request, metadata, done)
+            reply = _write(stub.DeleteItems, request, metadata, address, done)
             missing.extend(reply.missing_item_ids)
     return missing

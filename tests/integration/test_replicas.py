@@ -101,13 +101,14 @@ def test_a_write_to_any_replica_reaches_all_and_a_late_replica_catches_up_first(
     )
 
 
-def test_a_replica_that_cannot_reach_the_log_exits_2_with_one_line(
+def test_a_replica_that_cannot_reach_the_log_exits_4_with_one_line(
     own_stack: Callable[..., Launcher], postgres: PostgresServer
 ) -> None:
-    """It cannot catch up, so it must not serve: one line naming the log, no traceback."""
+    """It cannot catch up, so it must not serve: one line naming the log, no traceback, and the
+    exit code of an unreachable dependency."""
     unreachable = postgres.url("catalog").replace(f":{postgres.port}/", f":{free_port()}/")
     stack = own_stack("retrieval", wait=False, change_log_url=unreachable)
-    assert stack.procs["retrieval"].wait(timeout=120) == 2
+    assert stack.procs["retrieval"].wait(timeout=120) == 4
     log = stack.log_tail("retrieval")
     assert log.splitlines()[-1].startswith("recsys: error: change log postgresql://"), log
     assert "Traceback" not in log

@@ -368,7 +368,8 @@ def test_the_build_trains_cf_with_the_values_its_search_chose(sample_bundle_root
 
 def test_without_cf_search_the_build_trains_with_the_values_given(tmp_path: Path) -> None:
     """`recsys build` without `--cf-search`: the built-in ALS values, and the manifest says so."""
-    from recsys.app.cli import format_manifest, main
+    from recsys.app.cli import main
+    from recsys.app.manifest_view import format_manifest
 
     catalog, interactions = tiny_log(tmp_path)
     out = tmp_path / "bundle"

@@ -1,4 +1,5 @@
-"""The `recsys` command: bad input gets one line and exit 2 and leaves CURRENT alone; inspection works."""
+"""The `recsys` command: bad input gets one line and exit 2 and leaves CURRENT alone, an
+unreachable dependency exit 4, damaged stored data exit 5; inspection works."""
 
 from __future__ import annotations
 
@@ -16,9 +17,13 @@ from typing import Any
 import pytest
 
 from recsys.app import logs
-from recsys.app.cli import build_parser, main, resolve
+from recsys.app.cli import build_parser, main
+from recsys.app.cli.common import resolve
+from recsys.app.retrain import EXIT_REFUSED
 from recsys.app.sample import sample_paths
+from recsys.core import bundle as bundle_files
 from recsys.core.settings import Settings, default
+from recsys.rpc.launcher import free_port
 
 CATALOG, INTERACTIONS = sample_paths()
 
@@ -128,6 +133,85 @@ def test_search_bad_arguments(sample_bundle_root: Path, capsys: pytest.CaptureFi
     assert "--k" in capsys.readouterr().err
     assert main(["bundle", "info", "/nonexistent/root"]) == 2
     assert "/nonexistent/root" in capsys.readouterr().err
+
+
+# -- exit codes -------------------------------------------------------------------------------------
+
+
+def recsys(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """`recsys ARGS` as its own process, as a script or a Job runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "recsys", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def only_line(err: str) -> str:
+    """The failure's one line: nothing else on stderr, no traceback."""
+    assert len(err.splitlines()) == 1 and err.startswith("recsys: error: "), err
+    return err
+
+
+def test_help_says_what_each_exit_code_means(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for meaning in (
+        "0 done",
+        "2 bad input",
+        f"{EXIT_REFUSED} `recsys retrain`'s gate refused the candidate",
+        "4 a dependency is unreachable",
+        "5 stored data is corrupt",
+    ):
+        assert meaning in text
+
+
+def test_an_unreachable_dependency_exits_4_with_one_line_naming_it(
+    sample_bundle_root: Path,
+) -> None:
+    port = free_port()  # nothing listens there
+    url = f"postgresql://recsys@127.0.0.1:{port}/catalog"
+    run = recsys("catalog", "trim-log", "--bundle", sample_bundle_root, "--change-log", url)
+    assert run.returncode == 4
+    assert only_line(run.stderr).startswith(f"recsys: error: change log {url} table ")
+
+    address = f"127.0.0.1:{free_port()}"
+    run = recsys("catalog", "upsert", CATALOG, "--retrieval", address)
+    assert run.returncode == 4
+    assert only_line(run.stderr).startswith(
+        f"recsys: error: retrieval service unavailable at {address}: "
+    )
+    assert "(0 of 345 items acknowledged before this batch)" in run.stderr
+
+
+def test_a_damaged_bundle_exits_5_with_one_line_and_keeps_current(
+    sample_bundle_root: Path, tmp_path: Path
+) -> None:
+    # Every file linked to the sample bundle's but one, changed after its checksum was taken.
+    root = tmp_path / "root"
+    shutil.copytree(sample_bundle_root, root, copy_function=os.symlink)
+    version = (root / bundle_files.CURRENT).read_text().strip()
+    damaged = root / version / bundle_files.FUSION
+    text = damaged.read_text()
+    damaged.unlink()
+    damaged.write_text(text + " ")
+    versions = sorted(p.name for p in root.iterdir())
+
+    run = recsys("bundle", "info", root, "--verify")
+    assert run.returncode == 5
+    assert "items         345" in run.stdout  # the summary still prints
+    assert only_line(run.stderr) == (
+        f"recsys: error: 1 files differ from the manifest: {bundle_files.FUSION}\n"
+    )
+    run = recsys("retrain", "--bundle", root, "--interactions", INTERACTIONS)
+    assert run.returncode == 5
+    error = error_line(run.stderr)
+    assert f"the live version's files differ from its manifest ({bundle_files.FUSION})" in error
+    assert "Traceback" not in run.stderr
+    assert (root / bundle_files.CURRENT).read_text().strip() == version
+    assert sorted(p.name for p in root.iterdir()) == versions
 
 
 # -- logging, progress and defaults ----------------------------------------------------------------

@@ -21,7 +21,7 @@ from recsys.app.ingest import (
     load_interactions,
     read_table,
     write_catalog,
-    write_interactions,
+    write_table,
 )
 from recsys.core.domain import Item
 from recsys.core.errors import InvalidInput
@@ -220,7 +220,7 @@ def test_interactions_read_every_format(tmp_path: Path, suffix: str) -> None:
     assert frame["query"].tolist() == ["mug", ""]
     assert report.rows == report.kept == 2
 
-    write_interactions(frame, tmp_path / f"again{suffix}")
+    write_table(frame, tmp_path / f"again{suffix}")  # the frame holds just INTERACTION_COLUMNS
     again, _ = load_interactions(tmp_path / f"again{suffix}")
     assert again.equals(frame)
 

@@ -23,10 +23,11 @@ from ranking_service.cf import ALSParams
 from recsys.app.cli import main
 from recsys.app.ingest import load_interactions
 from recsys.app.retrain import EXIT_REFUSED, judge, retrain_options
-from recsys.app.sample import sample_paths, write_grown_log
+from recsys.app.sample import sample_paths
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, publish, write_manifest
 from recsys.core.errors import InvalidInput
+from tests.recsys.sample_helpers import write_grown_log
 
 # A retrain is a (shorter) build plus two versions ranking the held-out users: minutes on a
 # busy 2-core machine, on top of the session's sample bundle when this module builds it.

@@ -15,8 +15,8 @@ from recsys.app.sample import (
     generate,
     sample_paths,
     sample_queries_path,
-    write_grown_log,
 )
+from tests.recsys.sample_helpers import write_grown_log
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,36 @@
+"""`recsys datasets`: public data sets converted into the ingestion schema."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from recsys.app.cli.common import add_log_level
+
+
+def add_datasets(sub: Any) -> None:
+    p = sub.add_parser("datasets", help="convert public data sets into the ingestion schema")
+    dsub = p.add_subparsers(dest="dataset", required=True, metavar="DATASET")
+    ml = dsub.add_parser(
+        "movielens",
+        help="MovieLens zip → catalog.csv, interactions.csv, queries.jsonl",
+        description="Convert a MovieLens zip (e.g. ml-latest-small.zip) into the catalog/interactions "
+        "schema plus the tag search queries of the evaluation protocol.",
+    )
+    ml.add_argument("zip", type=Path, metavar="ZIP")
+    ml.add_argument("--out", type=Path, required=True, metavar="DIR")
+    add_log_level(ml)
+    ml.set_defaults(handler=run_movielens)
+
+
+def run_movielens(args: argparse.Namespace) -> int:
+    from recsys.app.movielens import convert_movielens
+
+    files = convert_movielens(args.zip, args.out)
+    print(
+        f"wrote {files.catalog} ({files.items:,} items), {files.interactions} "
+        f"({files.interactions_count:,} interactions, {files.users:,} users), "
+        f"{files.queries} ({files.queries_count:,} queries)"
+    )
+    return 0
