@@ -496,7 +496,7 @@ def _train_side_pairs(
     about `contexts` contexts, three in four users' histories cut at a random earlier point and
     one in four training queries, each with the first PAIRS_PER_CONTEXT candidates of the pool
     serving would gather."""
-    from ranking_service.cross_encoder import build_context
+    from ranking_service.cross_encoder import context_text
     from ranking_service.train import EXAMPLE_HISTORY
     from recsys.app.local import pool_request
     from recsys.app.splits import histories
@@ -515,8 +515,7 @@ def _train_side_pairs(
         requests.append(pool_request(options.candidate_pool, query=query))
     pairs: list[tuple[str, str]] = []
     for pool in _pools(options, requests, retriever, ranker, desc="student: training contexts"):
-        context = pool.context()
-        text = build_context(context.query, [h.text for h in context.history if h.text])
+        text = context_text(pool.context())
         if text:
             pairs.extend((text, c.text) for c in pool.candidates()[:PAIRS_PER_CONTEXT])
     return pairs
@@ -815,14 +814,13 @@ def _query_lists(
 
 def _fusion_list(ranker: Any, pool: Any, relevant: set[str]) -> Any:
     """One pool as fusion reads it: stage scores, labels and the cross-encoder's texts."""
-    from ranking_service.cross_encoder import build_context
+    from ranking_service.cross_encoder import context_text
     from ranking_service.fusion_fit import FusionList
 
     context, candidates = pool.context(), pool.candidates()
-    stages, _ = ranker.stage_scores(context, candidates, None)
+    stages, _ = ranker.stage_scores(context, candidates)
     labels = np.array([c.item_id in relevant for c in candidates], dtype=np.float64)
-    text = build_context(context.query, [h.text for h in context.history if h.text])
-    return FusionList(stages, labels, text, tuple(c.text for c in candidates))
+    return FusionList(stages, labels, context_text(context), tuple(c.text for c in candidates))
 
 
 def _settings_record(options: BuildOptions) -> dict[str, Any]:

@@ -26,6 +26,7 @@ import pandas as pd
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle, load_inputs
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, clear_rejection, publish, reject
+from recsys.core.scoring import ndcg_of
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,6 @@ RETRAIN_RANKER_STEPS = 50
 MAX_DROP = 0.05  # the candidate's NDCG@10 may be at most 5% below the live version's
 GATE_USERS = 500  # held-out users ranked by each version, at most (seeded sample)
 MIN_GATE_USERS = 10  # fewer held-out users than this: no judgement, the candidate is refused
-K = 10
 
 # Options the live version's settings do not decide: inputs, output and this run's device.
 _PER_RUN = {
@@ -280,7 +280,6 @@ def recommend_ndcg(
     """Mean NDCG@10 of the version's answers to each user's history-only Recommend, ranked as
     serving ranks (`cf`: another CF model in place of the version's)."""
     from gateway.candidates import PoolPolicy
-    from ranking_service.fusion_fit import ndcg
     from ranking_service.ranker import Ranker
     from ranking_service.train import EXAMPLE_HISTORY
     from recsys.app.local import gather_pools, pool_request
@@ -297,7 +296,7 @@ def recommend_ndcg(
     try:
         ranker = Ranker.load(bundle, Settings.built_in(bundle=bundle.root, device=device))
         if cf is not None:
-            ranker.cf = cf
+            ranker = ranker.with_cf(cf)
         requests = [
             pool_request(pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u]) for u in users
         ]
@@ -306,8 +305,7 @@ def recommend_ndcg(
         for user, gathered in zip(users, pools, strict=True):
             context, candidates = gathered.context(), gathered.candidates()
             outcome = ranker.combine(context, candidates, _head_scores(ranker, context, candidates))
-            top = [s.item_id in relevant[user] for s in outcome.scored[:K]]
-            values.append(ndcg(np.array(top, np.float64), len(relevant[user]), K))
+            values.append(ndcg_of([s.item_id for s in outcome.scored], relevant[user]))
     finally:
         retriever.close()
     value = float(np.mean(values)) if values else 0.0
@@ -323,12 +321,12 @@ def recommend_ndcg(
 
 def _head_scores(ranker: Any, context: Any, candidates: Sequence[Any]) -> np.ndarray | None:
     """The cross-encoder's scores for the candidates serving would have it score (NaN elsewhere)."""
-    from ranking_service.cross_encoder import build_context
+    from ranking_service.cross_encoder import context_text
 
     rows = ranker.rerank_rows(context, candidates) if ranker.scorer is not None else []
     if len(rows) == 0:
         return None
-    text = build_context(context.query, [h.text for h in context.history if h.text])
+    text = context_text(context)
     ce = np.full(len(candidates), np.nan, np.float32)
     ce[rows] = ranker.scorer.score([(text, candidates[i].text) for i in rows])
     return ce

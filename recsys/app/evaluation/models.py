@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import atexit
-import copy
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
 from ranking_service.cf import ALSParams, CFModel
 from ranking_service.content import ItemVectors
-from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+from ranking_service.cross_encoder import CrossEncoderScorer, context_text
 from ranking_service.ranker import Ranker, Scorer
 from recsys.app.local import gather_pools
 from recsys.core.bundle import Bundle
@@ -53,9 +52,10 @@ class EvalModels:
         settings = Settings.built_in(bundle=bundle.root, device=device)
         retriever = Retriever.load(bundle, state_dir=None, device=device)
         ranker = Ranker.load(bundle, settings)
-        # The ablation refits fusion on every feature, also those this bundle's fusion gave no
-        # weight (which serving then skips).
-        ranker.content = ranker.content or ItemVectors.load(bundle.path)
+        if ranker.content is None:
+            # The ablation refits fusion on every feature, also those this bundle's fusion gave
+            # no weight (which serving then skips).
+            ranker = ranker.with_content(ItemVectors.load(bundle.path))
         # The copy serving uses (int8 where the build validated it).
         tuned = ranker.scorer
         if tuned is None:
@@ -82,9 +82,7 @@ class EvalModels:
     def ranker_refitted_on(self, interactions: pd.DataFrame) -> Ranker:
         """The bundle's ranker with CF refitted on `interactions` (its own hyper-parameters
         and seed): what serving would be had CF seen only those."""
-        ranker = copy.copy(self.ranker)
-        ranker.cf = CFModel.train(interactions, seed=self.seed, **self.cf_params)
-        return ranker
+        return self.ranker.with_cf(CFModel.train(interactions, seed=self.seed, **self.cf_params))
 
     def vector(self, item_id: str) -> np.ndarray | None:
         row = self.retriever.store.row(item_id)
@@ -170,7 +168,7 @@ def score_lists(
     """Cross-encoder scores for many (context, pool) lists in large batches; one array per list."""
     pairs: list[Pair] = []
     for context, pool in zip(contexts, pools, strict=True):
-        text = build_context(context.query, [h.text for h in context.history])
+        text = context_text(context)
         pairs.extend((text, c.text) for c in pool)
     chunk = 4096
     parts = [
