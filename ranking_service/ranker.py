@@ -27,8 +27,8 @@ from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
 
-# Short-term CF folds the user in from only this many most recent history items: on MovieLens
-# validation users it ranks the next items ~1.2x better than the whole history does.
+# Short-term CF folds the user in from only this many most recent history items: the current
+# taste, next to CF's long-term view (the evaluation's cf_recent baseline tunes the window).
 RECENT_HISTORY_ITEMS = 10
 # ModelVersions.cross_encoder of an answer the cross-encoder did not score.
 CROSS_ENCODER_SKIPPED = "skipped"

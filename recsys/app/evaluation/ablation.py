@@ -28,9 +28,9 @@ from ranking_service.ranker import Ranker
 from recsys.app.evaluation.metrics import K, paired_bootstrap_ratio, per_query_ndcg
 from recsys.app.evaluation.models import EvalModels, score_lists
 from recsys.app.evaluation.recommend import HISTORY_ITEMS
-from recsys.app.local import gather_pools, pool_request
-from recsys.app.splits import Split
 from recsys.core.domain import Candidate, RankContext
+from recsys.offline.local import gather_pools, pool_request
+from recsys.offline.splits import Split
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,12 @@ from ranking_service.cf import ALSParams, CFModel
 from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer, context_text
 from ranking_service.ranker import Ranker, Scorer
-from recsys.app.local import gather_pools
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext, Scored
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings, default
+from recsys.offline.local import gather_pools
 from retrieval_service.retriever import Retriever
 
 Pair = tuple[str, str]

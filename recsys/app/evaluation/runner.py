@@ -14,7 +14,12 @@ import pandas as pd
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.ablation import run_ablation
-from recsys.app.evaluation.baselines import DEFAULT_GRIDS, Grids, Users, tuned_baselines
+from recsys.app.evaluation.baselines import (
+    DEFAULT_GRIDS,
+    Grids,
+    tuned_baselines,
+    validation_users,
+)
 from recsys.app.evaluation.metrics import (
     ACCURACY_METRICS,
     BOOTSTRAP_DRAWS,
@@ -30,9 +35,9 @@ from recsys.app.evaluation.report import write_report
 from recsys.app.evaluation.unseen import evaluate_unseen
 from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.app.movielens import TagQuery, read_queries
-from recsys.app.splits import Split, temporal_split
 from recsys.core.bundle import CURRENT, Bundle
 from recsys.core.errors import InvalidInput
+from recsys.offline.splits import Split, temporal_split
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +133,7 @@ def evaluate_recommend(
                 "diversity@10": mean_intra_list_diversity(answers, models.vector),
             }
         )
-    val = Users.validation(split)
+    val = validation_users(split)
     ablation = run_ablation(
         models,
         split,

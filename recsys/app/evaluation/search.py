@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from recsys.app.evaluation.metrics import K
 from recsys.app.evaluation.models import EvalModels, rerank
-from recsys.app.local import pool_request
 from recsys.app.movielens import TagQuery
+from recsys.offline.local import pool_request
 
 METHODS = ("bm25", "dense", "dense+ce_base", "dense+ce", "full")
 Run = dict[str, list[str]]
