@@ -15,7 +15,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 
 from recsys.core.devices import resolve_device
 from recsys.core.domain import RankContext
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +164,7 @@ class CrossEncoderScorer:
                 )
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InvalidInput(f"{model_dir}: cannot load a cross-encoder ({first})") from None
         if model.config.num_labels != 1:
             raise InvalidInput(

@@ -20,11 +20,12 @@ from ranking_service.cf import WEIGHTINGS, ALSParams, CFModel
 from ranking_service.copy_choice import INT8_TOLERANCE, STUDENT_KEEPS, STUDENT_MIN_SPEARMAN
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from ranking_service.train import RankerTrainConfig
-from recsys.app.build import FUSION_QUERY_SHARE, BuildOptions, build_bundle
+from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import Bundle
 from recsys.offline.cf_search import GRID, MIN_USERS, search_cf
+from recsys.offline.fitting import FUSION_QUERY_SHARE
 from recsys.offline.splits import hold_out_recent
 
 BUILT_IN_POOL = 100
