@@ -7,6 +7,7 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,14 @@ from ranking_service.cf import ALSParams, CFModel
 from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer, context_text
 from ranking_service.ranker import Ranker, Scorer
+from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
-from recsys.core.domain import Candidate, RankContext, Scored
+from recsys.core.domain import Candidate, Item, RankContext, Scored
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings, default
 from recsys.offline.local import gather_pools
+from retrieval_service.catalog import load_catalog_items
 from retrieval_service.retriever import Retriever
 
 Pair = tuple[str, str]
@@ -84,9 +87,15 @@ class EvalModels:
         and seed): what serving would be had CF seen only those."""
         return self.ranker.with_cf(CFModel.train(interactions, seed=self.seed, **self.cf_params))
 
+    @cached_property
+    def items(self) -> list[Item]:
+        """The bundle's catalog: what its retrieval serves (evaluation changes nothing online)."""
+        return load_catalog_items(self.bundle.file(bundle_files.CATALOG))
+
     def vector(self, item_id: str) -> np.ndarray | None:
-        row = self.retriever.store.row(item_id)
-        return None if row is None else self.retriever.store.vector_at(row)
+        """The item's vector, read through the catalog backend (FAISS or Milvus)."""
+        found, _ = self.retriever.get_items([item_id])
+        return found[0][1] if found else None
 
     def pools(
         self, requests: Sequence[RecommendRequest], desc: str | None, cf_share: float | None = None

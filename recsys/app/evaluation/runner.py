@@ -107,7 +107,7 @@ def evaluate_recommend(
     baselines, tuning = tuned_baselines(split, cf_params, grids, models.seed, progress)
     runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
     relevant = {c.user_id: c.relevant for c in cases}
-    catalog_size = len(models.retriever.store)
+    catalog_size = len(models.items)
     methods = {}
     for name in recommend.METHODS:
         scores = accuracy(relevant, runs[name])
