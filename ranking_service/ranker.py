@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
@@ -76,7 +77,6 @@ class Ranker:
         self.max_text_chars = max_text_chars
         # The cross-encoder copy behind the batcher, for offline callers that batch themselves.
         self.scorer = scorer
-        self._overrides = (rerank_depth, rerank_all_kinds)
         # The bundle's validated plan per kind of request, with this process's overrides
         # (benchmarks compare against single-pass); fixed for the Ranker's life.
         self._plans = {
@@ -86,27 +86,24 @@ class Ranker:
 
     def with_cf(self, cf: CFModel) -> Ranker:
         """This ranker with another CF model, for offline callers (`combine`): what serving would
-        answer had CF seen other interactions. It has no batcher of its own."""
-        return self._with(cf=cf, batcher=None)
+        answer had CF seen other interactions."""
+        ranker = self._offline_copy()
+        ranker.cf = cf
+        return ranker
 
     def with_content(self, content: ItemVectors) -> Ranker:
         """This ranker computing content similarity whatever its fusion reads (evaluation refits
-        fusion on every feature), for offline callers; it has no batcher of its own."""
-        return self._with(content=content, batcher=None)
+        fusion on every feature), for offline callers."""
+        ranker = self._offline_copy()
+        ranker.content = content
+        return ranker
 
-    def _with(self, **changes: object) -> Ranker:
-        args: dict[str, object] = {
-            "cf": self.cf,
-            "fusion": self.fusion,
-            "batcher": self.batcher,
-            "versions": self.versions,
-            "max_text_chars": self.max_text_chars,
-            "rerank_depth": self._overrides[0],
-            "rerank_all_kinds": self._overrides[1],
-            "scorer": self.scorer,
-            "content": self.content,
-        }
-        return Ranker(**{**args, **changes})  # type: ignore[arg-type]
+    def _offline_copy(self) -> Ranker:
+        """A copy with the same models and plans but no batcher: the batcher belongs to the
+        serving Ranker, and offline callers score through `scorer` themselves."""
+        ranker = copy.copy(self)
+        ranker.batcher = None
+        return ranker
 
     @classmethod
     def load(cls, bundle: Bundle, settings: Settings) -> Ranker:
