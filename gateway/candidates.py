@@ -2,7 +2,7 @@
 
 Serving (gateway.pipeline), fusion fitting and cross-encoder negative mining (recsys build) and
 `recsys evaluate` all call `gather_candidates`, over gRPC stages or in-process ones
-(recsys.app.local), so offline numbers describe the pool that serves.
+(recsys.offline.local), so offline numbers describe the pool that serves.
 
 Sources: retrieval finds items near the request's text or history; CF recalls what users like
 this one interacted with, which content similarity misses. With a query only retrieval fills

@@ -1,4 +1,4 @@
-"""The two stages behind one interface; over gRPC here (in-process twins: recsys.app.local)."""
+"""The two stages behind one interface; over gRPC here (in-process twins: recsys.offline.local)."""
 
 from __future__ import annotations
 

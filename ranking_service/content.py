@@ -19,9 +19,8 @@ from recsys.core import bundle as bundle_files
 
 # `nearest`: mean similarity to the candidate's NEAREST_OF closest history items (an item-to-item
 # neighbour signal that a single odd item cannot carry alone); `recent`: mean similarity to the
-# RECENT_OF most recent ones (current taste). In an offline MovieLens study (nearest 1 or 3,
-# recent 5 or 10, recency-weighted history vectors) no variant raised validation NDCG@10 over
-# the first pass without content; this pair did best on test, looked at for diagnosis only.
+# RECENT_OF most recent ones (current taste). How the pair was chosen, and what the build's
+# validation gate made of it: docs/architecture.md, "Why these thresholds".
 NEAREST_OF = 3
 RECENT_OF = 5
 

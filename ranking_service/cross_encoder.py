@@ -14,7 +14,8 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 
 from recsys.core.devices import resolve_device
-from recsys.core.errors import InvalidInput
+from recsys.core.domain import RankContext
+from recsys.core.errors import InvalidInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +41,19 @@ def build_context(
     "query. Recently: …". Empty when there is neither (the cross-encoder then cannot score).
     """
     query = query.strip()
-    recent = "; ".join(t.strip() for t in list(history_texts)[:max_history] if t.strip())
+    texts = [t.strip() for t in history_texts if t.strip()]
+    recent = "; ".join(texts[:max_history])
     if query and recent:
         return f"{query}. Recently: {recent}"
     if recent:
         return f"Recently: {recent}"
     return query
+
+
+def context_text(context: RankContext) -> str:
+    """The cross-encoder's context for a request: its query and its history's texts (empty:
+    nothing to read, so the cross-encoder cannot score)."""
+    return build_context(context.query, [h.text for h in context.history])
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int, max_pairs: int) -> list[np.ndarray]:
@@ -156,7 +164,7 @@ class CrossEncoderScorer:
                 )
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InvalidInput(f"{model_dir}: cannot load a cross-encoder ({first})") from None
         if model.config.num_labels != 1:
             raise InvalidInput(

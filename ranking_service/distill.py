@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, CrossEncoderScorer
 from recsys.core.devices import resolve_device
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +206,7 @@ def build_student(base_dir: Path, layers: int, seed: int) -> tuple[Any, Any, lis
             )
         tokenizer = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise InvalidInput(f"{base_dir}: cannot load a student backbone ({first})") from None
     encoder: Any = getattr(model.base_model, "encoder", None)
     stack = getattr(encoder, "layer", None)

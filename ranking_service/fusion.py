@@ -1,47 +1,26 @@
-"""Fusion of stage scores into one: the convex default, a learned logistic model, two passes
-(a cheap first fusion over the pool, the cross-encoder and a second fusion over its head), and a
-pair of fusions chosen by request kind (search or recommendation).
+"""Fusion of stage scores into one: the convex default, a learned logistic model over the
+feature registry (ranking_service.features), two passes (a cheap first fusion over the pool, the
+cross-encoder and a second fusion over its head: the parameters of ranking_service.plan), and a
+pair of fusions chosen by request kind (search or recommendation); saved as fusion.json.
 
-Stage scores live on unrelated scales (cross-encoder logits, ALS dot products, cosines), so each
-is standardised within the request's candidate list before fusion. A missing score (cold item or
-user, or a stage that did not run) is not zero-filled: convex fusion re-weights over the parts
-present; the learned model sees it as 0 plus an explicit "missing" indicator it learned a weight for.
+Each stage's scores are standardised within the request's candidate list before fusion. A missing
+score is not zero-filled: convex fusion re-weights over the parts present; the learned model sees
+it as 0 plus an explicit "missing" indicator it learned a weight for.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from ranking_service import plan
+from ranking_service.features import FEATURES, StageScores, columns, features, normalise
 from recsys.core.errors import InvalidInput
-
-
-@dataclass(frozen=True)
-class StageScores:
-    """One request's scores per candidate and stage.
-
-    None: the stage did not run for this request; NaN: it could not score that candidate.
-    `popularity` is CF's item prior (log interaction count), `has_query` says which kind of
-    request this is (a search, or a recommendation from history or user).
-    """
-
-    cf: np.ndarray
-    ce: np.ndarray | None = None
-    retrieval: np.ndarray | None = None
-    popularity: np.ndarray | None = None
-    # CF from the most recent history items only: the user's current taste, next to `cf`'s
-    # long-term one (from the user's trained vector or the whole history).
-    cf_recent: np.ndarray | None = None
-    # The language model's view: embedding similarity to the history's nearest and most
-    # recent items (ranking_service.content); None without a history the catalog knows.
-    content_nearest: np.ndarray | None = None
-    content_recent: np.ndarray | None = None
-    has_query: bool = False
 
 
 class Fusion(Protocol):
@@ -52,23 +31,6 @@ class Fusion(Protocol):
         ...
 
     def to_dict(self) -> dict[str, Any]: ...
-
-
-def normalise(scores: np.ndarray) -> np.ndarray:
-    """Z-score over the request's candidates; NaN stays NaN; a constant list becomes 0.
-
-    Cross-encoder logits, ALS dot products and cosines have unrelated, per-model and per-user
-    scales, so only their order and spread within one request are comparable.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    present = ~np.isnan(scores)
-    out = np.full(scores.shape, np.nan)
-    if not present.any():
-        return out
-    values = scores[present]
-    std = values.std()
-    out[present] = (values - values.mean()) / std if std > 1e-12 else 0.0
-    return out
 
 
 @dataclass
@@ -111,48 +73,6 @@ class ConvexFusion:
     @classmethod
     def from_dict(cls, spec: dict[str, Any]) -> ConvexFusion:
         return cls(alpha=float(spec.get("alpha", 0.7)))
-
-
-# Only ever appended to: a fusion file fitted on fewer features still loads (see from_dict).
-FEATURES = (
-    "ce",
-    "cf",
-    "retrieval",
-    "cf_missing",
-    "ce_missing",
-    "retrieval_missing",
-    "popularity",
-    "cf_recent",
-    "content_nearest",
-    "content_recent",
-)
-
-
-def features(scores: StageScores) -> np.ndarray:
-    """Per-candidate z-scores of each stage, one missing indicator per stage (its z is then 0),
-    then the z-scored popularity prior, short-term CF and content similarities; columns follow
-    FEATURES.
-
-    Retrieval is missing for candidates that only CF proposed.
-    """
-    n = len(scores.cf)
-    z_ce, z_cf, z_ret, z_pop, z_recent, z_nearest, z_content_recent = (
-        normalise(s) if s is not None else np.full(n, np.nan)
-        for s in (
-            scores.ce,
-            scores.cf,
-            scores.retrieval,
-            scores.popularity,
-            scores.cf_recent,
-            scores.content_nearest,
-            scores.content_recent,
-        )
-    )
-    missing = [np.isnan(z).astype(np.float64) for z in (z_cf, z_ce, z_ret)]
-    matrix = np.column_stack(
-        [z_ce, z_cf, z_ret, *missing, z_pop, z_recent, z_nearest, z_content_recent]
-    )
-    return np.nan_to_num(matrix, nan=0.0)
 
 
 @dataclass
@@ -211,41 +131,6 @@ class LogisticFusion:
 RERANK_ALL = 1_000_000
 
 
-def subset(scores: StageScores, rows: np.ndarray) -> StageScores:
-    """The same request's scores for the candidates at `rows` only."""
-
-    def take(values: np.ndarray | None) -> np.ndarray | None:
-        return None if values is None else values[rows]
-
-    return StageScores(
-        cf=scores.cf[rows],
-        ce=take(scores.ce),
-        retrieval=take(scores.retrieval),
-        popularity=take(scores.popularity),
-        cf_recent=take(scores.cf_recent),
-        content_nearest=take(scores.content_nearest),
-        content_recent=take(scores.content_recent),
-        has_query=scores.has_query,
-    )
-
-
-def head(first: np.ndarray, depth: int) -> np.ndarray:
-    """Indices of the first pass's top `depth`, best first (ties keep candidate order)."""
-    return np.argsort(-first, kind="stable")[:depth]
-
-
-def place_head(first: np.ndarray, rows: np.ndarray, second: np.ndarray) -> np.ndarray:
-    """One score per candidate: the head (`rows`) keeps its second-pass scores, and the rest
-    keep the first pass's order, shifted below the head's lowest score."""
-    fused = np.asarray(first, np.float64).copy()
-    tail = np.ones(len(fused), dtype=bool)
-    tail[rows] = False
-    if rows.size and tail.any():
-        fused[tail] -= fused[tail].max() - float(np.min(second)) + 1.0
-    fused[rows] = second
-    return fused.astype(np.float32)
-
-
 @dataclass
 class TwoPassFusion:
     """`first` ranks the whole pool without the cross-encoder; the cross-encoder scores the
@@ -265,11 +150,9 @@ class TwoPassFusion:
 
     def fuse(self, scores: StageScores) -> np.ndarray:
         """Both passes when `scores.ce` covers every candidate and the cross-encoder pays."""
-        first = self.first.fuse(replace(scores, ce=None))
-        if scores.ce is None or self.second is None or not self.cross_encoder_pays:
-            return first
-        rows = head(first, self.rerank_depth)
-        return place_head(first, rows, self.second.fuse(subset(scores, rows)))
+        ce = scores.ce
+        _, fused = plan.rank(self, scores, ce is not None, lambda rows: ce[rows])  # type: ignore[index]
+        return fused
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -336,26 +219,23 @@ FUSION_KINDS: dict[str, Callable[[dict[str, Any]], Fusion]] = {
 }
 
 
-def plan(fusion: Fusion, has_query: bool) -> TwoPassFusion:
+def plan_for(fusion: Fusion, has_query: bool) -> TwoPassFusion:
     """The two passes that rank one kind of request (search when `has_query`)."""
     if isinstance(fusion, ContextFusion):
         fusion = fusion.pick(has_query)
     return fusion if isinstance(fusion, TwoPassFusion) else TwoPassFusion.single_pass(fusion)
 
 
-CONTENT_FEATURES = ("content_nearest", "content_recent")
-
-
-def reads(fusion: Fusion, names: Sequence[str]) -> bool:
-    """Whether any pass of `fusion` gives weight to any of the features `names` (serving
-    skips computing what no pass reads)."""
+def reads(fusion: Fusion, group: str) -> bool:
+    """Whether any pass of `fusion` gives weight to a feature of the component `group`
+    (serving skips computing what no pass reads)."""
     if isinstance(fusion, LogisticFusion):
-        return any(fusion.weights[FEATURES.index(name)] != 0.0 for name in names)
+        return any(fusion.weights[i] != 0.0 for i in columns(group))
     if isinstance(fusion, TwoPassFusion):
-        second = fusion.second is not None and reads(fusion.second, names)
-        return reads(fusion.first, names) or second
+        second = fusion.second is not None and reads(fusion.second, group)
+        return reads(fusion.first, group) or second
     if isinstance(fusion, ContextFusion):
-        return reads(fusion.query, names) or reads(fusion.history, names)
+        return reads(fusion.query, group) or reads(fusion.history, group)
     return False  # convex: the cross-encoder, CF and retrieval only
 
 

@@ -16,37 +16,31 @@ from typing import Any
 
 import numpy as np
 
-from ranking_service.fusion import (
-    FEATURES,
-    Fusion,
-    LogisticFusion,
-    StageScores,
-    TwoPassFusion,
-    features,
-    head,
-    place_head,
-    subset,
-)
+from ranking_service import plan
+from ranking_service.features import StageScores, features
+from ranking_service.fusion import Fusion, LogisticFusion, TwoPassFusion
+from ranking_service.plan import FirstPass, head, order
+from recsys.core.scoring import ndcg
 
 log = logging.getLogger(__name__)
 
 PairScorer = Callable[[Sequence[tuple[str, str]]], np.ndarray]
 
 DEPTHS = (10, 20, 30, 50)  # rerank depths the sweep tries
-# Held-out lists with a relevant candidate needed to fit instead of falling back. Measured on
-# MovieLens searches: 13 held-out queries fitted a first pass (popularity, retrieval) that reached
-# test NDCG@10 0.083, where the convex fallback reached 0.045.
+# Held-out lists with a relevant candidate needed to fit instead of falling back: few lists
+# already fit a first pass far better than the convex fallback (docs/architecture.md, "Why
+# these thresholds").
 MIN_LISTS = 10
 # Relative NDCG@10 gain over the first pass the cross-encoder must bring to be used at all...
 MIN_GAIN = 0.01
 # ... and its lead over the first pass, in standard errors of the per-list differences (one
-# sided, ~95%). On MovieLens a +2% gain over 160 lists (t < 1) chose the cross-encoder for
-# recommendations, and test NDCG@10 fell from 0.0813 to 0.0766.
+# sided, ~95%): a small gain inside the noise of the held-out lists is not a gain.
 GAIN_Z = 1.64
 # The chosen depth is the smallest whose NDCG@10 is within this share of the sweep's best.
 DEPTH_TOLERANCE = 0.01
-K = 10
-_CE_COLUMNS = [FEATURES.index("ce"), FEATURES.index("ce_missing")]
+# Components the build keeps only where cross-fitted validation says they pay, and the key of
+# their verdict in fusion.json's `fitted_on`.
+GATED = {"content": "content_similarity"}
 
 
 @dataclass(frozen=True)
@@ -62,23 +56,12 @@ class FusionList:
 
 def first_pass_features(scores: StageScores) -> np.ndarray:
     """`features` with the cross-encoder's columns zeroed: the first pass never sees it."""
-    x = features(replace(scores, ce=None))
-    x[:, _CE_COLUMNS] = 0.0
-    return x
+    return features(scores, zeroed=("cross_encoder",))
 
 
 def fit_logistic(xs: Sequence[np.ndarray], ys: Sequence[np.ndarray], **meta: Any) -> LogisticFusion:
     y = np.concatenate(ys).astype(np.float64)
     return LogisticFusion.fit(np.vstack(xs), y, lists=len(xs), positives=int(y.sum()), **meta)
-
-
-def ndcg(labels_in_order: np.ndarray, relevant: int, k: int = K) -> float:
-    """NDCG@k of one ranked list of binary labels, out of `relevant` relevant items."""
-    if relevant == 0:
-        return 0.0
-    discounts = 1.0 / np.log2(np.arange(2, k + 2))
-    gains = np.asarray(labels_in_order[:k], np.float64)
-    return float(gains @ discounts[: len(gains)] / discounts[: min(relevant, k)].sum())
 
 
 def sweep_sample(lists: Sequence[FusionList], sweep_lists: int | None) -> list[FusionList]:
@@ -112,12 +95,13 @@ def fit_two_pass(
         first_lists = [f for f in first_lists if f.labels.any()]
         record["first_pass_lists"] = len(first_lists)
     fitted_on = lists if first_lists is None else first_lists
-    if len(fitted_on) >= MIN_LISTS and _has_content(fitted_on):
-        record["content_similarity"] = verdict = content_verdict(fitted_on)
-        if not verdict["pays"]:
-            # Both passes then learn without it (its weights are 0, so serving ignores it).
-            lists, fitted_on = _without_content(lists), _without_content(fitted_on)
-        log.info("fusion for %s: content similarity %s", requests, verdict)
+    for group, key in GATED.items():
+        if len(fitted_on) >= MIN_LISTS and any(f.scores.has(group) for f in fitted_on):
+            record[key] = verdict = group_verdict(fitted_on, group)
+            if not verdict["pays"]:
+                # Both passes then learn without it (its weights are 0, so serving ignores it).
+                lists, fitted_on = _without(lists, group), _without(fitted_on, group)
+            log.info("fusion for %s: %s %s", requests, key, verdict)
     if len(fitted_on) < MIN_LISTS:
         reason = f"only {len(fitted_on)} {requests} with a relevant candidate (need {MIN_LISTS})"
         log.warning("fusion for %s: %s; keeping %s", requests, reason, fallback.to_dict())
@@ -133,19 +117,19 @@ def fit_two_pass(
         [first_pass_features(f.scores) for f in fitted_on], [f.labels for f in fitted_on]
     )
     firsts = [first.fuse(f.scores) for f in fitted_on]
-    first_ndcg = _mean_ndcg(fitted_on, [np.argsort(-s, kind="stable") for s in firsts])
+    first_ndcg = _mean_ndcg(fitted_on, [order(s) for s in firsts])
     record["first_pass_ndcg@10"] = round(first_ndcg, 4)
     sample = sweep_sample(lists, sweep_lists)
     if score_pairs is None or len(sample) < MIN_LISTS:
         log.info("fusion for %s: first pass only, validation NDCG@10 %.4f", requests, first_ndcg)
         return TwoPassFusion(first, None, 0, False, record)
     firsts = [first.fuse(f.scores) for f in sample]
-    per_list = _ndcgs(sample, [np.argsort(-s, kind="stable") for s in firsts])
+    per_list = _ndcgs(sample, [order(s) for s in firsts])
     first_ndcg = float(per_list.mean())
     heads = [head(s, max(depths)) for s in firsts]
     ce, pairs_per_s = _score_heads(sample, heads, score_pairs)
     sweep = [
-        _depth_row(sample, firsts, heads, ce, depth, pairs_per_s, per_list)
+        _depth_row(first, sample, firsts, ce, depth, pairs_per_s, per_list)
         for depth in sorted(depths)
     ]
     depth, pays = choose_depth(sweep, first_ndcg)
@@ -172,11 +156,11 @@ def fit_two_pass(
     return TwoPassFusion(first, second, depth, pays, record)
 
 
-def content_verdict(lists: Sequence[FusionList]) -> dict[str, Any]:
+def group_verdict(lists: Sequence[FusionList], group: str) -> dict[str, Any]:
     """Cross-fitted NDCG@10 (fitted on one half of `lists`, scored on the other) of the first
-    pass with and without the content-similarity features, and whether they pay: as the
+    pass with and without the features of the component `group`, and whether they pay: as the
     cross-encoder must, by MIN_GAIN and GAIN_Z standard errors."""
-    plain = _without_content(lists)
+    plain = _without(lists, group)
     folds = np.arange(len(lists)) % 2
     scored = {"with": np.zeros(len(lists)), "without": np.zeros(len(lists))}
     for fold in (0, 1):
@@ -187,7 +171,7 @@ def content_verdict(lists: Sequence[FusionList]) -> dict[str, Any]:
                 [first_pass_features(variant[i].scores) for i in train],
                 [variant[i].labels for i in train],
             )
-            orders = [np.argsort(-first.fuse(variant[i].scores), kind="stable") for i in held]
+            orders = [order(first.fuse(variant[i].scores)) for i in held]
             scored[name][held] = _ndcgs([variant[i] for i in held], orders)
     gains = scored["with"] - scored["without"]
     with_, without = float(scored["with"].mean()), float(scored["without"].mean())
@@ -200,15 +184,8 @@ def content_verdict(lists: Sequence[FusionList]) -> dict[str, Any]:
     }
 
 
-def _has_content(lists: Sequence[FusionList]) -> bool:
-    return any(f.scores.content_nearest is not None for f in lists)
-
-
-def _without_content(lists: Sequence[FusionList]) -> list[FusionList]:
-    return [
-        replace(f, scores=replace(f.scores, content_nearest=None, content_recent=None))
-        for f in lists
-    ]
+def _without(lists: Sequence[FusionList], group: str) -> list[FusionList]:
+    return [replace(f, scores=f.scores.without(group)) for f in lists]
 
 
 def two_pass_ndcg(
@@ -217,14 +194,14 @@ def two_pass_ndcg(
     """(NDCG@10 of `two_pass` on `lists` with this copy of the cross-encoder reranking at the
     fitted depth, pairs/s of the copy): how copies of one cross-encoder compare."""
     assert two_pass.second is not None
+    reranking = replace(two_pass, cross_encoder_pays=True)
     lists = [f for f in lists if f.labels.any()]
-    firsts = [two_pass.first.fuse(f.scores) for f in lists]
-    heads = [head(s, two_pass.rerank_depth) for s in firsts]
-    ce, pairs_per_s = _score_heads(lists, heads, score_pairs)
-    orders = []
-    for f, first, rows, scores in zip(lists, firsts, heads, ce, strict=True):
-        second = two_pass.second.fuse(_head_scores(f, rows, scores))
-        orders.append(np.argsort(-place_head(first, rows, second), kind="stable"))
+    firsts = [plan.first_pass(reranking, f.scores, can_rerank=True) for f in lists]
+    ce, pairs_per_s = _score_heads(lists, [first.rows for first in firsts], score_pairs)
+    orders = [
+        order(plan.final(reranking, f.scores, first, scores))
+        for f, first, scores in zip(lists, firsts, ce, strict=True)
+    ]
     return _mean_ndcg(lists, orders), pairs_per_s
 
 
@@ -329,19 +306,15 @@ def _head_lists(
         rows = head(first, depth)
         labels = f.labels[rows]
         if labels.any():
-            xs.append(features(_head_scores(f, rows, scores[: len(rows)])))
+            xs.append(features(plan.head_stages(f.scores, rows, scores[: len(rows)])))
             ys.append(labels)
     return xs, ys
 
 
-def _head_scores(f: FusionList, rows: np.ndarray, ce: np.ndarray) -> StageScores:
-    return replace(subset(f.scores, rows), ce=ce)
-
-
 def _depth_row(
+    first_fusion: Fusion,
     lists: Sequence[FusionList],
     firsts: Sequence[np.ndarray],
-    heads: Sequence[np.ndarray],
     ce: Sequence[np.ndarray],
     depth: int,
     pairs_per_s: float,
@@ -356,13 +329,10 @@ def _depth_row(
         xs, ys = _head_lists(
             [lists[i] for i in train], [firsts[i] for i in train], [ce[i] for i in train], depth
         )
-        second = fit_logistic(xs, ys)
+        candidate = TwoPassFusion(first_fusion, fit_logistic(xs, ys), depth, True)
         for i in (i for i in range(len(lists)) if folds[i] == fold):
-            rows = heads[i][:depth]
-            fused = place_head(
-                firsts[i], rows, second.fuse(_head_scores(lists[i], rows, ce[i][:depth]))
-            )
-            orders[i] = np.argsort(-fused, kind="stable")
+            first = FirstPass(firsts[i], head(firsts[i], depth))
+            orders[i] = order(plan.final(candidate, lists[i].scores, first, ce[i][:depth]))
     values = _ndcgs(lists, orders)
     gains = values - first_ndcgs
     return {

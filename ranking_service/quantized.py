@@ -39,7 +39,7 @@ from ranking_service.cross_encoder import (
     encode_batches,
     score_batches,
 )
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +198,7 @@ class Int8CrossEncoderScorer:
             compiled = ov.Core().compile_model(model_dir / MODEL_XML, "CPU", config)
             tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         except (OSError, ValueError, RuntimeError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc)
             raise InvalidInput(
                 f"{model_dir}: cannot load an int8 cross-encoder ({first})"
             ) from None

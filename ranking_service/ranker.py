@@ -3,29 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
+from ranking_service import plan
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
 from ranking_service.content import ItemVectors
 from ranking_service.copies import DIRS, Scorer, load_copy, served_copy
-from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, build_context
-from ranking_service.fusion import (
-    CONTENT_FEATURES,
-    Fusion,
-    StageScores,
-    TwoPassFusion,
-    head,
-    load_fusion,
-    place_head,
-    reads,
-    subset,
-)
-from ranking_service.fusion import plan as fusion_plan
+from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, context_text
+from ranking_service.features import StageScores
+from ranking_service.fusion import Fusion, TwoPassFusion, load_fusion, plan_for, reads
+from ranking_service.plan import FirstPass
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
@@ -35,8 +28,8 @@ from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
 
-# Short-term CF folds the user in from only this many most recent history items: on MovieLens
-# validation users it ranks the next items ~1.2x better than the whole history does.
+# Short-term CF folds the user in from only this many most recent history items: the current
+# taste, next to CF's long-term view (the evaluation's cf_recent baseline tunes the window).
 RECENT_HISTORY_ITEMS = 10
 # ModelVersions.cross_encoder of an answer the cross-encoder did not score.
 CROSS_ENCODER_SKIPPED = "skipped"
@@ -87,9 +80,30 @@ class Ranker:
         # The bundle's validated plan per kind of request, with this process's overrides
         # (benchmarks compare against single-pass); fixed for the Ranker's life.
         self._plans = {
-            has_query: _overridden(fusion_plan(fusion, has_query), rerank_depth, rerank_all_kinds)
+            has_query: _overridden(plan_for(fusion, has_query), rerank_depth, rerank_all_kinds)
             for has_query in (False, True)
         }
+
+    def with_cf(self, cf: CFModel) -> Ranker:
+        """This ranker with another CF model, for offline callers (`combine`): what serving would
+        answer had CF seen other interactions."""
+        ranker = self._offline_copy()
+        ranker.cf = cf
+        return ranker
+
+    def with_content(self, content: ItemVectors) -> Ranker:
+        """This ranker computing content similarity whatever its fusion reads (evaluation refits
+        fusion on every feature), for offline callers."""
+        ranker = self._offline_copy()
+        ranker.content = content
+        return ranker
+
+    def _offline_copy(self) -> Ranker:
+        """A copy with the same models and plans but no batcher: the batcher belongs to the
+        serving Ranker, and offline callers score through `scorer` themselves."""
+        ranker = copy.copy(self)
+        ranker.batcher = None
+        return ranker
 
     @classmethod
     def load(cls, bundle: Bundle, settings: Settings) -> Ranker:
@@ -127,8 +141,8 @@ class Ranker:
             settings.rerank_depth,
             settings.rerank_kinds == "all",
             scorer,
-            # ~1 ms a request on MovieLens: computed only where the build found it pays.
-            ItemVectors.load(bundle.path) if reads(fusion, CONTENT_FEATURES) else None,
+            # Computed only where the build found it pays (its cost: benchmarks/README.md).
+            ItemVectors.load(bundle.path) if reads(fusion, "content") else None,
         )
 
     def start(self) -> None:
@@ -170,79 +184,59 @@ class Ranker:
             return RankOutcome([], cf_folded_in=False, versions=self._versions(False))
         # CF's solves and fusion are numpy work that would stall every request on the event
         # loop, so they run in worker threads.
-        stages, folded, first = await asyncio.to_thread(self._first_pass, context, candidates)
-        rows = self._rerank_rows(context, stages, first, self.batcher is not None)
-        if rows.size == 0:
+        stages, folded, first = await asyncio.to_thread(
+            self._first_pass, context, candidates, self.batcher is not None
+        )
+        if first.rows.size == 0:
             return await asyncio.to_thread(self._outcome, candidates, stages, first, folded)
         assert self.batcher is not None
-        text = build_context(context.query, [h.text for h in context.history if h.text])
-        ce = await self.batcher.submit([(text, candidates[i].text) for i in rows])
-        return await asyncio.to_thread(
-            self._second_pass, candidates, stages, first, folded, rows, ce
-        )
+        text = context_text(context)
+        ce = await self.batcher.submit([(text, candidates[i].text) for i in first.rows])
+        return await asyncio.to_thread(self._outcome, candidates, stages, first, folded, ce)
 
     def combine(
         self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
     ) -> RankOutcome:
         """What `rank` answers, given cross-encoder scores for every candidate (offline, where
         they are computed in large batches); only those `rank` would compute are used."""
-        stages, folded, first = self._first_pass(context, candidates)
-        rows = self._rerank_rows(context, stages, first, ce is not None)
-        if rows.size == 0:
-            return self._outcome(candidates, stages, first, folded)
-        assert ce is not None
-        return self._second_pass(candidates, stages, first, folded, rows, ce[rows])
+        stages, folded, first = self._first_pass(context, candidates, ce is not None)
+        ce_rows = None if ce is None else ce[first.rows]
+        return self._outcome(candidates, stages, first, folded, ce_rows)
 
     def rerank_rows(self, context: RankContext, candidates: Sequence[Candidate]) -> np.ndarray:
         """The candidates `rank` would have the cross-encoder score (offline callers score only
         these before `combine`)."""
-        stages, _, first = self._first_pass(context, candidates)
-        return self._rerank_rows(context, stages, first, can_score=True)
+        return self._first_pass(context, candidates, can_score=True)[2].rows
 
     def plan(self, has_query: bool) -> TwoPassFusion:
         """The bundle's two passes for this kind of request, with this process's overrides."""
         return self._plans[has_query]
 
     def _first_pass(
-        self, context: RankContext, candidates: Sequence[Candidate]
-    ) -> tuple[StageScores, bool, np.ndarray]:
-        stages, folded = self._stages_without_ce(context, candidates)
-        return stages, folded, self.plan(stages.has_query).first.fuse(stages)
+        self, context: RankContext, candidates: Sequence[Candidate], can_score: bool
+    ) -> tuple[StageScores, bool, FirstPass]:
+        """The stage scores, whether CF folded in, and the first pass with the rows the
+        cross-encoder rescores: none without a model (`can_score`) or a context to read."""
+        stages, folded = self.stage_scores(context, candidates)
+        can_rerank = can_score and bool(context_text(context))
+        return stages, folded, plan.first_pass(self.plan(stages.has_query), stages, can_rerank)
 
-    def _rerank_rows(
-        self, context: RankContext, stages: StageScores, first: np.ndarray, can_score: bool
-    ) -> np.ndarray:
-        """The candidates the cross-encoder rescores: none without a model (`can_score`), a
-        context to read, or a kind of request it pays for."""
-        two_pass = self.plan(stages.has_query)
-        has_text = bool(context.query.strip()) or any(h.text.strip() for h in context.history)
-        if not can_score or not has_text or not two_pass.cross_encoder_pays:
-            return np.zeros(0, dtype=np.int64)
-        return head(first, two_pass.rerank_depth)
-
-    def _second_pass(
+    def _outcome(
         self,
         candidates: Sequence[Candidate],
         stages: StageScores,
-        first: np.ndarray,
+        first: FirstPass,
         folded: bool,
-        rows: np.ndarray,
-        ce_rows: np.ndarray,
-    ) -> RankOutcome:
-        two_pass = self.plan(stages.has_query)
-        assert two_pass.second is not None
-        ce = np.full(len(candidates), np.nan, np.float32)
-        ce[rows] = ce_rows
-        second = two_pass.second.fuse(subset(replace(stages, ce=ce), rows))
-        fused = place_head(first, rows, second)
-        return self._outcome(candidates, replace(stages, ce=ce), fused, folded)
-
-    def _outcome(
-        self, candidates: Sequence[Candidate], stages: StageScores, fused: np.ndarray, folded: bool
+        ce_rows: np.ndarray | None = None,
     ) -> RankOutcome:
         """The candidates best fused first, with each stage's score (None where it did not run)."""
+        two_pass = self.plan(stages.has_query)
+        if ce_rows is None or first.rows.size == 0:
+            fused = first.scores
+        else:
+            fused = plan.final(two_pass, stages, first, ce_rows)
+            stages = plan.with_ce(stages, first.rows, ce_rows)
         ce, cf = stages.ce, stages.cf
-        order = np.argsort(-fused, kind="stable")
         scored = [
             Scored(
                 item_id=candidates[i].item_id,
@@ -253,7 +247,7 @@ class Ranker:
                     retrieval=candidates[i].retrieval_score,
                 ),
             )
-            for i in order
+            for i in plan.order(fused)
         ]
         return RankOutcome(scored, cf_folded_in=folded, versions=self._versions(ce is not None))
 
@@ -264,16 +258,10 @@ class Ranker:
         return {**self.versions, "cross_encoder": CROSS_ENCODER_SKIPPED}
 
     def stage_scores(
-        self, context: RankContext, candidates: Sequence[Candidate], ce: np.ndarray | None
-    ) -> tuple[StageScores, bool]:
-        """Every stage's scores for the candidates (what fusion reads), and whether CF folded in."""
-        stages, folded = self._stages_without_ce(context, candidates)
-        return replace(stages, ce=ce), folded
-
-    def _stages_without_ce(
         self, context: RankContext, candidates: Sequence[Candidate]
     ) -> tuple[StageScores, bool]:
-        """Every stage's scores but the cross-encoder's, and whether CF folded in."""
+        """Every stage's scores but the cross-encoder's for the candidates (what fusion reads),
+        and whether CF folded the user in: the one place each signal is computed."""
         cf, folded = self._cf(context, candidates)
         ids = [c.item_id for c in candidates]
         history = [h.item_id for h in context.history]

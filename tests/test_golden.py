@@ -32,13 +32,15 @@ from ranking_service.ranker import Ranker
 from recsys.app import build
 from recsys.app.evaluation import ablation
 from recsys.app.evaluation.models import EvalModels
-from recsys.app.local import gather_pools, pool_request
-from recsys.app.retrain import _held_out_users, recommend_ndcg
 from recsys.app.sample import sample_paths
-from recsys.app.splits import histories, hold_out_recent
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.settings import Settings
+from recsys.offline.fitting import search_lists, user_lists, validation_queries
+from recsys.offline.gate import recommend_ndcg
+from recsys.offline.heldout import HeldOut
+from recsys.offline.local import Pools, gather_pools, pool_request
+from recsys.offline.splits import histories, hold_out_recent
 from retrieval_service.retriever import Retriever
 
 GOLDEN = Path(__file__).parent / "golden" / "ranking.json"
@@ -163,10 +165,16 @@ def _fitting(loaded: Loaded) -> dict[str, Any]:
     fitting = build.BuildInputs(inputs.catalog, train, inputs.report)
     cf = CFModel.train(train, seed=options.seed, **ALSParams.of(manifest["cf"]).kwargs())
     ranker = Ranker(cf, ConvexFusion(), None, {}, content=ItemVectors.load(loaded.bundle.path))
-    history = build._history_lists(options, fitting, validation, loaded.retriever, ranker)
-    queries = build._query_lists(
-        options, build.validation_queries(validation), loaded.retriever, ranker
+    built = manifest["settings"]
+    pools = Pools(
+        loaded.retriever,
+        ranker,
+        int(built["candidate_pool"]),
+        PoolPolicy(cf_share=float(built["cf_candidate_share"])),
     )
+    held_out = HeldOut.of(fitting.interactions, validation, options.relevant_min_weight)
+    history = user_lists(pools, held_out, options.seed)
+    queries = search_lists(pools, validation_queries(validation), options.seed)
     scorer = CrossEncoderScorer.load(
         loaded.bundle.file(bundle_files.CROSS_ENCODER_DIR),
         "cpu",
@@ -199,12 +207,14 @@ def _gate(loaded: Loaded) -> dict[str, Any]:
     the bundle's CF and with one refitted on the rest (as the gate scores a candidate)."""
     built = loaded.bundle.manifest["settings"]
     train, held = hold_out_recent(loaded.inputs.interactions, 3)
-    seen, relevant, users = _held_out_users(train, held, built, 60)
+    least = built.get("relevant_min_weight")
+    held_out = HeldOut.of(train, held, None if least is None else float(least))
+    users = held_out.users(seed=int(built.get("seed", 0)), limit=60)
     cf = CFModel.train(train, seed=0, **ALSParams.of(loaded.bundle.manifest["cf"]).kwargs())
     return {
         "users": len(users),
-        "ndcg": recommend_ndcg(loaded.bundle, seen, relevant, users, "cpu"),
-        "ndcg_refitted_cf": recommend_ndcg(loaded.bundle, seen, relevant, users, "cpu", cf),
+        "ndcg": recommend_ndcg(loaded.bundle, held_out, users, "cpu"),
+        "ndcg_refitted_cf": recommend_ndcg(loaded.bundle, held_out, users, "cpu", cf),
     }
 
 

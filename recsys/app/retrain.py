@@ -13,19 +13,16 @@ candidate stays aside with ROOT/<version>/rejected.json saying why.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle, load_inputs
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle, clear_rejection, publish, reject
+from recsys.offline.gate import GATE_USERS, MAX_DROP, GateResult, gate
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +30,6 @@ EXIT_SWITCHED = 0
 EXIT_REFUSED = 3  # the gate kept the candidate aside (1 stays Python's crash code)
 # Fine-tuning steps when continuing from the live cross-encoder: a third of a build's.
 RETRAIN_RANKER_STEPS = 50
-MAX_DROP = 0.05  # the candidate's NDCG@10 may be at most 5% below the live version's
-GATE_USERS = 500  # held-out users ranked by each version, at most (seeded sample)
-MIN_GATE_USERS = 10  # fewer held-out users than this: no judgement, the candidate is refused
-K = 10
 
 # Options the live version's settings do not decide: inputs, output and this run's device.
 _PER_RUN = {
@@ -52,41 +45,6 @@ _PER_RUN = {
     "change_log_url",
     "change_log_table",
 }
-
-
-@dataclass(frozen=True)
-class GateResult:
-    """The gate's verdict: NDCG@10 of each version on the same held-out users, or why not."""
-
-    passed: bool
-    reason: str
-    users: int = 0
-    live: float | None = None
-    candidate: float | None = None
-    max_drop: float = MAX_DROP
-
-    def lines(self, live: str, candidate: str) -> list[str]:
-        """What `recsys retrain` prints about the comparison."""
-        if self.live is None or self.candidate is None:
-            return [f"gate: {self.reason}"]
-        diff = self.candidate - self.live
-        relative = f" ({diff / self.live:+.1%})" if self.live else ""
-        return [
-            f"gate: recommend NDCG@10 on {self.users} held-out users: live {live} "
-            f"{self.live:.4f}, candidate {candidate} {self.candidate:.4f}, "
-            f"difference {diff:+.4f}{relative}",
-            f"gate: tolerance: at most {self.max_drop:.1%} below live -> {self.reason}",
-        ]
-
-    def record(self) -> dict[str, Any]:
-        return {
-            "passed": self.passed,
-            "reason": self.reason,
-            "users": self.users,
-            "live_ndcg@10": self.live,
-            "candidate_ndcg@10": self.candidate,
-            "max_drop": self.max_drop,
-        }
 
 
 @dataclass(frozen=True)
@@ -205,130 +163,3 @@ def judge(
         reject(candidate.root, candidate.version, {"live": live.version, **result.record()})
         log.warning("candidate %s refused: %s", candidate.version, result.reason)
     return Retrained(live.version, candidate.version, result)
-
-
-def gate(
-    live: Bundle,
-    candidate: Bundle,
-    interactions: pd.DataFrame,
-    max_drop: float = MAX_DROP,
-    gate_users: int = GATE_USERS,
-    device: str = "auto",
-) -> GateResult:
-    """Both versions' NDCG@10 on the same held-out users; a candidate whose files differ from its
-    manifest, or that fails to load or rank, is refused with the reason."""
-    from ranking_service.cf import ALSParams, CFModel
-    from recsys.app.splits import hold_out_recent
-
-    bad = candidate.verify()
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        return GateResult(False, f"refused: checksum mismatch or missing file: {shown}")
-    built: dict[str, Any] = candidate.manifest.get("settings", {})
-    train, held = hold_out_recent(interactions, int(built.get("holdout_per_user", 10)))
-    last = live.manifest.get("counts", {}).get("last_timestamp")
-    if last is None:
-        log.warning("gate: %s records no last interaction; it may have seen some", live.version)
-    else:
-        held = held[held["timestamp"] > last]
-    seen, relevant, users = _held_out_users(train, held, built, gate_users)
-    if len(users) < MIN_GATE_USERS:
-        return GateResult(
-            False,
-            f"refused: only {len(users)} users with held-out interactions after {live.version}'s "
-            f"last one (need {MIN_GATE_USERS})",
-        )
-    try:
-        # The CF the candidate's fusion was fitted with (its ALS values): the one it serves is
-        # refitted on the held-out interactions too, and would be scored on answers it was
-        # trained on.
-        params = ALSParams.of(candidate.manifest.get("cf", {}))
-        cf = CFModel.train(train, seed=int(built.get("seed", 0)), **params.kwargs())
-        ours = recommend_ndcg(candidate, seen, relevant, users, device, cf)
-    except Exception as exc:  # any failure to load or rank refuses the candidate
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        return GateResult(False, f"refused: the candidate fails to load or rank: {first}")
-    theirs = recommend_ndcg(live, seen, relevant, users, device)
-    passed = ours >= theirs * (1 - max_drop)
-    reason = "pass" if passed else f"refused: more than {max_drop:.1%} below the live version"
-    return GateResult(passed, reason, len(users), round(theirs, 4), round(ours, 4), max_drop)
-
-
-def _held_out_users(
-    train: pd.DataFrame, held: pd.DataFrame, built: dict[str, Any], limit: int
-) -> tuple[dict[str, list[str]], dict[str, set[str]], list[str]]:
-    """(history per user, relevant held-out items per user, the users to rank: a seeded sample
-    of at most `limit` with both)."""
-    from recsys.app.splits import histories, relevant_items
-
-    least = built.get("relevant_min_weight")
-    seen = histories(train)
-    relevant = relevant_items(held, -np.inf if least is None else float(least))
-    users = sorted(u for u in relevant if seen.get(u))
-    random.Random(int(built.get("seed", 0))).shuffle(users)
-    return seen, relevant, users[:limit]
-
-
-def recommend_ndcg(
-    bundle: Bundle,
-    seen: dict[str, list[str]],
-    relevant: dict[str, set[str]],
-    users: Sequence[str],
-    device: str = "auto",
-    cf: Any = None,
-) -> float:
-    """Mean NDCG@10 of the version's answers to each user's history-only Recommend, ranked as
-    serving ranks (`cf`: another CF model in place of the version's)."""
-    from gateway.candidates import PoolPolicy
-    from ranking_service.fusion_fit import ndcg
-    from ranking_service.ranker import Ranker
-    from ranking_service.train import EXAMPLE_HISTORY
-    from recsys.app.local import gather_pools, pool_request
-    from recsys.core.settings import Settings, default
-    from retrieval_service.retriever import Retriever
-
-    started = time.perf_counter()
-    built: dict[str, Any] = bundle.manifest.get("settings", {})
-    pool = int(built.get("candidate_pool", default("default_candidate_pool")))
-    policy = PoolPolicy(
-        cf_share=float(built.get("cf_candidate_share", default("cf_candidate_share")))
-    )
-    retriever = Retriever.load(bundle, state_dir=None, device=device)
-    try:
-        ranker = Ranker.load(bundle, Settings.built_in(bundle=bundle.root, device=device))
-        if cf is not None:
-            ranker.cf = cf
-        requests = [
-            pool_request(pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u]) for u in users
-        ]
-        pools = gather_pools(requests, retriever, ranker, policy, desc=f"gate: {bundle.version}")
-        values = []
-        for user, gathered in zip(users, pools, strict=True):
-            context, candidates = gathered.context(), gathered.candidates()
-            outcome = ranker.combine(context, candidates, _head_scores(ranker, context, candidates))
-            top = [s.item_id in relevant[user] for s in outcome.scored[:K]]
-            values.append(ndcg(np.array(top, np.float64), len(relevant[user]), K))
-    finally:
-        retriever.close()
-    value = float(np.mean(values)) if values else 0.0
-    log.info(
-        "gate: %s NDCG@10 %.4f on %d users (%.0f s)",
-        bundle.version,
-        value,
-        len(users),
-        time.perf_counter() - started,
-    )
-    return value
-
-
-def _head_scores(ranker: Any, context: Any, candidates: Sequence[Any]) -> np.ndarray | None:
-    """The cross-encoder's scores for the candidates serving would have it score (NaN elsewhere)."""
-    from ranking_service.cross_encoder import build_context
-
-    rows = ranker.rerank_rows(context, candidates) if ranker.scorer is not None else []
-    if len(rows) == 0:
-        return None
-    text = build_context(context.query, [h.text for h in context.history if h.text])
-    ce = np.full(len(candidates), np.nan, np.float32)
-    ce[rows] = ranker.scorer.score([(text, candidates[i].text) for i in rows])
-    return ce

@@ -7,14 +7,14 @@ import pytest
 
 from recsys.app.evaluation.baselines import (
     EASE,
-    CFRecent,
     Grids,
     ItemKNN,
     SASRec,
     SASRecConfig,
     tuned_baselines,
 )
-from recsys.app.splits import temporal_split
+from recsys.offline.cf_search import CFRecent
+from recsys.offline.splits import temporal_split
 
 CF_PARAMS = {"factors": 8, "iterations": 5, "regularization": 0.05, "alpha": 2.0}
 

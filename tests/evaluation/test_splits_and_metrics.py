@@ -14,7 +14,7 @@ from recsys.app.evaluation.metrics import (
     paired_bootstrap_ratio,
     per_query_ndcg,
 )
-from recsys.app.splits import histories, relevant_items, temporal_split
+from recsys.offline.splits import histories, relevant_items, temporal_split
 
 
 def interactions(users: int = 3, per_user: int = 25) -> pd.DataFrame:

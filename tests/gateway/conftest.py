@@ -2,7 +2,7 @@
 
 A bag-of-words cosine search over eight items (TinyRetriever, Retriever's interface) and a
 word-overlap ranker with a fixed CF preference (OverlapRanker, Ranker's interface), so every
-answer can be checked by hand. They run behind the real Local* stages (recsys.app.local).
+answer can be checked by hand. They run behind the real Local* stages (recsys.offline.local).
 """
 
 from __future__ import annotations

@@ -19,10 +19,10 @@ from gateway.protocol import RecommendRequest
 from ranking_service.cf import CFModel
 from ranking_service.fusion import ConvexFusion
 from ranking_service.ranker import Ranker
-from recsys.app.local import LocalRankingStage, LocalRetrievalStage
 from recsys.core.domain import Candidate, Item, RankContext
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings
+from recsys.offline.local import LocalRankingStage, LocalRetrievalStage
 from tests.gateway.conftest import (
     CATALOG,
     CF_ORDER,

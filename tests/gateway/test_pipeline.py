@@ -34,7 +34,6 @@ from gateway.stages import (
     SearchResult,
 )
 from ranking_service.ranker import Recall
-from recsys.app.local import LocalRankingStage, LocalRetrievalStage
 from recsys.core.domain import Candidate, RankContext, Scores, SearchQuery
 from recsys.core.errors import (
     DeadlineExceeded,
@@ -45,6 +44,7 @@ from recsys.core.errors import (
     UpstreamError,
 )
 from recsys.core.settings import Settings
+from recsys.offline.local import LocalRankingStage, LocalRetrievalStage
 from recsys.v1 import gateway_pb2
 from tests.gateway.conftest import (
     CATALOG,

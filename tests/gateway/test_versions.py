@@ -16,10 +16,10 @@ import pytest
 from gateway.pipeline import RecommendPipeline
 from gateway.protocol import Recommendation, RecommendRequest
 from gateway.stages import ItemsResult, RankResult, RecallResult, SearchResult
-from recsys.app.local import LocalRankingStage, LocalRetrievalStage
 from recsys.core.domain import Candidate, RankContext, SearchQuery
 from recsys.core.errors import NotReady, VersionUnavailable
 from recsys.core.settings import Settings
+from recsys.offline.local import LocalRankingStage, LocalRetrievalStage
 from tests.gateway.conftest import OverlapRanker, TinyRetriever
 
 DEADLINE_S = 30.0

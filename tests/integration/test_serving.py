@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 
-from ranking_service.fusion import load_fusion, plan
+from ranking_service.fusion import load_fusion, plan_for
 from ranking_service.ranker import CROSS_ENCODER_SKIPPED
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import FUSION, Bundle
@@ -89,7 +89,7 @@ def test_recommend_returns_ranked_items_with_breakdowns(
     sample_bundle_root: Path,
 ) -> None:
     user, history = user_history
-    searches = plan(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
+    searches = plan_for(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
     reply = recommend(
         stack, user_id=user, query=catalog.iloc[0]["title"], history_item_ids=history, k=5
     )
@@ -351,7 +351,7 @@ def test_metrics_show_each_called_method_with_its_codes(
     # bundle found it pays for searches), in at least one batch a call.
     ranked = grew("gateway", lambda text: value(text, "recsys_candidates_sum", stage="ranked"))
     assert ranked > 0
-    searches = plan(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
+    searches = plan_for(load_fusion(Bundle.open(sample_bundle_root).file(FUSION)), has_query=True)
     per_call = min(searches.rerank_depth, ranked / ok_calls) if searches.cross_encoder_pays else 0
     scored = grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_sum"))
     assert scored == ok_calls * per_call

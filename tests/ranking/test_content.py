@@ -9,9 +9,8 @@ import pandas as pd
 import pytest
 
 from ranking_service.content import NEAREST_OF, RECENT_OF, ItemVectors
+from ranking_service.features import FEATURES, columns
 from ranking_service.fusion import (
-    CONTENT_FEATURES,
-    FEATURES,
     ContextFusion,
     ConvexFusion,
     LogisticFusion,
@@ -63,28 +62,28 @@ def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
     bundle = Bundle.open(sample_bundle_root)
     served = Ranker.load(bundle, Settings.built_in(bundle=sample_bundle_root))
     # Serving computes content similarity only where the build gave it weight.
-    assert (served.content is not None) == reads(served.fusion, CONTENT_FEATURES)
+    assert (served.content is not None) == reads(served.fusion, "content")
     ranker = Ranker(served.cf, served.fusion, None, {}, content=ItemVectors.load(bundle.path))
     catalog = pd.read_parquet(bundle.file("catalog.parquet"), columns=["item_id"])
     first, second = (str(i) for i in catalog["item_id"][:2])
     context = RankContext(history=(HistoryItem(first, ""),))
-    stages, _ = ranker.stage_scores(context, [Candidate(first, ""), Candidate(second, "")], None)
+    stages, _ = ranker.stage_scores(context, [Candidate(first, ""), Candidate(second, "")])
     assert stages.content_nearest is not None and stages.content_recent is not None
     # An item is its own nearest neighbour.
     assert stages.content_nearest[0] == pytest.approx(1.0, abs=1e-5)
     assert stages.content_nearest[1] < stages.content_nearest[0]
     # A search without history has no content scores.
-    query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")], None)
+    query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")])
     assert query.content_nearest is None
 
 
 def test_fusion_reads_content_only_where_a_pass_weighs_it() -> None:
     weights = [0.5] * len(FEATURES)
-    blind = [0.0 if name in CONTENT_FEATURES else 0.5 for name in FEATURES]
+    blind = [0.0 if i in columns("content") else 0.5 for i in range(len(FEATURES))]
     reading, ignoring = LogisticFusion(weights, 0.0), LogisticFusion(blind, 0.0)
-    assert reads(reading, CONTENT_FEATURES) and not reads(ignoring, CONTENT_FEATURES)
-    assert not reads(ConvexFusion(), CONTENT_FEATURES)
+    assert reads(reading, "content") and not reads(ignoring, "content")
+    assert not reads(ConvexFusion(), "content")
     two_pass = TwoPassFusion(ignoring, reading, 10, cross_encoder_pays=False)
-    assert reads(two_pass, CONTENT_FEATURES)
-    assert not reads(TwoPassFusion(ignoring, None, 0, False), CONTENT_FEATURES)
-    assert reads(ContextFusion(query=ConvexFusion(), history=two_pass), CONTENT_FEATURES)
+    assert reads(two_pass, "content")
+    assert not reads(TwoPassFusion(ignoring, None, 0, False), "content")
+    assert reads(ContextFusion(query=ConvexFusion(), history=two_pass), "content")

@@ -8,22 +8,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ranking_service.features import FEATURES, StageScores, features, normalise
 from ranking_service.fusion import (
-    FEATURES,
     FUSION_KINDS,
     RERANK_ALL,
     ContextFusion,
     ConvexFusion,
     LogisticFusion,
-    StageScores,
     TwoPassFusion,
-    features,
     load_fusion,
-    normalise,
-    place_head,
-    plan,
+    plan_for,
     save_fusion,
 )
+from ranking_service.plan import place_head
 from recsys.core.errors import InvalidInput
 
 
@@ -195,8 +192,8 @@ def test_two_pass_round_trip_and_offline_fuse(tmp_path: Path) -> None:
 
 def test_a_single_fusion_plans_one_pass_over_every_candidate() -> None:
     convex = ConvexFusion()
-    single = plan(convex, has_query=False)
+    single = plan_for(convex, has_query=False)
     assert single.first is convex and single.second is convex
     assert single.rerank_depth == RERANK_ALL and single.cross_encoder_pays
     two = TwoPassFusion(convex, None, 0, False)
-    assert plan(ContextFusion(query=convex, history=two), has_query=False) is two
+    assert plan_for(ContextFusion(query=convex, history=two), has_query=False) is two

@@ -7,17 +7,16 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
-import pytest
 
-from ranking_service.fusion import FEATURES, ConvexFusion, StageScores, TwoPassFusion
+from ranking_service.features import FEATURES, StageScores
+from ranking_service.fusion import ConvexFusion, TwoPassFusion
 from ranking_service.fusion_fit import (
     MIN_LISTS,
     FusionList,
     choose_depth,
-    content_verdict,
     first_pass_features,
     fit_two_pass,
-    ndcg,
+    group_verdict,
     sweep_sample,
     within_budget,
 )
@@ -54,12 +53,6 @@ class CountingScorer:
             signal, truth, noise = (float(v) for v in text.split("|"))
             out.append(signal * truth + (1 - signal) * noise)
         return np.array(out, np.float32)
-
-
-def test_ndcg_of_one_list() -> None:
-    assert ndcg(np.array([1.0, 0, 0]), 1) == pytest.approx(1.0)
-    assert ndcg(np.array([0.0, 1, 0]), 1) == pytest.approx(1 / np.log2(3))
-    assert ndcg(np.array([0.0, 0]), 0) == 0.0
 
 
 def test_the_first_pass_never_sees_the_cross_encoder() -> None:
@@ -183,7 +176,7 @@ def test_content_similarity_that_knows_relevance_is_kept() -> None:
     verdict = fused.fitted_on["content_similarity"]
     assert verdict["pays"] and verdict["ndcg@10 with"] > verdict["ndcg@10 without"]
     assert fused.first.to_dict()["weights"][FEATURES.index("content_nearest")] > 0
-    assert content_verdict(lists) == verdict
+    assert group_verdict(lists, "content") == verdict
 
 
 def test_content_similarity_of_noise_weighs_nothing_in_either_pass() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,8 @@ import pytest
 from ranking_service.batching import DynamicBatcher
 from ranking_service.cf import CFModel
 from ranking_service.copies import DIRS
+from ranking_service.features import FEATURES
 from ranking_service.fusion import (
-    FEATURES,
     ContextFusion,
     ConvexFusion,
     LogisticFusion,
@@ -158,8 +159,8 @@ def test_combine_orders_by_fusion_of_the_given_cross_encoder_scores(shop_cf: CFM
     # A blend: fused is the fusion of every stage's scores, sorted best first.
     blend = Ranker(shop_cf, ConvexFusion(alpha=0.5), None, {})
     context = RankContext(query="coffee", history=running_context().history)
-    stages, folded = blend.stage_scores(context, candidates, ce)
-    expected = blend.fusion.fuse(stages)
+    stages, folded = blend.stage_scores(context, candidates)
+    expected = blend.fusion.fuse(replace(stages, ce=ce))
     outcome = blend.combine(context, candidates, ce)
     assert outcome.cf_folded_in == folded
     assert [s.item_id for s in outcome.scored] == [
@@ -303,7 +304,7 @@ def test_the_cross_encoder_scores_only_the_first_pass_head(shop_cf: CFModel) -> 
     ranker, scorer = two_pass_ranker(shop_cf, history_pays=True)
     candidates = texts_by_length()
     context = RankContext(query="running", history=running_context().history)
-    first = by_feature("cf").fuse(ranker.stage_scores(context, candidates, None)[0])
+    first = by_feature("cf").fuse(ranker.stage_scores(context, candidates)[0])
     top_two = {candidates[i].item_id for i in np.argsort(-first)[:2]}
     outcome = rank_once(ranker, context, candidates)
     assert {c.text for c in candidates if c.item_id in top_two} == {t for _, t in scorer.pairs}

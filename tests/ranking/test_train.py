@@ -22,8 +22,8 @@ from ranking_service.train import (
     train_cross_encoder,
     training_sample,
 )
-from recsys.app.build import hold_out_queries
 from recsys.core.errors import InvalidInput
+from recsys.offline.fitting import hold_out_queries
 from tests.ranking.conftest import EmbeddingRetrieval
 
 POOL = 31  # candidates proposed per example, as a small serving pool would

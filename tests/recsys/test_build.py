@@ -17,21 +17,16 @@ import pandas as pd
 import pytest
 
 from ranking_service.cf import WEIGHTINGS, ALSParams, CFModel
+from ranking_service.copy_choice import INT8_TOLERANCE, STUDENT_KEEPS, STUDENT_MIN_SPEARMAN
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from ranking_service.train import RankerTrainConfig
-from recsys.app.build import (
-    FUSION_QUERY_SHARE,
-    INT8_TOLERANCE,
-    STUDENT_KEEPS,
-    STUDENT_MIN_SPEARMAN,
-    BuildOptions,
-    build_bundle,
-)
-from recsys.app.cf_search import GRID, MIN_USERS, search_cf
+from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
-from recsys.app.splits import hold_out_recent
 from recsys.core.bundle import Bundle
+from recsys.offline.cf_search import GRID, MIN_USERS, search_cf
+from recsys.offline.fitting import FUSION_QUERY_SHARE
+from recsys.offline.splits import hold_out_recent
 
 BUILT_IN_POOL = 100
 BUILT_IN_CF_SHARE = 0.5
@@ -310,8 +305,8 @@ def test_the_cf_search_scores_what_the_evaluation_scores_for_cf() -> None:
     """Each tried setting's figure is the evaluation's `cf` on validation users: ALS fitted on
     train, each user folded in from their train history, everything seen excluded."""
     from recsys.app.evaluation.metrics import accuracy
-    from recsys.app.splits import histories, relevant_items
     from recsys.core.settings import default
+    from recsys.offline.splits import histories, relevant_items
 
     train, validation = held_out_taste_log()
     start = ALSParams(factors=8, iterations=5)

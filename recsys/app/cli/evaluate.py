@@ -71,7 +71,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions
     from recsys.app.evaluation.runner import FIT_ON, run_evaluation
-    from recsys.app.splits import RELEVANT_MIN_RATING
+    from recsys.offline.splits import RELEVANT_MIN_RATING
 
     options = BuildOptions(
         catalog=args.data / "catalog.csv",

@@ -82,13 +82,13 @@ def _ranker_steps() -> int:
 
 
 def _max_drop() -> float:
-    from recsys.app.retrain import MAX_DROP
+    from recsys.offline.gate import MAX_DROP
 
     return MAX_DROP
 
 
 def _gate_users() -> int:
-    from recsys.app.retrain import GATE_USERS
+    from recsys.offline.gate import GATE_USERS
 
     return GATE_USERS
 

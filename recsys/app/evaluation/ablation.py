@@ -19,66 +19,62 @@ from typing import Any
 import numpy as np
 
 from gateway.candidates import CandidatePool
-from ranking_service.fusion import ConvexFusion, StageScores, head, place_head, subset
+from ranking_service import plan
+from ranking_service.cross_encoder import context_text
+from ranking_service.features import StageScores
+from ranking_service.fusion import ConvexFusion
 from ranking_service.fusion_fit import FusionList, fit_two_pass
 from ranking_service.ranker import Ranker
 from recsys.app.evaluation.metrics import K, paired_bootstrap_ratio, per_query_ndcg
 from recsys.app.evaluation.models import EvalModels, score_lists
 from recsys.app.evaluation.recommend import HISTORY_ITEMS
-from recsys.app.local import gather_pools, pool_request
-from recsys.app.splits import Split
 from recsys.core.domain import Candidate, RankContext
+from recsys.offline.local import gather_pools, pool_request
+from recsys.offline.splits import Split
 
 
 @dataclass(frozen=True)
 class Variant:
     name: str
     cf_share: float | None  # the pool's CF share; None: the bundle's
-    drop_cf: bool  # CF and short-term CF scores dropped (missing to fusion)
-    cross_encoder: bool  # the cross-encoder's second pass, where the bundle's plan runs it
+    # Components dropped (ranking_service.features groups): their signals missing to fusion;
+    # "cross_encoder" drops the second pass, where the bundle's plan runs it.
+    drops: tuple[str, ...]
     means: str
-    drop_content: bool = False  # the content-similarity features dropped (missing to fusion)
 
 
 VARIANTS = (
-    Variant("full", None, False, True, "the pipeline as evaluated above"),
+    Variant("full", None, (), "the pipeline as evaluated above"),
     Variant(
         "without cross-encoder",
         None,
-        False,
-        False,
+        ("cross_encoder",),
         "first fusion pass only: the cross-encoder's second pass dropped",
     ),
     Variant(
         "without CF",
         0.0,
-        True,
-        True,
+        ("cf",),
         "pool from dense retrieval alone; CF and short-term CF scores dropped as missing "
         "(the popularity prior stays)",
     ),
     Variant(
         "without dense retrieval",
         1.0,
-        False,
-        True,
+        (),
         "pool from CF recall alone, so no retrieval candidates or scores",
     ),
     Variant(
         "without content similarity",
         None,
-        False,
-        True,
+        ("content",),
         "the embedding similarities to the history's items dropped as missing",
-        drop_content=True,
     ),
     Variant(
         "without language-model components",
         1.0,
-        False,
-        False,
+        ("cross_encoder", "content"),
         "no dense retrieval (pool from CF alone), content similarity or cross-encoder",
-        drop_content=True,
     ),
 )
 
@@ -135,9 +131,7 @@ def _inputs(ranker: Ranker, pools: Sequence[CandidatePool], variant: Variant) ->
     out = []
     for pool in pools:
         context, cands = pool.context(), pool.candidates()
-        out.append(
-            (context, cands, _dropped(ranker.stage_scores(context, cands, None)[0], variant))
-        )
+        out.append((context, cands, ranker.stage_scores(context, cands)[0].without(*variant.drops)))
     return out
 
 
@@ -156,39 +150,27 @@ def rank_top(
 def _rank_inputs(
     models: EvalModels, ranker: Ranker, inputs: Inputs, variant: Variant, progress: bool
 ) -> list[list[str]]:
-    plan = ranker.plan(False)
-    firsts, heads = [], []
-    for context, cands, scores in inputs:
-        first = plan.first.fuse(scores) if cands else np.zeros(0, np.float32)
-        has_text = any(h.text.strip() for h in context.history)
-        two_pass = variant.cross_encoder and plan.cross_encoder_pays and plan.second is not None
-        heads.append(head(first, plan.rerank_depth) if two_pass and has_text and cands else None)
-        firsts.append(first)
+    two_pass = ranker.plan(False)
+    reranks = "cross_encoder" not in variant.drops
+    firsts = [
+        plan.first_pass(two_pass, scores, reranks and bool(context_text(context)))
+        for context, _, scores in inputs
+    ]
     contexts = [context for context, _, _ in inputs]
     candidates = [cands for _, cands, _ in inputs]
     scored = _head_scores(
-        models, contexts, candidates, heads, f"ablation: {variant.name}", progress
+        models,
+        contexts,
+        candidates,
+        [f.rows for f in firsts],
+        f"ablation: {variant.name}",
+        progress,
     )
     out = []
-    for (_, cands, scores), first, rows, ce in zip(inputs, firsts, heads, scored, strict=True):
-        fused = first
-        if rows is not None and rows.size:
-            assert plan.second is not None
-            full = np.full(len(cands), np.nan, np.float32)
-            full[rows] = ce
-            second = plan.second.fuse(subset(replace(scores, ce=full), rows))
-            fused = place_head(first, rows, second)
-        out.append([cands[i].item_id for i in np.argsort(-fused, kind="stable")[:K]])
+    for (_, cands, scores), first, ce in zip(inputs, firsts, scored, strict=True):
+        fused = plan.final(two_pass, scores, first, ce)
+        out.append([cands[i].item_id for i in plan.order(fused)[:K]])
     return out
-
-
-def _dropped(scores: StageScores, variant: Variant) -> StageScores:
-    """The stage scores with the variant's component missing."""
-    if variant.drop_cf:
-        scores = replace(scores, cf=np.full(len(scores.cf), np.nan, np.float32), cf_recent=None)
-    if variant.drop_content:
-        scores = replace(scores, content_nearest=None, content_recent=None)
-    return scores
 
 
 def refitted_answers(
@@ -205,7 +187,7 @@ def refitted_answers(
         ]
         first = fit_two_pass(fitting, None, ConvexFusion(), requests="validation users").first
         out[variant.name] = {
-            u: [ids[i] for i in np.argsort(-first.fuse(scores), kind="stable")[:K]] if ids else []
+            u: [ids[i] for i in plan.order(first.fuse(scores))[:K]] if ids else []
             for u, (scores, ids) in stage.lists[variant.name].items()
         }
     return out
@@ -215,16 +197,16 @@ def _head_scores(
     models: EvalModels,
     contexts: Sequence[RankContext],
     candidates: Sequence[Sequence[Candidate]],
-    heads: Sequence[np.ndarray | None],
+    heads: Sequence[np.ndarray],
     desc: str,
     progress: bool,
 ) -> list[np.ndarray]:
     """The serving cross-encoder's scores of each list's head rows (empty where none)."""
-    todo = [i for i, rows in enumerate(heads) if rows is not None and rows.size]
+    todo = [i for i, rows in enumerate(heads) if rows.size]
     out = [np.zeros(0, np.float32) for _ in heads]
     if not todo:
         return out
-    lists = [[candidates[i][r] for r in heads[i]] for i in todo]  # type: ignore[union-attr]
+    lists = [[candidates[i][r] for r in heads[i]] for i in todo]
     scores = score_lists(models.tuned, [contexts[i] for i in todo], lists, desc, progress)
     for i, values in zip(todo, scores, strict=True):
         out[i] = values

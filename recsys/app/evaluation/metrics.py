@@ -7,7 +7,8 @@ from typing import Any
 
 import numpy as np
 
-K = 10
+from recsys.core.scoring import K, ndcg_of
+
 ACCURACY_METRICS = (f"ndcg@{K}", f"recall@{K}", f"mrr@{K}")
 BOOTSTRAP_DRAWS = 1000  # paired bootstrap resamples of users (recommend) and queries (search)
 
@@ -54,14 +55,7 @@ def per_query_ndcg(
     relevant: Mapping[str, set[str]], answers: Mapping[str, Sequence[str]]
 ) -> np.ndarray:
     """Binary-relevance NDCG at 10 per query, in `relevant`'s order (its mean is `accuracy`'s)."""
-    discounts = 1.0 / np.log2(np.arange(2, K + 2))
-    out = np.zeros(len(relevant))
-    for n, (query, items) in enumerate(relevant.items()):
-        ranked = list(answers.get(query, ()))[:K]
-        gain = sum(discounts[i] for i, item in enumerate(ranked) if item in items)
-        ideal = discounts[: min(len(items), K)].sum()
-        out[n] = gain / ideal if ideal else 0.0
-    return out
+    return np.array([ndcg_of(answers.get(query, ()), items) for query, items in relevant.items()])
 
 
 def paired_bootstrap_ratio(

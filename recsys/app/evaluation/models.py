@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import atexit
-import copy
 import shutil
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +19,16 @@ from gateway.candidates import CandidatePool, PoolPolicy
 from gateway.protocol import RecommendRequest
 from ranking_service.cf import ALSParams, CFModel
 from ranking_service.content import ItemVectors
-from ranking_service.cross_encoder import CrossEncoderScorer, build_context
+from ranking_service.cross_encoder import CrossEncoderScorer, context_text
 from ranking_service.ranker import Ranker, Scorer
-from recsys.app.local import gather_pools
+from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
-from recsys.core.domain import Candidate, RankContext, Scored
+from recsys.core.domain import Candidate, Item, RankContext, Scored
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings, default
+from recsys.offline.local import gather_pools
+from retrieval_service.catalog import load_catalog_items
 from retrieval_service.retriever import Retriever
 
 Pair = tuple[str, str]
@@ -53,9 +55,10 @@ class EvalModels:
         settings = Settings.built_in(bundle=bundle.root, device=device)
         retriever = Retriever.load(bundle, state_dir=None, device=device)
         ranker = Ranker.load(bundle, settings)
-        # The ablation refits fusion on every feature, also those this bundle's fusion gave no
-        # weight (which serving then skips).
-        ranker.content = ranker.content or ItemVectors.load(bundle.path)
+        if ranker.content is None:
+            # The ablation refits fusion on every feature, also those this bundle's fusion gave
+            # no weight (which serving then skips).
+            ranker = ranker.with_content(ItemVectors.load(bundle.path))
         # The copy serving uses (int8 where the build validated it).
         tuned = ranker.scorer
         if tuned is None:
@@ -82,13 +85,17 @@ class EvalModels:
     def ranker_refitted_on(self, interactions: pd.DataFrame) -> Ranker:
         """The bundle's ranker with CF refitted on `interactions` (its own hyper-parameters
         and seed): what serving would be had CF seen only those."""
-        ranker = copy.copy(self.ranker)
-        ranker.cf = CFModel.train(interactions, seed=self.seed, **self.cf_params)
-        return ranker
+        return self.ranker.with_cf(CFModel.train(interactions, seed=self.seed, **self.cf_params))
+
+    @cached_property
+    def items(self) -> list[Item]:
+        """The bundle's catalog: what its retrieval serves (evaluation changes nothing online)."""
+        return load_catalog_items(self.bundle.file(bundle_files.CATALOG))
 
     def vector(self, item_id: str) -> np.ndarray | None:
-        row = self.retriever.store.row(item_id)
-        return None if row is None else self.retriever.store.vector_at(row)
+        """The item's vector, read through the catalog backend (FAISS or Milvus)."""
+        found, _ = self.retriever.get_items([item_id])
+        return found[0][1] if found else None
 
     def pools(
         self, requests: Sequence[RecommendRequest], desc: str | None, cf_share: float | None = None
@@ -170,7 +177,7 @@ def score_lists(
     """Cross-encoder scores for many (context, pool) lists in large batches; one array per list."""
     pairs: list[Pair] = []
     for context, pool in zip(contexts, pools, strict=True):
-        text = build_context(context.query, [h.text for h in context.history])
+        text = context_text(context)
         pairs.extend((text, c.text) for c in pool)
     chunk = 4096
     parts = [

@@ -13,11 +13,11 @@ from recsys.app.evaluation.baselines import NAMES as BASELINES
 from recsys.app.evaluation.baselines import Baseline, run_baselines
 from recsys.app.evaluation.metrics import K
 from recsys.app.evaluation.models import EvalModels, rerank
-from recsys.app.local import pool_request
-from recsys.app.splits import Split, histories, relevant_items
 from recsys.core.domain import RankContext, Scored
 from recsys.core.errors import NotFound
 from recsys.core.settings import default
+from recsys.offline.local import pool_request
+from recsys.offline.splits import Split, histories, relevant_items
 
 # What run_recommend computes from the bundle; the tuned baselines (baselines.py) join the
 # report after `cf`.

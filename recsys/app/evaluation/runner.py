@@ -14,7 +14,12 @@ import pandas as pd
 from recsys.app.build import BuildInputs, BuildOptions, build_bundle
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.ablation import run_ablation
-from recsys.app.evaluation.baselines import DEFAULT_GRIDS, Grids, Users, tuned_baselines
+from recsys.app.evaluation.baselines import (
+    DEFAULT_GRIDS,
+    Grids,
+    tuned_baselines,
+    validation_users,
+)
 from recsys.app.evaluation.metrics import (
     ACCURACY_METRICS,
     BOOTSTRAP_DRAWS,
@@ -30,9 +35,9 @@ from recsys.app.evaluation.report import write_report
 from recsys.app.evaluation.unseen import evaluate_unseen
 from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.app.movielens import TagQuery, read_queries
-from recsys.app.splits import Split, temporal_split
 from recsys.core.bundle import CURRENT, Bundle
 from recsys.core.errors import InvalidInput
+from recsys.offline.splits import Split, temporal_split
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +107,7 @@ def evaluate_recommend(
     baselines, tuning = tuned_baselines(split, cf_params, grids, models.seed, progress)
     runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
     relevant = {c.user_id: c.relevant for c in cases}
-    catalog_size = len(models.retriever.store)
+    catalog_size = len(models.items)
     methods = {}
     for name in recommend.METHODS:
         scores = accuracy(relevant, runs[name])
@@ -128,7 +133,7 @@ def evaluate_recommend(
                 "diversity@10": mean_intra_list_diversity(answers, models.vector),
             }
         )
-    val = Users.validation(split)
+    val = validation_users(split)
     ablation = run_ablation(
         models,
         split,

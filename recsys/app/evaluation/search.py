@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 from recsys.app.evaluation.metrics import K
 from recsys.app.evaluation.models import EvalModels, rerank
-from recsys.app.local import pool_request
 from recsys.app.movielens import TagQuery
+from recsys.offline.local import pool_request
 
 METHODS = ("bm25", "dense", "dense+ce_base", "dense+ce", "full")
 Run = dict[str, list[str]]
@@ -30,10 +30,8 @@ def run_search(
     models: EvalModels, queries: Sequence[TagQuery], pool: int, progress: bool = True
 ) -> dict[str, Run]:
     """Top-10 answers of every method for each test query."""
-    items = [models.retriever.store.item_at(r) for r in range(models.retriever.store.rows)]
-    live = [i for i in items if i is not None]
-    texts = [i.text() for i in live]
-    ids = [i.item_id for i in live]
+    texts = [i.text() for i in models.items]
+    ids = [i.item_id for i in models.items]
     runs: dict[str, Run] = {"bm25": bm25_run(ids, texts, [q.query for q in queries])}
     runs.update({m: {} for m in METHODS if m != "bm25"})
     requests = [pool_request(pool, query=q.query) for q in queries]

@@ -16,11 +16,11 @@ import pandas as pd
 
 from recsys.app.evaluation import recommend
 from recsys.app.evaluation.ablation import VARIANTS, rank_top
-from recsys.app.evaluation.baselines import CFRecent
 from recsys.app.evaluation.metrics import K, accuracy, bootstrap
 from recsys.app.evaluation.models import EvalModels
-from recsys.app.local import gather_pools, pool_request
-from recsys.app.splits import Split
+from recsys.offline.cf_search import CFRecent
+from recsys.offline.local import gather_pools, pool_request
+from recsys.offline.splits import Split
 
 HELD_OUT_EVERY = 5  # a user is held out when the first byte of md5(user id) divides by this
 METHODS = ("popular", "cf", "cf_recent", "full")

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from ranking_service.cf import WEIGHTINGS, ALSParams
+from recsys.offline.heldout import HeldOut
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,12 @@ def search_cf(
 ) -> CFSearch:
     """Coordinate descent over `grid` from `start` (see the module); held-out interactions
     weighing at least `relevant_min_weight` are relevant (None: every one)."""
-    from recsys.app.evaluation.baselines import CFRecent, Users
-    from recsys.app.splits import histories, relevant_items
     from recsys.core.settings import default
 
-    seen = histories(train)
-    least = -np.inf if relevant_min_weight is None else relevant_min_weight
-    relevant = {u: r for u, r in relevant_items(validation, least).items() if seen.get(u)}
-    users = Users(seen, relevant)
-    if len(relevant) < min_users:
+    users = HeldOut.of(train, validation, relevant_min_weight)
+    if len(users.relevant) < min_users:
         reason = (
-            f"skipped: {len(relevant)} validation users with held-out items and train history "
+            f"skipped: {len(users.relevant)} validation users with held-out items and train history "
             f"(need {min_users}); trained with the values given"
         )
         log.info("CF search %s", reason)
@@ -125,7 +120,7 @@ def search_cf(
         best,
         {
             "metric": METRIC,
-            "validation_users": len(relevant),
+            "validation_users": len(users.relevant),
             "relevant_min_weight": relevant_min_weight,
             "grid": {name: list(values) for name, values in grid.items()},
             "start": {**start.kwargs(), "ndcg@10": round(scores[start], 4)},
@@ -138,6 +133,27 @@ def search_cf(
             "seconds": round(seconds, 1),
         },
     )
+
+
+class CFRecent:
+    """Short-term CF: the ALS user folded in from only the `window` most recent history items
+    (ALS with the given hyper-parameters, fitted here on the given interactions)."""
+
+    def __init__(self, window: int, cf_params: Mapping[str, Any], seed: int = 0) -> None:
+        self.window = window
+        self.cf_params = dict(cf_params)
+        self.seed = seed
+
+    def fit(self, interactions: pd.DataFrame) -> None:
+        from ranking_service.cf import CFModel
+
+        self.cf = CFModel.train(interactions, seed=self.seed, **self.cf_params)
+
+    def recommend(self, history: Sequence[str], k: int, exclude: Collection[str]) -> list[str]:
+        user = self.cf.fold_in(list(history[: self.window]))
+        if user is None:
+            return []
+        return [item for item, _ in self.cf.recommend(user, k, {*exclude, *history})]
 
 
 def _text(params: ALSParams) -> str:

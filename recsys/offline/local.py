@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from tqdm.auto import tqdm
 
@@ -148,3 +149,24 @@ def pool_request(
         history_item_ids=tuple(history),
         exclude_item_ids=frozenset(exclude),
     )
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The candidate pools serving would gather (gateway.candidates), over one version's
+    retriever and ranker in this process: the build mines negatives and fits fusion on them."""
+
+    retriever: Retriever
+    ranker: Ranker
+    size: int
+    policy: PoolPolicy
+
+    def request(
+        self, query: str = "", history: Sequence[str] = (), exclude: Iterable[str] = ()
+    ) -> RecommendRequest:
+        return pool_request(self.size, query, history, exclude)
+
+    def gather(
+        self, requests: Iterable[RecommendRequest], desc: str | None = None
+    ) -> list[CandidatePool]:
+        return gather_pools(requests, self.retriever, self.ranker, self.policy, desc)
