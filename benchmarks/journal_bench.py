@@ -33,8 +33,9 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
 from recsys.core.settings import Settings
 from recsys.rpc.launcher import SERVING, check_health, child_env, on_free_ports
+from retrieval_service.changes import encoder_identity
 from retrieval_service.retriever import Retriever
-from retrieval_service.state import OnlineState, encoder_identity
+from retrieval_service.state import OnlineState
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 BASELINE = "empty"

@@ -1,14 +1,20 @@
-"""Where a bundle version's items and vectors live while it serves: the embedded FAISS index
-(default: in this process's memory, or on its GPU) or Milvus (a distributed engine: replicas
-hold no catalog state). The Retriever talks to either through `CatalogBackend`."""
+"""Where a bundle version's items and vectors live while it serves. The Retriever talks to
+every backend through `CatalogBackend` and opens one through a `CatalogOpener`; `BACKENDS`
+names the module of each `retrieval_backend` setting:
+
+- `faiss` (here): the embedded FAISS index, in this process's memory or on its GPU;
+- `milvus` (retrieval_service/milvus.py): a distributed engine, replicas hold no catalog state.
+
+A backend's module defines `opener(settings) -> CatalogOpener`; it is imported only when chosen,
+so its client library can be an optional extra. A new backend is such a module, its name here
+and in `Settings.retrieval_backend`, and the settings it reads.
+"""
 
 from __future__ import annotations
 
-import re
+import importlib
 import threading
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -16,7 +22,8 @@ import numpy as np
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, first_line
+from recsys.core.settings import Settings
 from retrieval_service.catalog import ItemStore, load_catalog_items
 from retrieval_service.index import VectorIndex
 
@@ -53,27 +60,6 @@ class CatalogBackend(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class MilvusTarget:
-    """Where the Milvus backend keeps each bundle version: collection PREFIX_<version>."""
-
-    uri: str
-    token_file: Path | None = None
-    collection_prefix: str = "recsys"
-    index_type: str = "AUTOINDEX"
-
-    def collection(self, version: str) -> str:
-        return f"{self.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', version)}"
-
-    def token(self) -> str:
-        if self.token_file is None:
-            return ""
-        try:
-            return self.token_file.read_text().strip()
-        except OSError as exc:
-            raise InvalidInput(f"milvus_token_file {self.token_file}: {exc.strerror}") from None
 
 
 class FaissCatalog:
@@ -171,30 +157,30 @@ class FaissCatalog:
         """Nothing to release: the memory goes with the object."""
 
 
-def open_backend(bundle: Bundle, device: str, milvus: MilvusTarget | None) -> CatalogBackend:
-    """The bundle version's catalog in FAISS, or in its Milvus collection (filled from the
-    bundle by the first replica that opens it)."""
-    if milvus is None:
-        return FaissCatalog.open(bundle, device)
+# Opens a bundle version's catalog on a device ("auto", "cpu", "cuda"): a Retriever opens each
+# version it loads, hot-swapped ones included, with the same opener.
+CatalogOpener = Callable[[Bundle, str], CatalogBackend]
+
+# retrieval_backend → the module whose `opener(settings)` opens its catalogs (an extra named
+# after the backend installs what it imports).
+BACKENDS: dict[str, str] = {
+    "faiss": "retrieval_service.backends",
+    "milvus": "retrieval_service.milvus",
+}
+
+
+def backend_opener(settings: Settings) -> CatalogOpener:
+    """The opener of the backend `settings.retrieval_backend` names, set up from the settings."""
+    name = settings.retrieval_backend
     try:
-        from retrieval_service.milvus import MilvusCatalog
-    except ImportError:
+        module = importlib.import_module(BACKENDS[name])
+    except ImportError as exc:
         raise InvalidInput(
-            "retrieval_backend milvus: pymilvus is not installed (pip install 'recsys[milvus]')"
+            f"retrieval_backend {name}: {first_line(exc)} (pip install 'recsys[{name}]')"
         ) from None
-    catalog = MilvusCatalog.connect(
-        milvus.uri,
-        milvus.collection(bundle.version),
-        int(bundle.manifest["encoder"]["dimension"]),
-        token=milvus.token(),
-        index_type=milvus.index_type,
-    )
-    try:
-        if catalog.loaded_from() != bundle.version:
-            items = load_catalog_items(bundle.file(bundle_files.CATALOG))
-            catalog.load(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
-            catalog.mark_loaded(bundle.version)
-    except BaseException:
-        catalog.close()
-        raise
-    return catalog
+    return module.opener(settings)
+
+
+def opener(settings: Settings) -> CatalogOpener:
+    """The embedded FAISS backend: nothing to set up."""
+    return FaissCatalog.open

@@ -71,10 +71,6 @@ class ItemStore:
     def vector_at(self, row: int) -> np.ndarray:
         return self._vectors[row]
 
-    def vectors_at(self, rows: Sequence[int]) -> np.ndarray:
-        """A copy of the rows' vectors, (len(rows), dimension)."""
-        return self._vectors[np.asarray(rows, dtype=np.int64)].reshape(len(rows), self.dimension)
-
     def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> int:
         """Appends rows for the items (tombstoning any previous row of the same id); returns first new row."""
         first = self._size

@@ -3,7 +3,7 @@ order, for every retrieval replica to apply from its bundle version's position a
 
 Tables (created when missing, in the URL's database):
 - `<table>`: `position bigint` primary key, `op`, the change `record` (jsonb, the local journal's
-  record format: see state.upsert_record) and `created_at`;
+  record format: see retrieval_service.changes) and `created_at`;
 - `<table>_meta`: one row, the log's random id, so a bundle built from one log is never replayed
   against another, and `trimmed_through`, the last position `trim` deleted, so a version that
   would need deleted records refuses to load.
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -28,7 +28,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.types.json import Jsonb
 
 from recsys.core.bundle import Bundle
-from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.errors import InvalidInput, NotReady, first_line
+from recsys.core.urls import redacted
+from retrieval_service.changes import Change, from_record, to_record
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -40,20 +42,10 @@ READ_PAGE = 1000
 
 @dataclass(frozen=True)
 class LogRecord:
+    """One committed write: its position and its changes."""
+
     position: int
-    record: dict[str, Any]
-
-
-def redacted(url: str) -> str:
-    """The URL without its password, for logs, metrics and GetIndexInfo."""
-    try:
-        params = conninfo_to_dict(url)
-    except psycopg.ProgrammingError:
-        return "<unparsable change log URL>"
-    params.pop("password", None)
-    host, port, db = params.get("host", ""), params.get("port", ""), params.get("dbname", "")
-    user = f"{params['user']}@" if params.get("user") else ""
-    return f"postgresql://{user}{host}{':' + str(port) if port else ''}/{db}"
+    changes: list[Change]
 
 
 class ChangeLog:
@@ -69,7 +61,7 @@ class ChangeLog:
             conninfo_to_dict(url)
         except psycopg.ProgrammingError as exc:
             raise InvalidInput(
-                f"change_log_url: not a PostgreSQL URL ({_first_line(exc)})"
+                f"change_log_url: not a PostgreSQL URL ({first_line(exc)})"
             ) from None
         self.url = url
         self.table = table
@@ -83,9 +75,10 @@ class ChangeLog:
 
     # -- writing -------------------------------------------------------------------------------
 
-    def append(self, record: dict[str, Any]) -> int:
-        """Commits one change and returns its position; raises NotReady (nothing acknowledged)
-        when the server cannot be reached or the commit fails."""
+    def append(self, changes: Sequence[Change]) -> int:
+        """Commits one write's changes as one record and returns its position; raises NotReady
+        (nothing acknowledged) when the server cannot be reached or the commit fails."""
+        record = to_record(changes)
         query = sql.SQL(
             "INSERT INTO {} (position, op, record) VALUES (nextval({}), %s, %s) RETURNING position"
         ).format(self._table, sql.Literal(f"{self.table}_position_seq"))
@@ -103,12 +96,16 @@ class ChangeLog:
     # -- reading -------------------------------------------------------------------------------
 
     def read_after(self, position: int, limit: int = READ_PAGE) -> list[LogRecord]:
-        """Up to `limit` changes after `position`, oldest first."""
+        """Up to `limit` records after `position`, oldest first; DataLoss (nothing returned)
+        when one of them is corrupt."""
         query = sql.SQL(
             "SELECT position, record FROM {} WHERE position > %s ORDER BY position LIMIT %s"
         ).format(self._table)
         rows = self._call("read", lambda conn: conn.execute(query, (position, limit)).fetchall())
-        return [LogRecord(int(p), r) for p, r in rows]
+        return [
+            LogRecord(int(p), from_record(r, f"change log {self.name} position {p}"))
+            for p, r in rows
+        ]
 
     def head(self) -> int:
         """The newest committed position (0 for an empty log; never below a trim's floor)."""
@@ -175,12 +172,12 @@ class ChangeLog:
             except psycopg.Error as exc:
                 self._drop(role)
                 if not reused:
-                    raise NotReady(f"change log {self.name}: {_first_line(exc)}") from None
+                    raise NotReady(f"change log {self.name}: {first_line(exc)}") from None
             try:
                 return work(self._open(role))
             except psycopg.Error as exc:
                 self._drop(role)
-                raise NotReady(f"change log {self.name}: {_first_line(exc)}") from None
+                raise NotReady(f"change log {self.name}: {first_line(exc)}") from None
 
     def _open(self, role: str) -> psycopg.Connection[Any]:
         conn = self._connections[role]
@@ -233,11 +230,6 @@ class ChangeLog:
             return str(row[0])
 
         return self._call("write", create)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def start_position(bundle: Bundle, log: ChangeLog) -> int:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from recsys.core.devices import resolve_device
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import InvalidInput, first_line
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TextEncoder:
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError, ...
             raise InvalidInput(
                 f"encoder directory {model_dir}: cannot load a Hugging Face model "
-                f"({type(exc).__name__}: {_first_line(exc)})"
+                f"({type(exc).__name__}: {first_line(exc)})"
             ) from exc
         model.to(resolved).eval()
         encoder = cls(
@@ -231,8 +231,3 @@ def _limit_cpu_threads() -> None:
     available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     if available and torch.get_num_threads() > available:
         torch.set_num_threads(available)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else "no details"

@@ -9,19 +9,27 @@ uri) speaks the same client API and is what the tests run against.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient
 from pymilvus.exceptions import MilvusException
 
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
-from recsys.core.errors import InvalidInput, NotReady
+from recsys.core.errors import InvalidInput, NotReady, first_line
+from recsys.core.settings import Settings
+from recsys.core.urls import redacted
+from retrieval_service.backends import CatalogOpener
+from retrieval_service.catalog import load_catalog_items
 
 # Milvus counts VARCHAR lengths in UTF-8 bytes (Milvus Lite counts characters): we check bytes
 # before writing, so a too-long value is the caller's InvalidInput, not an engine failure.
@@ -66,6 +74,59 @@ class _QuietRpcErrors(logging.Filter):
 _rpc_log = logging.getLogger("pymilvus.decorators")
 if not any(isinstance(f, _QuietRpcErrors) for f in _rpc_log.filters):
     _rpc_log.addFilter(_QuietRpcErrors())
+
+
+def opener(settings: Settings) -> CatalogOpener:
+    """`retrieval_backend=milvus` (see retrieval_service.backends): each bundle version in its
+    collection of the configured Milvus."""
+    target = MilvusTarget(
+        settings.milvus_uri,
+        settings.milvus_token_file,
+        settings.milvus_collection_prefix,
+        settings.milvus_index_type,
+    )
+    return target.open
+
+
+@dataclass(frozen=True)
+class MilvusTarget:
+    """Where the Milvus backend keeps each bundle version: collection PREFIX_<version>."""
+
+    uri: str
+    token_file: Path | None = None
+    collection_prefix: str = "recsys"
+    index_type: str = "AUTOINDEX"
+
+    def collection(self, version: str) -> str:
+        return f"{self.collection_prefix}_{re.sub(r'[^0-9A-Za-z_]', '_', version)}"
+
+    def token(self) -> str:
+        if self.token_file is None:
+            return ""
+        try:
+            return self.token_file.read_text().strip()
+        except OSError as exc:
+            raise InvalidInput(f"milvus_token_file {self.token_file}: {exc.strerror}") from None
+
+    def open(self, bundle: Bundle, device: str) -> MilvusCatalog:
+        """The bundle version's collection, filled from the bundle by the first replica that
+        opens it (the device is Milvus's business, not this process's)."""
+        catalog = MilvusCatalog.connect(
+            self.uri,
+            self.collection(bundle.version),
+            int(bundle.manifest["encoder"]["dimension"]),
+            token=self.token(),
+            index_type=self.index_type,
+        )
+        try:
+            if catalog.loaded_from() != bundle.version:
+                items = load_catalog_items(bundle.file(bundle_files.CATALOG))
+                catalog.load(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
+                catalog.mark_loaded(bundle.version)
+        except BaseException:
+            catalog.close()
+            raise
+        return catalog
 
 
 class MilvusCatalog:
@@ -376,10 +437,10 @@ class MilvusCatalog:
         """What /info reports: where the catalog is (without credentials), its index and size;
         `index_factory` and `device` as GetIndexInfo shows them."""
         return {
-            "index_factory": f"milvus {self.index_type} {self.collection} at {_redact(self._uri)}",
+            "index_factory": f"milvus {self.index_type} {self.collection} at {redacted(self._uri)}",
             "device": "milvus",
             "backend": "milvus",
-            "uri": _redact(self._uri),
+            "uri": redacted(self._uri),
             "collection": self.collection,
             "index_type": self.index_type,
             "metric": METRIC,
@@ -398,7 +459,7 @@ class MilvusCatalog:
 
     @contextmanager
     def _call(self, op: str) -> Iterator[None]:
-        with _engine(op, _redact(self._uri), self.collection):
+        with _engine(op, redacted(self._uri), self.collection):
             yield
 
 
@@ -408,10 +469,8 @@ def _engine(op: str, uri: str, collection: str) -> Iterator[None]:
     try:
         yield
     except (MilvusException, grpc.RpcError) as exc:
-        message = getattr(exc, "message", "") or str(exc)
-        first = message.strip().splitlines()[0] if message.strip() else type(exc).__name__
         raise MilvusUnavailable(
-            f"milvus {op} on collection {collection!r} at {uri} failed: {first}"
+            f"milvus {op} on collection {collection!r} at {uri} failed: {first_line(exc)}"
         ) from exc
 
 
@@ -421,7 +480,7 @@ def _client(uri: str, token: str, timeout: float, collection: str) -> MilvusClie
     the next attempt dials anew."""
     for attempt in range(CONNECT_ATTEMPTS):
         try:
-            with _engine("connect", _redact(uri), collection):
+            with _engine("connect", redacted(uri), collection):
                 return MilvusClient(
                     uri=uri, token=token, timeout=timeout, grpc_options=_grpc_options(uri)
                 )
@@ -502,12 +561,3 @@ def _schema_mismatch(described: dict[str, Any], dimension: int) -> str:
     if primary != ["item_id"] or described.get("auto_id"):
         return f"primary key {primary} (auto_id {described.get('auto_id')}), expected item_id"
     return ""
-
-
-def _redact(uri: str) -> str:
-    """The uri without user, password or query (a token may ride in either)."""
-    parts = urlsplit(uri)
-    if not parts.netloc:
-        return uri  # a Milvus Lite file path
-    host = parts.netloc.rsplit("@", 1)[-1]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))

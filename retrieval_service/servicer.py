@@ -19,7 +19,7 @@ from recsys.core.live import LiveVersions
 from recsys.core.settings import Settings
 from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
-from retrieval_service.backends import MilvusTarget
+from retrieval_service.backends import backend_opener
 from retrieval_service.changelog import ChangeLog
 from retrieval_service.retriever import HistoryWeights, Retriever
 
@@ -172,18 +172,6 @@ async def _close_retriever(retriever: Retriever) -> None:
     retriever.close()
 
 
-def milvus_target(settings: Settings) -> MilvusTarget | None:
-    """Where the Milvus backend keeps bundle versions (None: the embedded FAISS index)."""
-    if settings.retrieval_backend != "milvus":
-        return None
-    return MilvusTarget(
-        settings.milvus_uri,
-        settings.milvus_token_file,
-        settings.milvus_collection_prefix,
-        settings.milvus_index_type,
-    )
-
-
 def observe(live: Retriever) -> int:
     """Exports the live version's size and change log position; returns the size (blocking:
     with Milvus a count query)."""
@@ -220,6 +208,8 @@ class RetrievalService:
             self.change_log = await self._in_log_thread(
                 ChangeLog, self.settings.change_log_url, self.settings.change_log_table
             )
+        # Off the event loop: a backend's module (its client library) is imported here.
+        backend = await asyncio.to_thread(backend_opener, self.settings)
         retriever = await asyncio.to_thread(
             Retriever.load,
             bundle,
@@ -228,7 +218,7 @@ class RetrievalService:
             history,
             self.settings.journal_compact_records,
             self.change_log,
-            milvus_target(self.settings),
+            backend,
         )
         self.servicer.live.switch(bundle.version, retriever)
         await asyncio.to_thread(observe, retriever)

@@ -118,34 +118,30 @@ def _with_logged_changes(
     """The catalog with every change up to the log's head applied (online changes win over the
     file), and where the log was read to."""
     from recsys.app.ingest import catalog_items, items_to_frame
-    from retrieval_service.changelog import ChangeLog, read_through
-    from retrieval_service.state import Latest, apply_changes, fold_record
+    from retrieval_service.changelog import ChangeLog
+    from retrieval_service.durability import catalog_with_changes
 
     log_ = ChangeLog(url, table)
     try:
-        position, records = read_through(log_)
-        trimmed = log_.trimmed_through()
+        changed = catalog_with_changes(catalog_items(catalog), log_)
     finally:
         log_.close()
-    if trimmed:
+    if changed.trimmed_through:
         log.warning(
             "change log %s is trimmed through position %d: the catalog given must already hold "
             "the changes up to there (a version built from the log does)",
             log_.name,
-            trimmed,
+            changed.trimmed_through,
         )
-    latest: Latest = {}
-    for record in records:
-        fold_record(record.record, latest, f"change log {log_.name} position {record.position}")
     log.info(
         "change log %s: %d records through position %d folded into the catalog (%d items changed)",
         log_.name,
-        len(records),
-        position,
-        len(latest),
+        changed.records,
+        changed.position,
+        changed.upserts + changed.deletes,
     )
-    changed = items_to_frame(apply_changes(catalog_items(catalog), latest))
-    return changed, {"log_id": log_.log_id, "position": position, "name": log_.name}
+    where = {"log_id": log_.log_id, "position": changed.position, "name": log_.name}
+    return items_to_frame(changed.items), where
 
 
 def load_queries(path: Path, known_item_ids: set[str]) -> list[tuple[str, tuple[str, ...]]]:
@@ -228,7 +224,7 @@ def _header(build: BuildState) -> dict[str, Any]:
 def _settings_record(options: BuildOptions) -> dict[str, Any]:
     record = asdict(replace(options, warm_from=None))
     if options.change_log_url:
-        from retrieval_service.changelog import redacted
+        from recsys.core.urls import redacted
 
         record["change_log_url"] = redacted(options.change_log_url)  # no password in manifests
     record["warm_from"] = None if options.warm_from is None else options.warm_from.version

@@ -324,4 +324,4 @@ def _staged_retriever(inputs: BuildInputs, retrieval: Any, stage: Path) -> Any:
 
     vectors = np.load(stage / bundle_files.EMBEDDINGS)
     store = ItemStore(catalog_items(inputs.catalog), vectors)
-    return Retriever(retrieval.encoder, FaissCatalog(store, retrieval.index), None, "staging")
+    return Retriever(retrieval.encoder, FaissCatalog(store, retrieval.index), "staging")

@@ -104,6 +104,11 @@ CHANGE_LOG_ERRORS = Counter(
     "recsys_change_log_errors_total",
     "Failed reads of the catalog change log (this replica stops following it until one works).",
 )
+CORRUPT_RECORDS = Counter(
+    "recsys_retrieval_corrupt_records_total",
+    "Stored online changes found corrupt when read (a state dir journal record or snapshot, a "
+    "change log row): the read fails with DATA_LOSS and the log names where; counted at each read.",
+)
 
 # Any server: writes let through by the write policy (recsys.rpc.auth). Identities come from
 # the configured allow-list (or "anonymous" without one), so the label stays bounded.

@@ -56,6 +56,8 @@ EXPORTED_METRICS: dict[str, str] = {
     "recsys_change_log_applied_position": "gauge",
     "recsys_change_log_head_position": "gauge",
     "recsys_change_log_errors_total": "counter",
+    # stored online changes (journal, snapshot, change log) found corrupt: DATA_LOSS
+    "recsys_retrieval_corrupt_records_total": "counter",
     # any server that takes writes (retrieval): accepted UpsertItems/DeleteItems by caller
     "recsys_writes_total": "counter",
 }

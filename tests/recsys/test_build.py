@@ -218,13 +218,13 @@ def test_a_build_from_the_change_log_folds_its_changes_and_records_where_it_read
     from recsys.core.domain import Item
     from retrieval_service.catalog import load_catalog_items
     from retrieval_service.changelog import ChangeLog
-    from retrieval_service.state import delete_record, upsert_record
+    from retrieval_service.changes import deletes, upserts
 
     catalog, interactions = tiny_log(tmp_path)
     log = ChangeLog(change_log_url)
     new = Item("new-1", "An item added online", category="Online")
-    log.append(upsert_record([new], np.ones((1, 384), np.float32), "any encoder"))
-    position = log.append(delete_record(["i0"]))
+    log.append(upserts([new], np.ones((1, 384), np.float32), "any encoder"))
+    position = log.append(deletes(["i0"]))
     with_password = change_log_url.replace("recsys@", "recsys:s3cret@")  # trust auth ignores it
     out = tmp_path / "bundle"
     argv = ["build", "--catalog", str(catalog), "--interactions", str(interactions)]

@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
-from retrieval_service.backends import MilvusTarget
+from retrieval_service.backends import CatalogOpener, FaissCatalog
 from retrieval_service.encoder import Pooling, TextEncoder, default_encoder_dir
 
 TITLES = [
@@ -105,12 +105,15 @@ def milvus_db(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(params=["faiss", "milvus"])
-def backend(request: pytest.FixtureRequest) -> MilvusTarget | None:
-    """The catalog backend a test runs on: embedded FAISS (None), then Milvus Lite with a
-    collection prefix of the test's own, as `retrieval_backend=milvus` would serve."""
+def backend(request: pytest.FixtureRequest) -> CatalogOpener:
+    """The catalog backend a test runs on: embedded FAISS, then Milvus Lite with a collection
+    prefix of the test's own, as `retrieval_backend=milvus` would serve."""
     if request.param == "faiss":
-        return None
+        return FaissCatalog.open
+    from retrieval_service.milvus import MilvusTarget
+
     prefix = f"t{uuid.uuid4().hex[:12]}"
-    return MilvusTarget(
+    target = MilvusTarget(
         request.getfixturevalue("milvus_db"), collection_prefix=prefix, index_type="FLAT"
     )
+    return target.open

@@ -8,17 +8,23 @@ import shutil
 import threading
 from pathlib import Path
 
+import grpc
 import pandas as pd
+import psycopg
 import pytest
+from prometheus_client import REGISTRY
 
 from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
-from recsys.core.errors import InvalidInput, NotReady
-from retrieval_service.backends import MilvusTarget
+from recsys.core.errors import DataLoss, InvalidInput, NotReady
+from recsys.rpc.status import status_code
+from retrieval_service.backends import CatalogOpener, FaissCatalog
 from retrieval_service.changelog import ChangeLog, read_through, start_position
+from retrieval_service.changes import deletes
+from retrieval_service.durability import SharedLog
 from retrieval_service.retriever import Retriever
-from retrieval_service.state import delete_record
 from tests.postgres import PostgresServer
 from tests.retrieval.conftest import write_retrieval_version
+from tests.retrieval.test_changes import DELETE_LINE, ECLAIR, UPSERT_LINE
 from tests.retrieval.test_state import FLOOR_LAMP, KAYAK, TELESCOPE, state_of, top
 
 
@@ -42,18 +48,23 @@ def built_at(root: Path, version: str, source: Bundle, log: ChangeLog, position:
     return Bundle.open(root, version)
 
 
-def follow(bundle: Bundle, log: ChangeLog, backend: MilvusTarget | None = None) -> Retriever:
-    return Retriever.load(bundle, None, device="cpu", change_log=log, milvus=backend)
+def follow(bundle: Bundle, log: ChangeLog, backend: CatalogOpener = FaissCatalog.open) -> Retriever:
+    return Retriever.load(bundle, None, device="cpu", change_log=log, backend=backend)
+
+
+def log_of(retriever: Retriever) -> ChangeLog:
+    assert isinstance(retriever.durability, SharedLog)
+    return retriever.durability.log
 
 
 def test_positions_increase_and_reads_return_records_in_order(change_log_url: str) -> None:
     log = ChangeLog(change_log_url)
-    positions = [log.append(delete_record([f"id-{n}"])) for n in range(5)]
+    positions = [log.append(deletes([f"id-{n}"])) for n in range(5)]
     assert positions == sorted(positions) and len(set(positions)) == 5
     assert log.head() == positions[-1]
     records = log.read_after(positions[1])
     assert [r.position for r in records] == positions[2:]
-    assert [r.record["item_ids"] for r in records] == [["id-2"], ["id-3"], ["id-4"]]
+    assert [r.changes for r in records] == [deletes([f"id-{n}"]) for n in (2, 3, 4)]
     assert log.read_after(positions[-1]) == []
     # Opening the log again (another replica) finds the same tables and the same log id.
     again = ChangeLog(change_log_url)
@@ -70,7 +81,7 @@ def test_a_reader_tailing_concurrent_writers_never_skips_a_position(change_log_u
     def write(writer: int) -> None:
         own = ChangeLog(change_log_url)  # a replica of its own: its own connections
         for n in range(40):
-            position = own.append(delete_record([f"w{writer}-{n}"]))
+            position = own.append(deletes([f"w{writer}-{n}"]))
             with guard:
                 acknowledged.append(position)
         own.close()
@@ -92,7 +103,7 @@ def test_wait_returns_when_a_change_is_committed(change_log_url: str) -> None:
     woke: list[bool] = []
     waiter = threading.Thread(target=lambda: woke.append(log.wait(30)))
     waiter.start()
-    ChangeLog(change_log_url).append(delete_record(["x"]))
+    ChangeLog(change_log_url).append(deletes(["x"]))
     waiter.join(timeout=30)
     assert woke == [True]
 
@@ -100,15 +111,15 @@ def test_wait_returns_when_a_change_is_committed(change_log_url: str) -> None:
 def test_a_crashed_server_loses_no_acknowledged_change(own_postgres: PostgresServer) -> None:
     url = own_postgres.create_database("crash")
     log = ChangeLog(url)
-    acknowledged = [log.append(delete_record([f"before-{n}"])) for n in range(20)]
+    acknowledged = [log.append(deletes([f"before-{n}"])) for n in range(20)]
     own_postgres.kill()
     with pytest.raises(NotReady, match=r"^change log postgresql://recsys@127\.0\.0\.1:\d+/crash"):
-        log.append(delete_record(["during"]))
+        log.append(deletes(["during"]))
     own_postgres.start()
-    acknowledged.append(log.append(delete_record(["after"])))  # the same object reconnects
+    acknowledged.append(log.append(deletes(["after"])))  # the same object reconnects
     records = log.read_after(0)
     assert [r.position for r in records] == acknowledged
-    assert [r.record["item_ids"][0] for r in records][-1] == "after"
+    assert records[-1].changes == deletes(["after"])
 
 
 def test_bad_urls_are_one_line_errors(postgres: PostgresServer) -> None:
@@ -122,7 +133,7 @@ def test_bad_urls_are_one_line_errors(postgres: PostgresServer) -> None:
 
 
 def test_retrievers_on_one_log_converge(
-    v1: Bundle, change_log_url: str, backend: MilvusTarget | None
+    v1: Bundle, change_log_url: str, backend: CatalogOpener
 ) -> None:
     """A write to one replica is applied by the other when it catches up (with Milvus they
     share the catalog: at once); deletes judge 'missing' on every change so far; a replica
@@ -131,7 +142,7 @@ def test_retrievers_on_one_log_converge(
     b = follow(v1, ChangeLog(change_log_url), backend)
     a.upsert([TELESCOPE, FLOOR_LAMP])
     assert top(a, "telescope for looking at stars") == ["new-1"]
-    if backend is None:
+    if backend == FaissCatalog.open:
         assert top(b, "telescope for looking at stars") != ["new-1"]
     b.catch_up()
     assert top(b, "telescope for looking at stars") == ["new-1"]
@@ -143,7 +154,7 @@ def test_retrievers_on_one_log_converge(
     ids = ["new-1", "new-2", "item-018"]
     assert state_of(a, ids) == state_of(b, ids) == state_of(late, ids)
     assert state_of(late, ids) == {"new-1": None, "new-2": KAYAK, "item-018": FLOOR_LAMP}
-    assert a.position == b.position == late.position == late.log.head()  # type: ignore[union-attr]
+    assert a.position == b.position == late.position == log_of(late).head()
     assert late.replayed.stored_vectors == 2  # journaled vectors reused: nothing re-encoded
     assert late.info()["change_log_position"] == late.position
 
@@ -213,8 +224,46 @@ def test_a_successor_on_the_log_catches_up_and_the_old_version_keeps_following(
     old = follow(v1, ChangeLog(change_log_url))
     old.upsert([TELESCOPE])
     new = old.successor(v1, device="cpu")
-    assert new.log is old.log and new.position == old.position
+    assert log_of(new) is log_of(old) and new.position == old.position
     assert state_of(new, ["new-1"]) == {"new-1": TELESCOPE}
     new.upsert([KAYAK])
     old.catch_up()  # the follower does this for every version held
     assert state_of(old, ["new-2"]) == {"new-2": KAYAK}
+
+
+def test_rows_of_the_earlier_format_apply_and_a_corrupt_row_is_data_loss(
+    v1: Bundle, change_log_url: str
+) -> None:
+    """Rows as the release before `Change` committed them are applied (their vectors, of
+    another encoder, re-encoded); a row the log holds that does not decode is DATA_LOSS naming
+    its position, counted, and nothing of its page is applied: the replica stays where it was."""
+    log = ChangeLog(change_log_url)
+
+    def commit(op: str, record: str) -> int:
+        """A row written around ChangeLog.append, as it lies in the table."""
+        with psycopg.connect(change_log_url, autocommit=True) as conn:
+            row = conn.execute(
+                "INSERT INTO catalog_changes (position, op, record)"
+                " VALUES (nextval('catalog_changes_position_seq'), %s, %s::jsonb)"
+                " RETURNING position",
+                (op, record),
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    commit("upsert", UPSERT_LINE)
+    commit("delete", DELETE_LINE)
+    retriever = follow(v1, log)
+    assert retriever.replayed.encoded == 1  # the lamp was deleted again
+    assert state_of(retriever, ["a-1", "b-2"]) == {"a-1": None, "b-2": ECLAIR}
+    applied = retriever.position
+
+    corrupt = commit("upsert", '{"op": "upsert", "items": {"item_id": "c-3"}}')
+    log.append(deletes(["b-2"]))
+    counted = REGISTRY.get_sample_value("recsys_retrieval_corrupt_records_total") or 0.0
+    with pytest.raises(DataLoss, match=rf"position {corrupt}: corrupt record \(items") as info:
+        retriever.catch_up()
+    assert status_code(info.value) == grpc.StatusCode.DATA_LOSS
+    assert REGISTRY.get_sample_value("recsys_retrieval_corrupt_records_total") == counted + 1
+    assert retriever.position == applied
+    assert state_of(retriever, ["b-2"]) == {"b-2": ECLAIR}  # the delete after it is not applied

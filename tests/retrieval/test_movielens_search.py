@@ -33,7 +33,7 @@ def test_own_title_is_the_first_hit(
 ) -> None:
     items, vectors = movielens_items
     index = VectorIndex.build(vectors, factory, device="cpu")
-    retriever = Retriever(encoder, FaissCatalog(ItemStore(items, vectors), index), None, "test")
+    retriever = Retriever(encoder, FaissCatalog(ItemStore(items, vectors), index), "test")
     picked = random.Random(0).sample(items, SAMPLE)
     hits = sum(
         retriever.search(SearchQuery(top_k=1, text=item.title))[0][0].item_id == item.item_id

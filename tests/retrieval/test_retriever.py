@@ -11,7 +11,9 @@ import pytest
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
 from recsys.core.errors import InvalidInput
-from retrieval_service.backends import MilvusTarget
+from recsys.core.settings import Settings
+from retrieval_service.backends import CatalogOpener, FaissCatalog, backend_opener
+from retrieval_service.changes import deletes
 from retrieval_service.encoder import TextEncoder
 from retrieval_service.retriever import HistoryWeights, Retriever
 from retrieval_service.state import Journal
@@ -24,9 +26,9 @@ def v1(catalog: pd.DataFrame, tmp_path_factory: pytest.TempPathFactory) -> Bundl
 
 
 def make_retriever(
-    bundle: Bundle, backend: MilvusTarget | None, state_dir: Path | None = None
+    bundle: Bundle, backend: CatalogOpener, state_dir: Path | None = None
 ) -> Retriever:
-    return Retriever.load(bundle, state_dir, device="cpu", compact_records=100, milvus=backend)
+    return Retriever.load(bundle, state_dir, device="cpu", compact_records=100, backend=backend)
 
 
 def ids(retriever: Retriever, **query: object) -> list[str]:
@@ -34,8 +36,28 @@ def ids(retriever: Retriever, **query: object) -> list[str]:
     return [h.item_id for h in hits]
 
 
+def test_the_backend_is_chosen_by_name_from_the_settings(tmp_path: Path) -> None:
+    from retrieval_service.milvus import MilvusTarget
+
+    assert backend_opener(Settings.built_in()) == FaissCatalog.open
+    token = tmp_path / "token"
+    milvus = backend_opener(
+        Settings.built_in(
+            retrieval_backend="milvus",
+            milvus_uri="http://milvus:19530",
+            milvus_token_file=token,
+            milvus_collection_prefix="shop",
+            milvus_index_type="HNSW",
+        )
+    )
+    target = MilvusTarget("http://milvus:19530", token, "shop", "HNSW")
+    # The opener opens each version in collection shop_<version> with an HNSW index.
+    assert getattr(milvus, "__self__", None) == target and milvus.__name__ == "open"
+    assert target.collection("2026-01-02.1") == "shop_2026_01_02_1"
+
+
 def test_text_search_finds_the_item_and_filters_apply(
-    v1: Bundle, catalog: pd.DataFrame, backend: MilvusTarget | None
+    v1: Bundle, catalog: pd.DataFrame, backend: CatalogOpener
 ) -> None:
     retriever = make_retriever(v1, backend)
     assert ids(retriever, top_k=3, text="Espresso machine")[0] == "item-004"
@@ -48,7 +70,7 @@ def test_text_search_finds_the_item_and_filters_apply(
 
 
 def test_history_vector_is_recency_weighted_and_unknown_ids_are_reported(
-    v1: Bundle, catalog: pd.DataFrame, backend: MilvusTarget | None
+    v1: Bundle, catalog: pd.DataFrame, backend: CatalogOpener
 ) -> None:
     retriever = make_retriever(v1, backend)
     retriever.history = HistoryWeights(half_life=1.0)
@@ -70,7 +92,7 @@ def test_history_vector_is_recency_weighted_and_unknown_ids_are_reported(
 
 
 def test_query_needs_something_and_vectors_need_the_right_dimension(
-    v1: Bundle, encoder: TextEncoder, backend: MilvusTarget | None
+    v1: Bundle, encoder: TextEncoder, backend: CatalogOpener
 ) -> None:
     retriever = make_retriever(v1, backend)
     with pytest.raises(InvalidInput, match="query"):
@@ -82,7 +104,7 @@ def test_query_needs_something_and_vectors_need_the_right_dimension(
 
 
 def test_upserts_and_deletes_survive_a_reload_through_the_journal(
-    v1: Bundle, catalog: pd.DataFrame, tmp_path: Path, backend: MilvusTarget | None
+    v1: Bundle, catalog: pd.DataFrame, tmp_path: Path, backend: CatalogOpener
 ) -> None:
     retriever = make_retriever(v1, backend, tmp_path)
     new = Item("new-1", "Telescope for stargazing", "Refractor, 70 mm aperture.", "Outdoors")
@@ -106,9 +128,9 @@ def test_upserts_and_deletes_survive_a_reload_through_the_journal(
 def test_a_torn_journal_tail_is_dropped_not_fatal(tmp_path: Path) -> None:
     path = tmp_path / "j.jsonl"
     journal = Journal(path)
-    journal.append_delete(["a"])
+    journal.append(deletes(["a"]))
     with path.open("a") as fh:
         fh.write('{"op": "delete", "item_')  # crash mid-write: never acknowledged
-    assert [r["item_ids"] for _, r in Journal(path).records()] == [["a"]]
+    assert [changes for _, changes in Journal(path).read()] == [deletes(["a"])]
     Journal(path).drop_torn_tail()
     assert path.read_text() == '{"op": "delete", "item_ids": ["a"]}\n'

@@ -7,21 +7,24 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pandas as pd
 import pytest
+from prometheus_client import REGISTRY
 
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
-from recsys.core.errors import InvalidInput
-from retrieval_service.backends import MilvusTarget
+from recsys.core.errors import DataLoss, InvalidInput
+from recsys.rpc.status import status_code
+from retrieval_service.backends import CatalogOpener, FaissCatalog
+from retrieval_service.changes import encoder_identity
 from retrieval_service.retriever import Retriever
 from retrieval_service.state import (
     SNAPSHOT,
     OnlineState,
-    encoder_identity,
     legacy_journal,
-    read_changes,
+    read_state,
     segments,
 )
 from tests.retrieval.conftest import write_retrieval_version
@@ -49,10 +52,10 @@ def load(
     bundle: Bundle,
     state_dir: Path,
     compact_records: int = 1000,
-    backend: MilvusTarget | None = None,
+    backend: CatalogOpener = FaissCatalog.open,
 ) -> Retriever:
     return Retriever.load(
-        bundle, state_dir, device="cpu", compact_records=compact_records, milvus=backend
+        bundle, state_dir, device="cpu", compact_records=compact_records, backend=backend
     )
 
 
@@ -68,7 +71,7 @@ def state_of(retriever: Retriever, item_ids: list[str]) -> dict[str, Item | None
 
 
 def test_replay_uses_the_journaled_vectors_when_the_encoder_is_the_same(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     retriever = load(versions["v1"], tmp_path, backend=backend)
     retriever.upsert([TELESCOPE])
@@ -92,7 +95,7 @@ def test_replay_uses_the_journaled_vectors_when_the_encoder_is_the_same(
 
 
 def test_another_encoder_re_encodes_the_changes_and_stores_its_own_vectors(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     assert encoder_identity(versions["v1"].manifest) == encoder_identity(versions["v2"].manifest)
     assert encoder_identity(versions["v1"].manifest) != encoder_identity(versions["v3"].manifest)
@@ -114,7 +117,7 @@ def test_another_encoder_re_encodes_the_changes_and_stores_its_own_vectors(
 
 
 def test_a_newer_bundle_version_keeps_the_changes_made_under_the_older_one(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     old = load(versions["v1"], tmp_path, backend=backend)
     old.upsert([TELESCOPE, FLOOR_LAMP])
@@ -141,7 +144,7 @@ def test_a_newer_bundle_version_keeps_the_changes_made_under_the_older_one(
 
 
 def test_compaction_keeps_every_acknowledged_change_and_no_deleted_item_returns(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     retriever = load(versions["v1"], tmp_path, compact_records=3, backend=backend)
     expected: dict[str, Item | None] = {}
@@ -168,7 +171,7 @@ def test_compaction_keeps_every_acknowledged_change_and_no_deleted_item_returns(
 
 
 def test_a_crash_between_the_snapshot_and_the_journal_removal_loses_and_revives_nothing(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     state_dir = tmp_path / "state"
     retriever = load(versions["v1"], state_dir, backend=backend)
@@ -195,7 +198,7 @@ def test_a_crash_between_the_snapshot_and_the_journal_removal_loses_and_revives_
 
 
 def test_a_crash_before_the_snapshot_rename_keeps_the_journal_in_force(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     state_dir = tmp_path / "state"
     retriever = load(versions["v1"], state_dir, backend=backend)
@@ -223,7 +226,7 @@ def test_a_crash_before_the_snapshot_rename_keeps_the_journal_in_force(
 
 
 def test_an_old_per_version_journal_is_migrated_into_the_shared_state(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     old = legacy_journal(tmp_path, "v1")
     records = [
@@ -250,24 +253,83 @@ def test_an_old_per_version_journal_is_migrated_into_the_shared_state(
     newer.close()
 
 
-def test_corrupt_state_is_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
+def test_corrupt_state_is_data_loss_in_one_line_naming_the_file_and_line(tmp_path: Path) -> None:
     segment = tmp_path / "journal.00000001.jsonl"
     good = {"op": "delete", "item_ids": ["a"]}
     segment.write_text(json.dumps(good) + "\n" + "not json\n")
-    with pytest.raises(InvalidInput, match=r"journal\.00000001\.jsonl line 2: corrupt"):
-        read_changes(tmp_path)
+    with pytest.raises(DataLoss, match=r"journal\.00000001\.jsonl line 2: corrupt"):
+        read_state(tmp_path)
     bad_vectors = {
         "op": "upsert",
         "items": [{"item_id": "a", "title": "A"}],
         **{"encoder": "e", "dimension": 4, "vectors": "AAAA"},  # 3 bytes, not 4 floats
     }
     segment.write_text(json.dumps(good) + "\n" + json.dumps(bad_vectors) + "\n")
-    with pytest.raises(InvalidInput, match=r"line 2: corrupt record \(3 vector bytes"):
-        read_changes(tmp_path)
+    with pytest.raises(DataLoss, match=r"line 2: corrupt record \(3 vector bytes"):
+        read_state(tmp_path)
+    segment.write_text(json.dumps(good) + "\n" + json.dumps({"op": "upsert"}) + "\n")
+    with pytest.raises(DataLoss, match=r"line 2: corrupt record \(missing 'items'\)$"):
+        read_state(tmp_path)
     segment.unlink()
     (tmp_path / SNAPSHOT).write_bytes(b"not a zip")
-    with pytest.raises(InvalidInput, match=r"snapshot\.npz: corrupt snapshot"):
-        read_changes(tmp_path)
+    with pytest.raises(DataLoss, match=r"snapshot\.npz: corrupt snapshot"):
+        read_state(tmp_path)
+
+
+def corrupt_records() -> float:
+    return REGISTRY.get_sample_value("recsys_retrieval_corrupt_records_total") or 0.0
+
+
+def test_a_corrupt_journal_record_is_data_loss_and_changes_nothing(
+    versions: dict[str, Bundle], tmp_path: Path
+) -> None:
+    """A record the state dir itself holds is not the caller's fault: DATA_LOSS, not
+    INVALID_ARGUMENT. The load stops before it changes anything (no torn tail cut, no
+    compaction, no migration), counts the record, and leaves the state dir free."""
+    retriever = load(versions["v1"], tmp_path, compact_records=1)
+    retriever.upsert([TELESCOPE])  # compacted into the snapshot
+    retriever.delete(["item-019"])  # and into the next one, with an empty segment after it
+    retriever.close()
+    (segment,) = (path for _, path in segments(tmp_path))
+    # Whole (not a torn tail), valid JSON, but a string where the ids' list belongs.
+    segment.write_text(json.dumps({"op": "delete", "item_ids": "item-001"}) + "\n")
+    # An old journal with a torn last record: a load that went on would cut it and migrate it.
+    legacy_journal(tmp_path, "v1").write_text(json.dumps({"op": "delete", "item_ids": ["a"]}))
+    before = {path.name: path.read_bytes() for path in tmp_path.iterdir()}
+    counted = corrupt_records()
+
+    with pytest.raises(
+        DataLoss, match=rf"{segment.name} line 1: corrupt record \(item_ids"
+    ) as info:
+        load(versions["v1"], tmp_path, compact_records=1)
+    assert status_code(info.value) == grpc.StatusCode.DATA_LOSS
+    assert "\n" not in str(info.value)
+    assert corrupt_records() == counted + 1
+    assert {path.name: path.read_bytes() for path in tmp_path.iterdir()} == before
+    OnlineState(tmp_path, "e", 10).close()  # the failed load released the state dir
+
+
+def test_the_catalog_with_a_state_dirs_changes_applied(
+    versions: dict[str, Bundle], tmp_path: Path
+) -> None:
+    """What `recsys catalog export-state` writes: read-only, while retrieval holds the dir."""
+    from recsys.core import bundle as bundle_files
+    from retrieval_service.catalog import load_catalog_items
+    from retrieval_service.durability import catalog_with_changes
+
+    retriever = load(versions["v1"], tmp_path, compact_records=2)
+    retriever.upsert([TELESCOPE])
+    retriever.upsert([FLOOR_LAMP])  # the second record: compacted
+    retriever.delete(["item-000", "new-1"])  # the tail
+    items = load_catalog_items(versions["v1"].file(bundle_files.CATALOG))
+    exported = catalog_with_changes(items, tmp_path, "v1")
+    retriever.close()
+    assert (exported.upserts, exported.deletes, exported.records) == (1, 2, 1)
+    by_id = {item.item_id: item for item in items}
+    by_id.update({"item-018": FLOOR_LAMP})
+    del by_id["item-000"]
+    assert exported.items == list(by_id.values())
+    assert exported.position == exported.trimmed_through == 0
 
 
 def test_one_state_dir_has_one_writer(tmp_path: Path) -> None:
@@ -279,7 +341,7 @@ def test_one_state_dir_has_one_writer(tmp_path: Path) -> None:
 
 
 def test_a_snapshot_and_its_tail_apply_over_a_newer_version(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     retriever = load(versions["v1"], tmp_path, compact_records=2, backend=backend)
     retriever.upsert([TELESCOPE])

@@ -14,10 +14,11 @@ import pytest
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
 from recsys.core.errors import InvalidInput
-from retrieval_service import retriever as retriever_module
-from retrieval_service.backends import MilvusTarget
+from retrieval_service import durability as durability_module
+from retrieval_service.backends import CatalogOpener
+from retrieval_service.durability import LocalState
 from retrieval_service.retriever import Retriever
-from retrieval_service.state import Changes, read_changes
+from retrieval_service.state import Changes, OnlineState, read_state
 from tests.retrieval.conftest import write_retrieval_version
 from tests.retrieval.test_state import TELESCOPE, load, state_of, top
 
@@ -62,6 +63,12 @@ class Writer(threading.Thread):
             self.error = exc
 
 
+def state_of_dir(retriever: Retriever) -> OnlineState | None:
+    """The state dir's writer, when this version holds it."""
+    assert isinstance(retriever.durability, LocalState)
+    return retriever.durability.state
+
+
 def swap_under_writes(old: Retriever, bundle: Bundle) -> tuple[Retriever, Writer]:
     """`old.successor(bundle)` while a writer writes to `old`, then more writes sent to `old`
     after the switch (a call that picked the old version before it)."""
@@ -79,7 +86,7 @@ def swap_under_writes(old: Retriever, bundle: Bundle) -> tuple[Retriever, Writer
 
 @pytest.mark.parametrize("version", ["v2", "v3"], ids=["same encoder", "another encoder"])
 def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_dir(
-    versions: dict[str, Bundle], tmp_path: Path, version: str, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, version: str, backend: CatalogOpener
 ) -> None:
     old = load(versions["v1"], tmp_path, backend=backend)
     old.upsert([TELESCOPE])
@@ -87,7 +94,8 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
 
     new, writer = swap_under_writes(old, versions[version])
 
-    assert new.version == version and old.state is None and new.state is not None
+    assert new.version == version and state_of_dir(old) is None
+    assert isinstance(state_of_dir(new), OnlineState)
     live = writer.live | {"new-1", "late-1"}
     gone = writer.deleted | {"item-019", "item-002"}
     for retriever in (new, old):  # the old one keeps a copy for pinned searches
@@ -117,7 +125,7 @@ def test_changes_acknowledged_after_the_state_dir_was_read_are_carried_over(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
     version: str,
-    backend: MilvusTarget | None,
+    backend: CatalogOpener,
 ) -> None:
     """The window the journal read cannot see: writes right after it reach the successor
     through the record of changes the old version keeps while it loads."""
@@ -125,12 +133,12 @@ def test_changes_acknowledged_after_the_state_dir_was_read_are_carried_over(
     late = Item("late-2", "Late telescope", "Arrived after the read.", "Outdoors")
 
     def read_then_write(directory: Path) -> Changes:
-        changes = read_changes(directory)
+        changes = read_state(directory)
         old.upsert([late, TELESCOPE])
         old.delete(["item-019"])
         return changes
 
-    monkeypatch.setattr(retriever_module, "read_changes", read_then_write)
+    monkeypatch.setattr(durability_module, "read_state", read_then_write)
     new = old.successor(versions[version], device="cpu")
     assert state_of(new, ["late-2", "new-1", "item-019"]) == {
         "late-2": late,
@@ -145,13 +153,13 @@ def test_changes_acknowledged_after_the_state_dir_was_read_are_carried_over(
 
 
 def test_a_version_that_fails_to_load_leaves_the_live_one_writing(
-    versions: dict[str, Bundle], tmp_path: Path, backend: MilvusTarget | None
+    versions: dict[str, Bundle], tmp_path: Path, backend: CatalogOpener
 ) -> None:
     old = load(versions["v1"], tmp_path, backend=backend)
     broken = Bundle(versions["v1"].root, "v1", {"encoder": {"pooling": "mean"}})  # no index
     with pytest.raises((KeyError, InvalidInput, OSError, RuntimeError)):
         old.successor(broken, device="cpu")
-    assert old.state is not None
+    assert state_of_dir(old) is not None
     old.upsert([TELESCOPE])
     assert state_of(old, ["new-1"]) == {"new-1": TELESCOPE}
     old.close()
