@@ -22,7 +22,7 @@ import os
 import re
 import threading
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -40,7 +40,6 @@ from retrieval_service.changes import (
     from_record,
     to_record,
     upserts,
-    with_changes,
 )
 
 log = logging.getLogger(__name__)
@@ -381,22 +380,3 @@ def _lock_directory(directory: Path) -> int:
             "each retrieval process needs its own RECSYS_STATE_DIR"
         ) from None
     return fd
-
-
-# -- until `recsys catalog export-state` calls durability.catalog_with_changes -----------------
-# recsys/app/cli.py (being split elsewhere) still folds a state dir itself with these two and
-# counts a delete as None; delete them once it calls catalog_with_changes.
-
-
-@dataclass(frozen=True)
-class _ExportedChanges:
-    latest: dict[str, Change | None]  # None: deleted
-
-
-def read_changes(directory: Path, legacy: Path | None = None) -> _ExportedChanges:
-    latest = read_state(directory, legacy).latest
-    return _ExportedChanges({k: None if c.deleted else c for k, c in latest.items()})
-
-
-def apply_changes(items: Sequence[Item], latest: Mapping[str, Change | None]) -> list[Item]:
-    return with_changes(items, {k: c or Change(k) for k, c in latest.items()})

@@ -11,7 +11,7 @@ from recsys.app.trim import kept_versions, trim_floor, trim_log
 from recsys.core.bundle import reject, staged_version, write_manifest
 from recsys.core.errors import InvalidInput
 from retrieval_service.changelog import DEFAULT_TABLE, ChangeLog
-from retrieval_service.state import delete_record
+from retrieval_service.changes import deletes
 
 
 def version(root: Path, name: str, log: ChangeLog | None, position: int = 0) -> str:
@@ -27,7 +27,7 @@ def test_the_floor_is_the_oldest_position_of_the_versions_that_may_load(
     change_log_url: str, tmp_path: Path
 ) -> None:
     log = ChangeLog(change_log_url)
-    first, second, _ = (log.append(delete_record([f"id-{n}"])) for n in range(3))
+    first, second, _ = (log.append(deletes([f"id-{n}"])) for n in range(3))
     version(tmp_path, "v1", log, first)
     version(tmp_path, "v2", log, second)
     version(tmp_path, "v3", None)
@@ -45,7 +45,7 @@ def test_a_version_built_without_the_log_refuses_the_trim(
     change_log_url: str, tmp_path: Path
 ) -> None:
     log = ChangeLog(change_log_url)
-    version(tmp_path, "v1", log, log.append(delete_record(["x"])))
+    version(tmp_path, "v1", log, log.append(deletes(["x"])))
     version(tmp_path, "v2", None)
     with pytest.raises(InvalidInput, match="version v2 was built without --change-log"):
         trim_floor(tmp_path, kept_versions(tmp_path), log)

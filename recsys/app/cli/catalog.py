@@ -138,20 +138,19 @@ def run_export_state(args: argparse.Namespace) -> int:
     from recsys.core import bundle as bundle_files
     from recsys.core.bundle import Bundle
     from retrieval_service.catalog import load_catalog_items
-    from retrieval_service.state import apply_changes, legacy_journal, read_changes
+    from retrieval_service.durability import catalog_with_changes
 
     bundle = Bundle.open(args.bundle, args.version)
     state_dir = args.state_dir or Settings.built_in(bundle=args.bundle).state_path()
     if not state_dir.is_dir():
         raise InvalidInput(f"--state-dir {state_dir}: no such directory")
     items = load_catalog_items(bundle.file(bundle_files.CATALOG))
-    latest = read_changes(state_dir, legacy_journal(state_dir, bundle.version)).latest
-    exported = apply_changes(items, latest)
-    write_catalog(items_to_frame(exported), args.out)
-    upserts = sum(change is not None for change in latest.values())
+    exported = catalog_with_changes(items, state_dir, bundle.version)
+    write_catalog(items_to_frame(exported.items), args.out)
     print(
-        f"wrote {len(exported):,} items to {args.out}: {bundle.version}'s {len(items):,} with "
-        f"{upserts:,} online upserts and {len(latest) - upserts:,} deletes from {state_dir}"
+        f"wrote {len(exported.items):,} items to {args.out}: {bundle.version}'s {len(items):,} "
+        f"with {exported.upserts:,} online upserts and {exported.deletes:,} deletes from "
+        f"{state_dir}"
     )
     return 0
 
