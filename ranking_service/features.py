@@ -1,10 +1,10 @@
 """The signals ranking reads and the feature registry learned fusion is fitted on.
 
 `StageScores` holds one request's scores per candidate and signal; each signal belongs to a
-component (`GROUP` metadata), which is what the build gates and the ablation drops. `FEATURES`
-is the registry of the learned fusion's columns, generated into the feature matrix by
-`features`. A new signal is a field here, its columns in `FEATURES`, and the one place that
-computes it (`ranking_service.ranker.Ranker.stage_scores`).
+component (`GROUP` metadata), which is what the build gates and the ablation drops. `REGISTRY`
+lists the learned fusion's columns (their names are `FEATURES`), generated into the feature
+matrix by `features`. A new signal is a field here, its columns in `REGISTRY`, and the one
+place that computes it (`ranking_service.ranker.Ranker.stage_scores`).
 
 Stage scores live on unrelated scales (cross-encoder logits, ALS dot products, cosines), so each
 is standardised within the request's candidate list. A missing score (cold item or user, or a
