@@ -151,8 +151,9 @@ class TwoPassFusion:
     def fuse(self, scores: StageScores) -> np.ndarray:
         """Both passes when `scores.ce` covers every candidate and the cross-encoder pays."""
         ce = scores.ce
-        _, fused = plan.rank(self, scores, ce is not None, lambda rows: ce[rows])  # type: ignore[index]
-        return fused
+        if ce is None:
+            return plan.first_pass(self, scores, can_rerank=False).scores
+        return plan.rank(self, scores, True, lambda rows: ce[rows])[1]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -8,7 +8,6 @@ from collections.abc import Collection, Sequence
 import numpy as np
 
 K = 10  # every figure the system fits, gates or reports on is at 10
-_DISCOUNTS = 1.0 / np.log2(np.arange(2, 1026))
 
 
 def ndcg(labels_in_order: Sequence[float] | np.ndarray, relevant: int, k: int = K) -> float:
@@ -16,7 +15,7 @@ def ndcg(labels_in_order: Sequence[float] | np.ndarray, relevant: int, k: int = 
     if relevant == 0:
         return 0.0
     gains = np.asarray(labels_in_order[:k], np.float64)
-    discounts = _discounts(k)
+    discounts = 1.0 / np.log2(np.arange(2, k + 2))
     return float(gains @ discounts[: len(gains)] / discounts[: min(relevant, k)].sum())
 
 
@@ -24,7 +23,3 @@ def ndcg_of(ranked: Sequence[str], relevant: Collection[str], k: int = K) -> flo
     """NDCG@k of ranked item ids against the set of relevant ones."""
     labels = [1.0 if item in relevant else 0.0 for item in list(ranked)[:k]]
     return ndcg(labels, len(relevant), k)
-
-
-def _discounts(k: int) -> np.ndarray:
-    return _DISCOUNTS[:k] if k <= len(_DISCOUNTS) else 1.0 / np.log2(np.arange(2, k + 2))
