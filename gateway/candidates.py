@@ -57,13 +57,16 @@ class PoolPolicy:
 
 @dataclass(frozen=True)
 class PoolItem:
-    """One candidate; `retrieval_score` is None when only CF proposed it."""
+    """One candidate; `retrieval_score` (dense) is None when only CF proposed it,
+    `lexical_score` (BM25) unless it is a search's candidate."""
 
     item_id: str
     item: Item | None
     retrieval_score: float | None
     cf_score: float | None = None
     vector: np.ndarray | None = None
+    lexical_score: float | None = None
+    hit_score: float | None = None  # what ordered retrieval's hits (hybrid: the fused rank)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ class CandidatePool:
     def candidates(self) -> list[Candidate]:
         """What ranking scores; texts the catalog holds beyond the limit are cut to it."""
         return [
-            Candidate(p.item_id, _text(p.item, self.max_text_chars), p.retrieval_score)
+            Candidate(
+                p.item_id, _text(p.item, self.max_text_chars), p.retrieval_score, p.lexical_score
+            )
             for p in self.items
         ]
 
@@ -118,7 +123,17 @@ def pool_split(
 
 def merge(hits: Sequence[Hit], recalled: Sequence[Recalled]) -> list[PoolItem]:
     """Retrieval's hits in its order, then CF's items it did not return, in CF's order."""
-    pool = [PoolItem(h.item_id, h.item, h.score, vector=h.vector) for h in hits]
+    pool = [
+        PoolItem(
+            h.item_id,
+            h.item,
+            h.dense_score if h.dense_score is not None else h.score,
+            vector=h.vector,
+            lexical_score=h.lexical_score,
+            hit_score=h.score,
+        )
+        for h in hits
+    ]
     seen = {h.item_id for h in hits}
     pool += [
         PoolItem(r.item.item_id, r.item, None, cf_score=r.cf_score, vector=r.vector)

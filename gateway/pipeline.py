@@ -216,9 +216,9 @@ def _unranked_entries(pool: list[PoolItem]) -> list[_Entry]:
     No field pretends ranking scored an item, and the two sources' scores are never mixed.
     """
     retrieved = [
-        _Entry(p, Scores(p.retrieval_score, retrieval=p.retrieval_score))
+        _Entry(p, Scores(p.hit_score, retrieval=p.retrieval_score, lexical=p.lexical_score))
         for p in pool
-        if p.retrieval_score is not None
+        if p.hit_score is not None
     ]
     return retrieved or [_Entry(p, Scores(p.cf_score or 0.0, cf=p.cf_score)) for p in pool]
 

@@ -34,6 +34,8 @@ class StageScores:
     cf: np.ndarray = field(metadata={GROUP: "cf"})
     ce: np.ndarray | None = field(default=None, metadata={GROUP: "cross_encoder"})
     retrieval: np.ndarray | None = field(default=None, metadata={GROUP: "retrieval"})
+    # BM25 of a search's text (retrieval's lexical index); None for recommendations.
+    lexical: np.ndarray | None = field(default=None, metadata={GROUP: "lexical"})
     # CF's item prior (log interaction count).
     popularity: np.ndarray | None = field(default=None, metadata={GROUP: "popularity"})
     # CF from the most recent history items only: the user's current taste, next to `cf`'s
@@ -104,6 +106,8 @@ REGISTRY = (
     Feature("cf_recent", "cf_recent"),
     Feature("content_nearest", "content_nearest"),
     Feature("content_recent", "content_recent"),
+    Feature("lexical", "lexical"),
+    Feature("lexical_missing", "lexical", "missing"),
 )
 FEATURES = tuple(f.name for f in REGISTRY)
 

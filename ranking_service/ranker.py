@@ -245,6 +245,7 @@ class Ranker:
                     cross_encoder=None if ce is None or np.isnan(ce[i]) else float(ce[i]),
                     cf=None if np.isnan(cf[i]) else float(cf[i]),
                     retrieval=candidates[i].retrieval_score,
+                    lexical=candidates[i].lexical_score,
                 ),
             )
             for i in plan.order(fused)
@@ -266,11 +267,13 @@ class Ranker:
         ids = [c.item_id for c in candidates]
         history = [h.item_id for h in context.history]
         recent = self.cf.fold_in(history[:RECENT_HISTORY_ITEMS])
-        retrieval = _retrieval_scores(candidates)
+        retrieval = _scores([c.retrieval_score for c in candidates])
+        lexical = _scores([c.lexical_score for c in candidates])
         content = None if self.content is None else self.content.scores(ids, history)
         stages = StageScores(
             cf=cf,
             retrieval=None if np.isnan(retrieval).all() else retrieval,
+            lexical=None if np.isnan(lexical).all() else lexical,
             popularity=self.cf.popularity(ids),
             cf_recent=None if recent is None else self.cf.scores(recent, ids),
             content_nearest=None if content is None else content.nearest,
@@ -340,9 +343,6 @@ def load_cross_encoder(bundle: Bundle, settings: Settings) -> tuple[Scorer, str]
     return scorer, f"{bundle.version}/{DIRS[copy]}"
 
 
-def _retrieval_scores(candidates: Sequence[Candidate]) -> np.ndarray:
-    """Retrieval's score per candidate, NaN for those retrieval did not propose."""
-    return np.array(
-        [np.nan if c.retrieval_score is None else c.retrieval_score for c in candidates],
-        dtype=np.float32,
-    )
+def _scores(values: Sequence[float | None]) -> np.ndarray:
+    """A retriever's score per candidate, NaN where it gave none."""
+    return np.array([np.nan if v is None else v for v in values], dtype=np.float32)

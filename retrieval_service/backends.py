@@ -26,6 +26,7 @@ from recsys.core.errors import InvalidInput, first_line
 from recsys.core.settings import Settings
 from retrieval_service.catalog import ItemStore, load_catalog_items
 from retrieval_service.index import VectorIndex
+from retrieval_service.lexical import LexicalIndex
 
 # (item, inner product with the query, its vector when asked for) per hit, best first.
 Found = list[tuple[Item, float, np.ndarray | None]]
@@ -49,6 +50,23 @@ class CatalogBackend(Protocol):
         with_vectors: bool = False,
     ) -> Found: ...
 
+    def lexical_search(
+        self,
+        text: str,
+        top_k: int,
+        exclude: frozenset[str] = frozenset(),
+        categories: frozenset[str] = frozenset(),
+        with_vectors: bool = False,
+    ) -> Found:
+        """Best BM25 matches of `text` (score: BM25), filtered like `search`; [] where the
+        backend has no lexical index."""
+        ...
+
+    def lexical_scores(self, text: str, item_ids: Sequence[str]) -> list[float | None]:
+        """BM25 of each item for `text` (0.0: no term in common; None: unknown item or no
+        lexical index)."""
+        ...
+
     def get(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]: ...
 
     def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> None: ...
@@ -63,13 +81,17 @@ class CatalogBackend(Protocol):
 
 
 class FaissCatalog:
-    """The embedded backend: an ItemStore (items and vectors by row) and a FAISS index over the
-    same rows; replaced or deleted rows stay in the index as tombstones and are filtered out."""
+    """The embedded backend: an ItemStore (items and vectors by row), and a FAISS index and a
+    lexical index over the same rows; replaced or deleted rows stay in both as tombstones and
+    are filtered out."""
 
-    def __init__(self, store: ItemStore, index: VectorIndex) -> None:
+    def __init__(
+        self, store: ItemStore, index: VectorIndex, lexical: LexicalIndex | None = None
+    ) -> None:
         self.store = store
         self.index = index
-        # FAISS add() and search() must not overlap.
+        self.lexical = lexical if lexical is not None else _lexical_of(store)
+        # FAISS add() and search() must not overlap; the lexical index is not thread-safe.
         self._lock = threading.Lock()
 
     @classmethod
@@ -82,7 +104,13 @@ class FaissCatalog:
             nprobe=manifest["index"].get("nprobe", 16),
         )
         items = load_catalog_items(bundle.file(bundle_files.CATALOG))
-        return cls(ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS))), index)
+        store = ItemStore(items, np.load(bundle.file(bundle_files.EMBEDDINGS)))
+        # Bundles built before the lexical index have no postings file: built here instead.
+        lexical_file = bundle.path / bundle_files.LEXICAL
+        lexical = LexicalIndex.load(lexical_file) if lexical_file.is_file() else None
+        if lexical is not None and lexical.rows != store.rows:
+            raise InvalidInput(f"{lexical_file}: {lexical.rows} rows, the catalog has {store.rows}")
+        return cls(store, index, lexical)
 
     @property
     def dimension(self) -> int:
@@ -109,6 +137,37 @@ class FaissCatalog:
                 if len(found) >= top_k or fetch >= total:
                     return found[:top_k]
                 fetch = min(total, fetch * 4)
+
+    def lexical_search(
+        self,
+        text: str,
+        top_k: int,
+        exclude: frozenset[str] = frozenset(),
+        categories: frozenset[str] = frozenset(),
+        with_vectors: bool = False,
+    ) -> Found:
+        with self._lock:
+            rows, scores = self.lexical.scores(text)
+            found: Found = []
+            # The ranked rows are all known: filter them a window at a time until full.
+            start, window = 0, top_k + len(exclude) + 16
+            while len(found) < top_k and start < len(rows):
+                end = start + window
+                found += self._filter(
+                    scores[start:end], rows[start:end], exclude, categories, with_vectors
+                )
+                start, window = end, window * 4
+            return found[:top_k]
+
+    def lexical_scores(self, text: str, item_ids: Sequence[str]) -> list[float | None]:
+        with self._lock:
+            rows, scores = self.lexical.scores(text)
+            by_row = dict(zip(rows.tolist(), scores.tolist(), strict=True))
+            out: list[float | None] = []
+            for item_id in item_ids:
+                row = self.store.row(item_id)
+                out.append(None if row is None else by_row.get(row, 0.0))
+            return out
 
     def _filter(
         self,
@@ -143,18 +202,47 @@ class FaissCatalog:
 
     def upsert(self, items: Sequence[Item], vectors: np.ndarray) -> None:
         with self._lock:
-            self.store.upsert(items, vectors)
+            self._unindex([item.item_id for item in items])
+            first = self.store.upsert(items, vectors)
             self.index.add(vectors)
+            self.lexical.add(first, [item.text() for item in items])
+            # An id given twice in one batch: only its last row is live.
+            for offset, item in enumerate(items):
+                if self.store.item_at(first + offset) is None:
+                    self.lexical.remove(first + offset, item.text())
 
     def delete(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
         with self._lock:
+            self._unindex(item_ids)
             return self.store.delete(item_ids)
 
+    def _unindex(self, item_ids: Sequence[str]) -> None:
+        """Removes the items' current rows from the lexical index (they become tombstones)."""
+        for item_id in item_ids:
+            row = self.store.row(item_id)
+            item = None if row is None else self.store.item_at(row)
+            if row is not None and item is not None:
+                self.lexical.remove(row, item.text())
+
     def info(self) -> dict[str, Any]:
-        return {"index_factory": self.index.factory, "device": self.index.device}
+        return {
+            "index_factory": self.index.factory,
+            "device": self.index.device,
+            "lexical": f"bm25 ({self.lexical.vocabulary} terms)",
+        }
 
     def close(self) -> None:
         """Nothing to release: the memory goes with the object."""
+
+
+def _lexical_of(store: ItemStore) -> LexicalIndex:
+    """A lexical index over the store's rows (tombstones included, as rows that do not count)."""
+    items = [store.item_at(row) for row in range(store.rows)]
+    lexical = LexicalIndex.build([item.text() if item is not None else "" for item in items])
+    for row, item in enumerate(items):
+        if item is None:
+            lexical.remove(row, "")
+    return lexical
 
 
 # Opens a bundle version's catalog on a device ("auto", "cpu", "cuda"): a Retriever opens each

@@ -18,8 +18,10 @@ from recsys.core import bundle as bundle_files
 from recsys.core.bundle import sha256_file
 from recsys.core.domain import item_text
 from recsys.core.errors import InvalidInput
+from retrieval_service import lexical as lexical_module
 from retrieval_service.encoder import ENCODER_INFO, Pooling, TextEncoder
 from retrieval_service.index import VectorIndex, check_factory
+from retrieval_service.lexical import LexicalIndex
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,11 @@ def build_retrieval(
     index_seconds = time.perf_counter() - t0
     index.save(out_dir / bundle_files.INDEX)
 
+    t0 = time.perf_counter()
+    lexical = LexicalIndex.build(texts)
+    lexical.save(out_dir / bundle_files.LEXICAL)
+    lexical_seconds = time.perf_counter() - t0
+
     copy_encoder(Path(encoder_dir), out_dir / bundle_files.ENCODER_DIR, encoder.name)
     manifest = {
         "encoder": {
@@ -80,6 +87,11 @@ def build_retrieval(
             "max_length": encoder.max_length,
         },
         "index": index.describe(),
+        "lexical": {
+            "scoring": f"bm25 k1={lexical_module.K1} b={lexical_module.B}",
+            "tokenizer": lexical_module.TOKENIZER,
+            "terms": lexical.vocabulary,
+        },
         "embeddings": {"items": len(texts), "reused": reused, "encoded": len(texts) - reused},
         "timings": {
             "encode_seconds": round(encode_seconds, 3),
@@ -87,6 +99,7 @@ def build_retrieval(
                 round((len(texts) - reused) / encode_seconds, 1) if encode_seconds else None
             ),
             "index_seconds": round(index_seconds, 3),
+            "lexical_seconds": round(lexical_seconds, 3),
         },
     }
     return RetrievalBuild(manifest=manifest, encoder=encoder, index=index)

@@ -211,7 +211,7 @@ class LocalState:
         short one under it, after which the state dir and the writes are the new version's.
         Nothing acknowledged is lost or applied twice in a different order."""
         heir = LocalState(self.directory, self.compact_records)
-        new = type(owner).open(bundle, device, owner.history, owner.backend, heir)
+        new = type(owner).open(bundle, device, owner.history, owner.backend, heir, owner.hybrid)
         state = self.state
         try:
             with owner.lock:
@@ -335,7 +335,9 @@ class SharedLog:
     def successor(self, owner: Retriever, bundle: Bundle, device: str) -> Retriever:
         """Every change is in the log: the new version catches up on its own, and this one keeps
         following it while it answers pinned searches."""
-        return type(owner).start(bundle, device, owner.history, owner.backend, SharedLog(self.log))
+        return type(owner).start(
+            bundle, device, owner.history, owner.backend, SharedLog(self.log), owner.hybrid
+        )
 
     def compact(self, owner: Retriever) -> bool:
         return False

@@ -28,7 +28,7 @@ from recsys.core.domain import Item
 from recsys.core.errors import InvalidInput, NotReady, first_line
 from recsys.core.settings import Settings
 from recsys.core.urls import redacted
-from retrieval_service.backends import CatalogOpener
+from retrieval_service.backends import CatalogOpener, Found
 from retrieval_service.catalog import load_catalog_items
 
 # Milvus counts VARCHAR lengths in UTF-8 bytes (Milvus Lite counts characters): we check bytes
@@ -301,6 +301,21 @@ class MilvusCatalog:
             hits.append((_item(entity), float(hit["distance"]), found))
         return hits
 
+    def lexical_search(
+        self,
+        text: str,
+        top_k: int,
+        exclude: frozenset[str] = frozenset(),
+        categories: frozenset[str] = frozenset(),
+        with_vectors: bool = False,
+    ) -> Found:
+        """No lexical retrieval on this backend yet (docs/architecture.md, "Hybrid retrieval"):
+        searches stay dense-only."""
+        return []
+
+    def lexical_scores(self, text: str, item_ids: Sequence[str]) -> list[float | None]:
+        return [None] * len(item_ids)
+
     def get(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]:
         """The known items with their vectors in request order, and the ids not found."""
         rows = self._rows(item_ids, [*_OUTPUT, VECTOR], "get")
@@ -446,6 +461,7 @@ class MilvusCatalog:
             "metric": METRIC,
             "dimension": self._dimension,
             "size": len(self),
+            "lexical": "none",
         }
 
     def close(self) -> None:

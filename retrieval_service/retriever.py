@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import default
-from retrieval_service.backends import CatalogBackend, CatalogOpener, FaissCatalog
+from retrieval_service.backends import CatalogBackend, CatalogOpener, FaissCatalog, Found
 from retrieval_service.catalog import ItemStore
 from retrieval_service.changelog import ChangeLog
 from retrieval_service.changes import Change, encoder_identity
@@ -39,6 +39,14 @@ class HistoryWeights:
     weight: float = default("history_weight")  # of the history vector next to a text/vector query
 
 
+@dataclass(frozen=True)
+class HybridSettings:
+    """How a search with query text retrieves: lexically too, and how both lists merge."""
+
+    lexical: bool = default("lexical_retrieval")
+    rrf_k: int = default("hybrid_rrf_k")
+
+
 class Retriever:
     """Owns encoder and catalog; safe to call from several threads."""
 
@@ -51,11 +59,13 @@ class Retriever:
         encoder_id: str = "",
         durability: Durability | None = None,
         backend: CatalogOpener = FaissCatalog.open,
+        hybrid: HybridSettings = HybridSettings(),
     ) -> None:
         self.encoder = encoder
         self.catalog = catalog
         self.version = version
         self.history = history
+        self.hybrid = hybrid
         # Identity of the vectors this version's encoder makes (see changes.encoder_identity).
         self.encoder_id = encoder_id
         # Where online changes are kept (default: in memory only) and what opened the catalog
@@ -77,6 +87,7 @@ class Retriever:
         compact_records: int = default("journal_compact_records"),
         change_log: ChangeLog | None = None,
         backend: CatalogOpener = FaissCatalog.open,
+        hybrid: HybridSettings = HybridSettings(),
     ) -> Retriever:
         """Loads a bundle version (through `backend`: into FAISS by default) and applies the
         online changes of the shared change log (from the position the version was built at)
@@ -87,7 +98,7 @@ class Retriever:
             if change_log is not None
             else LocalState(state_dir, compact_records)
         )
-        return cls.start(bundle, device, history, backend, durability)
+        return cls.start(bundle, device, history, backend, durability, hybrid)
 
     @classmethod
     def start(
@@ -97,9 +108,10 @@ class Retriever:
         history: HistoryWeights,
         backend: CatalogOpener,
         durability: Durability,
+        hybrid: HybridSettings = HybridSettings(),
     ) -> Retriever:
         """Opens a bundle version and applies the changes `durability` keeps."""
-        retriever = cls.open(bundle, device, history, backend, durability)
+        retriever = cls.open(bundle, device, history, backend, durability, hybrid)
         try:
             retriever.replayed = durability.restore(retriever, bundle)
         except BaseException:
@@ -115,6 +127,7 @@ class Retriever:
         history: HistoryWeights = HistoryWeights(),
         backend: CatalogOpener = FaissCatalog.open,
         durability: Durability | None = None,
+        hybrid: HybridSettings = HybridSettings(),
     ) -> Retriever:
         """A bundle version's encoder and catalog, without online changes."""
         manifest = bundle.manifest
@@ -133,6 +146,7 @@ class Retriever:
             encoder_identity(manifest),
             durability,
             backend,
+            hybrid,
         )
 
     @property
@@ -185,20 +199,88 @@ class Retriever:
         return _normalise(mean), unknown
 
     def search(self, query: SearchQuery) -> tuple[list[Hit], list[str]]:
-        """Top-k live items for the query after filters; also returns unknown history ids."""
+        """Top-k live items for the query after filters; also returns unknown history ids.
+
+        A query with text is hybrid: the dense list and the lexical (BM25) list of the same
+        length, merged by reciprocal rank fusion; each hit carries both retrievers' scores."""
         vector, unknown = self.query_vector(query)
-        found = self.catalog.search(
+        lexical_text = query.text if self.hybrid.lexical and query.vector is None else ""
+        dense = self.catalog.search(
             vector,
             query.top_k,
             exclude=query.exclude_item_ids,
             categories=query.categories,
-            with_vectors=query.include_vectors,
+            with_vectors=query.include_vectors or bool(lexical_text),
         )
-        hits = [
-            Hit(item.item_id, score, item if query.include_text else None, found_vector)
-            for item, score, found_vector in found
-        ]
-        return hits, unknown
+        lexical = (
+            self.catalog.lexical_search(
+                lexical_text,
+                query.top_k,
+                exclude=query.exclude_item_ids,
+                categories=query.categories,
+                with_vectors=True,
+            )
+            if lexical_text
+            else []
+        )
+        if not lexical:
+            hits = [
+                Hit(
+                    item.item_id,
+                    score,
+                    item if query.include_text else None,
+                    found_vector if query.include_vectors else None,
+                    dense_score=score,
+                    lexical_score=None,
+                )
+                for item, score, found_vector in dense
+            ]
+            if lexical_text:
+                hits = self._with_lexical_scores(lexical_text, hits)
+            return hits, unknown
+        return self._fused(query, vector, lexical_text, dense, lexical), unknown
+
+    def _fused(
+        self,
+        query: SearchQuery,
+        vector: np.ndarray,
+        text: str,
+        dense: Found,
+        lexical: Found,
+    ) -> list[Hit]:
+        """Both lists merged by reciprocal rank fusion, top_k of them, with each retriever's
+        score for every hit (the dense cosine from the stored vector, BM25 recomputed)."""
+        k = self.hybrid.rrf_k
+        fused: dict[str, float] = {}
+        found_by: dict[str, list[str]] = {}
+        entry: dict[str, tuple[Item, np.ndarray | None]] = {}
+        for name, found in (("dense", dense), ("lexical", lexical)):
+            for rank, (item, _, found_vector) in enumerate(found):
+                fused[item.item_id] = fused.get(item.item_id, 0.0) + 1.0 / (k + rank + 1)
+                found_by.setdefault(item.item_id, []).append(name)
+                entry.setdefault(item.item_id, (item, found_vector))
+        best = sorted(fused, key=lambda i: -fused[i])[: query.top_k]
+        bm25 = self.catalog.lexical_scores(text, best)
+        hits = []
+        for item_id, lexical_score in zip(best, bm25, strict=True):
+            item, found_vector = entry[item_id]
+            dense_score = float(vector @ found_vector) if found_vector is not None else None
+            hits.append(
+                Hit(
+                    item_id,
+                    fused[item_id],
+                    item if query.include_text else None,
+                    found_vector if query.include_vectors else None,
+                    dense_score=dense_score,
+                    lexical_score=lexical_score,
+                    found_by=tuple(found_by[item_id]),
+                )
+            )
+        return hits
+
+    def _with_lexical_scores(self, text: str, hits: list[Hit]) -> list[Hit]:
+        scores = self.catalog.lexical_scores(text, [h.item_id for h in hits])
+        return [replace(h, lexical_score=s) for h, s in zip(hits, scores, strict=True)]
 
     def get_items(self, item_ids: Sequence[str]) -> tuple[list[tuple[Item, np.ndarray]], list[str]]:
         """Known items with their vectors, in request order, and the ids not found."""

@@ -21,7 +21,7 @@ from recsys.rpc import convert
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_service.backends import backend_opener
 from retrieval_service.changelog import ChangeLog
-from retrieval_service.retriever import HistoryWeights, Retriever
+from retrieval_service.retriever import HistoryWeights, HybridSettings, Retriever
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -219,6 +219,7 @@ class RetrievalService:
             self.settings.journal_compact_records,
             self.change_log,
             backend,
+            HybridSettings(self.settings.lexical_retrieval, self.settings.hybrid_rrf_k),
         )
         self.servicer.live.switch(bundle.version, retriever)
         await asyncio.to_thread(observe, retriever)

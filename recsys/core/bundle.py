@@ -27,6 +27,8 @@ REJECTED = "rejected.json"
 CATALOG = "catalog.parquet"
 EMBEDDINGS = "embeddings.npy"
 INDEX = "index.faiss"
+# The lexical (BM25) index's postings over the same rows (retrieval_service.lexical).
+LEXICAL = "lexical.npz"
 ENCODER_DIR = "encoder"
 CF_DIR = "cf"
 CROSS_ENCODER_DIR = "cross_encoder"

@@ -44,12 +44,17 @@ class SearchQuery:
 
 @dataclass(frozen=True)
 class Hit:
-    """One retrieved item."""
+    """One retrieved item. `score` ordered the hits: the dense cosine, or for a hybrid search
+    the reciprocal-rank fusion of both retrievers; `found_by` names the retrievers whose lists
+    held it, and each retriever's own score is set wherever it could score the item."""
 
     item_id: str
     score: float
     item: Item | None = None
     vector: np.ndarray | None = None
+    dense_score: float | None = None
+    lexical_score: float | None = None
+    found_by: tuple[str, ...] = ("dense",)
 
 
 @dataclass(frozen=True)
@@ -71,7 +76,8 @@ class RankContext:
 class Candidate:
     item_id: str
     text: str
-    retrieval_score: float | None = None
+    retrieval_score: float | None = None  # the dense retriever's (cosine)
+    lexical_score: float | None = None  # BM25, for a search's candidates
 
 
 @dataclass(frozen=True)
@@ -82,6 +88,7 @@ class Scores:
     cross_encoder: float | None = None
     cf: float | None = None
     retrieval: float | None = None
+    lexical: float | None = None
 
 
 @dataclass(frozen=True)

@@ -124,6 +124,14 @@ class Settings(BaseSettings):
     history_weight: float = Field(
         1.0, ge=0, description="Weight of the history vector when mixed with a text query."
     )
+    lexical_retrieval: bool = Field(
+        True,
+        description="A search with query text also retrieves lexically (BM25 over item text) "
+        "and merges both lists by reciprocal rank fusion; false: dense only.",
+    )
+    hybrid_rrf_k: int = Field(
+        60, ge=1, description="Reciprocal rank fusion's k: a hit at rank r adds 1 / (k + r)."
+    )
     change_log_url: str = Field(
         "",
         description="PostgreSQL URL (postgresql://USER@HOST:PORT/DB; password from the URL, "

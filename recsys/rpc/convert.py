@@ -48,6 +48,8 @@ def scores_to_proto(scores: Scores) -> common_pb2.ScoreBreakdown:
         msg.cf = scores.cf
     if scores.retrieval is not None:
         msg.retrieval = scores.retrieval
+    if scores.lexical is not None:
+        msg.lexical = scores.lexical
     return msg
 
 
@@ -57,6 +59,7 @@ def scores_from_proto(msg: common_pb2.ScoreBreakdown) -> Scores:
         cross_encoder=msg.cross_encoder if msg.HasField("cross_encoder") else None,
         cf=msg.cf if msg.HasField("cf") else None,
         retrieval=msg.retrieval if msg.HasField("retrieval") else None,
+        lexical=msg.lexical if msg.HasField("lexical") else None,
     )
 
 
@@ -75,7 +78,13 @@ def search_request(query: SearchQuery) -> retrieval_pb2.SearchRequest:
 
 
 def hit_to_proto(hit: Hit) -> retrieval_pb2.SearchHit:
-    msg = retrieval_pb2.SearchHit(item_id=hit.item_id, score=hit.score)
+    msg = retrieval_pb2.SearchHit(
+        item_id=hit.item_id,
+        score=hit.score,
+        dense_score=hit.dense_score,
+        lexical_score=hit.lexical_score,
+        found_by=list(hit.found_by),
+    )
     if hit.item is not None:
         msg.item.CopyFrom(item_to_proto(hit.item))
         msg.text = hit.item.text()
@@ -90,6 +99,9 @@ def hit_from_proto(msg: retrieval_pb2.SearchHit) -> Hit:
         score=msg.score,
         item=item_from_proto(msg.item) if msg.HasField("item") else None,
         vector=np.asarray(msg.vector, dtype=np.float32) if len(msg.vector) else None,
+        dense_score=msg.dense_score if msg.HasField("dense_score") else None,
+        lexical_score=msg.lexical_score if msg.HasField("lexical_score") else None,
+        found_by=tuple(msg.found_by),
     )
 
 
@@ -103,7 +115,12 @@ def rank_request(context: RankContext, candidates: Sequence[Candidate]) -> ranki
             ],
         ),
         candidates=[
-            ranking_pb2.Candidate(item_id=c.item_id, text=c.text, retrieval_score=c.retrieval_score)
+            ranking_pb2.Candidate(
+                item_id=c.item_id,
+                text=c.text,
+                retrieval_score=c.retrieval_score,
+                lexical_score=c.lexical_score,
+            )
             for c in candidates
         ],
     )
@@ -123,6 +140,7 @@ def candidates_from_proto(msgs: Sequence[ranking_pb2.Candidate]) -> list[Candida
             item_id=c.item_id,
             text=c.text,
             retrieval_score=c.retrieval_score if c.HasField("retrieval_score") else None,
+            lexical_score=c.lexical_score if c.HasField("lexical_score") else None,
         )
         for c in msgs
     ]

@@ -36,16 +36,18 @@ class Filter(_message.Message):
     def __init__(self, categories: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreBreakdown(_message.Message):
-    __slots__ = ("cross_encoder", "cf", "retrieval", "fused")
+    __slots__ = ("cross_encoder", "cf", "retrieval", "fused", "lexical")
     CROSS_ENCODER_FIELD_NUMBER: _ClassVar[int]
     CF_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     FUSED_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_FIELD_NUMBER: _ClassVar[int]
     cross_encoder: float
     cf: float
     retrieval: float
     fused: float
-    def __init__(self, cross_encoder: _Optional[float] = ..., cf: _Optional[float] = ..., retrieval: _Optional[float] = ..., fused: _Optional[float] = ...) -> None: ...
+    lexical: float
+    def __init__(self, cross_encoder: _Optional[float] = ..., cf: _Optional[float] = ..., retrieval: _Optional[float] = ..., fused: _Optional[float] = ..., lexical: _Optional[float] = ...) -> None: ...
 
 class ModelVersions(_message.Message):
     __slots__ = ("bundle_version", "encoder", "index_factory", "cross_encoder", "cf", "fusion", "ranking_bundle_version")

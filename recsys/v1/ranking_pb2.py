@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\",\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"V\n\x0bRankContext\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x07history\x18\x03 \x03(\x0b\x32\x16.recsys.v1.HistoryItem\"\\\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x0fretrieval_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x12\n\x10_retrieval_score\"x\n\x0bRankRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.RankContext\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"M\n\x0fScoredCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12)\n\x06scores\x18\x02 \x01(\x0b\x32\x19.recsys.v1.ScoreBreakdown\"\x80\x01\n\x0cRankResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.ScoredCandidate\x12*\n\x08versions\x18\x02 \x01(\x0b\x32\x18.recsys.v1.ModelVersions\x12\x14\n\x0c\x63\x66_folded_in\x18\x03 \x01(\x08\"\x85\x01\n\x17RecallCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x16\n\x0e\x62undle_version\x18\x05 \x01(\t\"1\n\x0cRecalledItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x66_score\x18\x02 \x01(\x02\"\x84\x01\n\x18RecallCandidatesResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recsys.v1.RecalledItem\x12*\n\x08versions\x18\x02 \x01(\x0b\x32\x18.recsys.v1.ModelVersions\x12\x14\n\x0c\x63\x66_folded_in\x18\x03 \x01(\x08\x32\xa6\x01\n\x0eRankingService\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12[\n\x10RecallCandidates\x12\".recsys.v1.RecallCandidatesRequest\x1a#.recsys.v1.RecallCandidatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\",\n\x0bHistoryItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"V\n\x0bRankContext\x12\r\n\x05query\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\'\n\x07history\x18\x03 \x03(\x0b\x32\x16.recsys.v1.HistoryItem\"\x8a\x01\n\tCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1c\n\x0fretrieval_score\x18\x03 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlexical_score\x18\x04 \x01(\x02H\x01\x88\x01\x01\x42\x12\n\x10_retrieval_scoreB\x10\n\x0e_lexical_score\"x\n\x0bRankRequest\x12\'\n\x07\x63ontext\x18\x01 \x01(\x0b\x32\x16.recsys.v1.RankContext\x12(\n\ncandidates\x18\x02 \x03(\x0b\x32\x14.recsys.v1.Candidate\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"M\n\x0fScoredCandidate\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12)\n\x06scores\x18\x02 \x01(\x0b\x32\x19.recsys.v1.ScoreBreakdown\"\x80\x01\n\x0cRankResponse\x12.\n\ncandidates\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.ScoredCandidate\x12*\n\x08versions\x18\x02 \x01(\x0b\x32\x18.recsys.v1.ModelVersions\x12\x14\n\x0c\x63\x66_folded_in\x18\x03 \x01(\x08\"\x85\x01\n\x17RecallCandidatesRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x18\n\x10history_item_ids\x18\x02 \x03(\t\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\x12\x16\n\x0e\x62undle_version\x18\x05 \x01(\t\"1\n\x0cRecalledItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\x10\n\x08\x63\x66_score\x18\x02 \x01(\x02\"\x84\x01\n\x18RecallCandidatesResponse\x12&\n\x05items\x18\x01 \x03(\x0b\x32\x17.recsys.v1.RecalledItem\x12*\n\x08versions\x18\x02 \x01(\x0b\x32\x18.recsys.v1.ModelVersions\x12\x14\n\x0c\x63\x66_folded_in\x18\x03 \x01(\x08\x32\xa6\x01\n\x0eRankingService\x12\x37\n\x04Rank\x12\x16.recsys.v1.RankRequest\x1a\x17.recsys.v1.RankResponse\x12[\n\x10RecallCandidates\x12\".recsys.v1.RecallCandidatesRequest\x1a#.recsys.v1.RecallCandidatesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,20 +36,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HISTORYITEM']._serialized_end=106
   _globals['_RANKCONTEXT']._serialized_start=108
   _globals['_RANKCONTEXT']._serialized_end=194
-  _globals['_CANDIDATE']._serialized_start=196
-  _globals['_CANDIDATE']._serialized_end=288
-  _globals['_RANKREQUEST']._serialized_start=290
-  _globals['_RANKREQUEST']._serialized_end=410
-  _globals['_SCOREDCANDIDATE']._serialized_start=412
-  _globals['_SCOREDCANDIDATE']._serialized_end=489
-  _globals['_RANKRESPONSE']._serialized_start=492
-  _globals['_RANKRESPONSE']._serialized_end=620
-  _globals['_RECALLCANDIDATESREQUEST']._serialized_start=623
-  _globals['_RECALLCANDIDATESREQUEST']._serialized_end=756
-  _globals['_RECALLEDITEM']._serialized_start=758
-  _globals['_RECALLEDITEM']._serialized_end=807
-  _globals['_RECALLCANDIDATESRESPONSE']._serialized_start=810
-  _globals['_RECALLCANDIDATESRESPONSE']._serialized_end=942
-  _globals['_RANKINGSERVICE']._serialized_start=945
-  _globals['_RANKINGSERVICE']._serialized_end=1111
+  _globals['_CANDIDATE']._serialized_start=197
+  _globals['_CANDIDATE']._serialized_end=335
+  _globals['_RANKREQUEST']._serialized_start=337
+  _globals['_RANKREQUEST']._serialized_end=457
+  _globals['_SCOREDCANDIDATE']._serialized_start=459
+  _globals['_SCOREDCANDIDATE']._serialized_end=536
+  _globals['_RANKRESPONSE']._serialized_start=539
+  _globals['_RANKRESPONSE']._serialized_end=667
+  _globals['_RECALLCANDIDATESREQUEST']._serialized_start=670
+  _globals['_RECALLCANDIDATESREQUEST']._serialized_end=803
+  _globals['_RECALLEDITEM']._serialized_start=805
+  _globals['_RECALLEDITEM']._serialized_end=854
+  _globals['_RECALLCANDIDATESRESPONSE']._serialized_start=857
+  _globals['_RECALLCANDIDATESRESPONSE']._serialized_end=989
+  _globals['_RANKINGSERVICE']._serialized_start=992
+  _globals['_RANKINGSERVICE']._serialized_end=1158
 # @@protoc_insertion_point(module_scope)

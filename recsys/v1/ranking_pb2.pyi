@@ -26,14 +26,16 @@ class RankContext(_message.Message):
     def __init__(self, query: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Iterable[_Union[HistoryItem, _Mapping]]] = ...) -> None: ...
 
 class Candidate(_message.Message):
-    __slots__ = ("item_id", "text", "retrieval_score")
+    __slots__ = ("item_id", "text", "retrieval_score", "lexical_score")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCORE_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     text: str
     retrieval_score: float
-    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., retrieval_score: _Optional[float] = ...) -> None: ...
+    lexical_score: float
+    def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., retrieval_score: _Optional[float] = ..., lexical_score: _Optional[float] = ...) -> None: ...
 
 class RankRequest(_message.Message):
     __slots__ = ("context", "candidates", "bundle_version")

@@ -28,18 +28,24 @@ class SearchRequest(_message.Message):
     def __init__(self, query_text: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., include_text: _Optional[bool] = ..., include_vectors: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("item_id", "score", "item", "text", "vector")
+    __slots__ = ("item_id", "score", "item", "text", "vector", "dense_score", "lexical_score", "found_by")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ITEM_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     VECTOR_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    FOUND_BY_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     score: float
     item: _common_pb2.Item
     text: str
     vector: _containers.RepeatedScalarFieldContainer[float]
-    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., item: _Optional[_Union[_common_pb2.Item, _Mapping]] = ..., text: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ...) -> None: ...
+    dense_score: float
+    lexical_score: float
+    found_by: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, item_id: _Optional[str] = ..., score: _Optional[float] = ..., item: _Optional[_Union[_common_pb2.Item, _Mapping]] = ..., text: _Optional[str] = ..., vector: _Optional[_Iterable[float]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ..., found_by: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("hits", "bundle_version", "unknown_history_item_ids")

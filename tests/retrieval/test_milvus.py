@@ -396,4 +396,5 @@ def test_info_names_the_collection_without_credentials(
         "metric": "IP",
         "dimension": DIM,
         "size": N,
+        "lexical": "none",
     }
