@@ -111,6 +111,9 @@ class CFModel:
         """Fits ALS on the (user, item) matrix of summed weights (1 per pair, for `binary`
         weighting); on a GPU when implicit has CUDA."""
         weighting = _checked_weighting(weighting)
+        if interactions.empty:
+            log.info("CF: no interactions to train on; it knows no user and no item")
+            return cls.empty(factors, iterations, regularization, alpha, weighting)
         grouped = (
             interactions.groupby(["user_id", "item_id"], sort=True)["weight"].sum().reset_index()
         )
@@ -150,6 +153,30 @@ class CFModel:
             alpha=alpha,
             iterations=iterations,
             user_items=(matrix > 0).astype(np.int8).tocsr(),
+            weighting=weighting,
+        )
+
+    @classmethod
+    def empty(
+        cls,
+        factors: int = 64,
+        iterations: int = 15,
+        regularization: float = 0.05,
+        alpha: float = 2.0,
+        weighting: Weighting = "weight",
+    ) -> CFModel:
+        """CF of a search bundle (no user interactions): it scores nothing, recalls nothing and
+        folds no one in, so ranking reads the other signals and recommendations come from
+        content."""
+        return cls(
+            user_ids=[],
+            item_ids=[],
+            user_factors=np.zeros((0, factors), np.float32),
+            item_factors=np.zeros((0, factors), np.float32),
+            regularization=regularization,
+            alpha=alpha,
+            iterations=iterations,
+            user_items=sp.csr_matrix((0, 0), dtype=np.int8),
             weighting=weighting,
         )
 
@@ -244,8 +271,9 @@ class CFModel:
         return out
 
     def popularity(self, item_ids: Sequence[str]) -> np.ndarray | None:
-        """log(1 + users who interacted) per item, 0 for items CF never saw; None if unknown."""
-        if self._item_counts is None:
+        """log(1 + users who interacted) per item, 0 for items CF never saw; None if unknown
+        (also when CF knows no item at all)."""
+        if self._item_counts is None or not self.n_items:
             return None
         rows = [self._item_row.get(i) for i in item_ids]
         counts = np.array([0 if r is None else self._item_counts[r] for r in rows], np.float64)

@@ -47,6 +47,18 @@ MOVIELENS_ZIP = Path(
 )
 
 
+SCIFACT_DIR = Path(
+    os.environ.get("RECSYS_SCIFACT_DIR", REPO_ROOT.parent / "shared" / "data" / "scifact")
+)
+
+
+@pytest.fixture(scope="session")
+def scifact_dir() -> Path:
+    if not (SCIFACT_DIR / "corpus.jsonl").is_file():
+        pytest.skip(f"{SCIFACT_DIR} not found (set RECSYS_SCIFACT_DIR to the SciFact folder)")
+    return SCIFACT_DIR
+
+
 @pytest.fixture(scope="session")
 def movielens_zip() -> Path:
     if not MOVIELENS_ZIP.is_file():

@@ -16,8 +16,9 @@ import pandas as pd
 from ranking_service.distill import DistillConfig
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build_steps import STEPS, BuildState
-from recsys.app.ingest import IngestReport, load_catalog, load_interactions
+from recsys.app.ingest import IngestReport, load_catalog, load_interactions, no_interactions
 from recsys.core.bundle import Bundle, publish, staged_version, write_manifest
+from recsys.core.errors import InvalidInput
 from recsys.core.settings import default
 
 if TYPE_CHECKING:
@@ -31,7 +32,8 @@ class BuildOptions:
     """Everything `recsys build` can be told; recorded in the manifest as the settings used."""
 
     catalog: Path
-    interactions: Path
+    # None (or a log whose rows are all searches): a search bundle, without CF.
+    interactions: Path | None
     out: Path
     # Searches with the items relevant to each (JSON lines: {"query": ..., "item_ids": [...]}),
     # fine-tuned on and, a share held out, fitted on; None: only queries logged in interactions.
@@ -105,11 +107,42 @@ def load_inputs(options: BuildOptions, catalog: pd.DataFrame | None = None) -> B
             catalog, options.change_log_url, options.change_log_table
         )
     known = set(catalog["item_id"])
-    interactions, report = load_interactions(
-        options.interactions, known_item_ids=known, strict=options.strict
-    )
-    queries = () if options.queries is None else load_queries(options.queries, known)
+    if options.interactions is None:
+        if options.queries is None:
+            raise InvalidInput(
+                "--interactions, --queries: give user interactions, searches, or both"
+            )
+        interactions, report = no_interactions(), IngestReport(0, 0, 0, ())
+    else:
+        interactions, report = load_interactions(
+            options.interactions, known_item_ids=known, strict=options.strict
+        )
+    queries = [] if options.queries is None else load_queries(options.queries, known)
+    if len(interactions) and (interactions["query"].str.strip() != "").all():
+        # Only searches: a query log, not users' tastes. Its searches are the queries.
+        logged = searches_of(interactions)
+        log.info(
+            "%s: every row is a search; its %d searches are fine-tuned and fitted on as queries",
+            options.interactions,
+            len(logged),
+        )
+        queries, interactions = [*queries, *logged], no_interactions()
+    if interactions.empty:
+        log.warning(
+            "no user interactions: building a search bundle (CF skipped; recommendations come "
+            "from content: retrieval's history vector)"
+        )
     return BuildInputs(catalog, interactions, report, queries, change_log)
+
+
+def searches_of(interactions: pd.DataFrame) -> list[tuple[str, tuple[str, ...]]]:
+    """Each distinct query of a log with the items found for it, in first-seen order."""
+    items: dict[str, dict[str, None]] = {}
+    for query, item_id in zip(
+        interactions["query"].str.strip(), interactions["item_id"], strict=True
+    ):
+        items.setdefault(query, {})[item_id] = None
+    return [(query, tuple(found)) for query, found in items.items()]
 
 
 def _with_logged_changes(

@@ -209,7 +209,13 @@ def _cf_refit_step(build: BuildState) -> dict[str, Any]:
         everything = pd.concat([build.train, build.validation], ignore_index=True)
         log.info("refitting CF on all %d interactions", len(everything))
         cf = CFModel.train(everything, seed=build.options.seed, **build.cf_params.kwargs())
-    return {"cf": {**cf.save(build.stage / bundle_files.CF_DIR), "search": build.cf_search}}
+    section = {**cf.save(build.stage / bundle_files.CF_DIR), "search": build.cf_search}
+    if not cf.n_users:
+        section["skipped"] = (
+            "no user interactions: a search bundle (CF knows no one; recommendations come "
+            "from content)"
+        )
+    return {"cf": section}
 
 
 # (timing name, step), in order; steps with the same name add up their seconds.

@@ -264,6 +264,19 @@ def load_interactions(
     return interactions_from_frame(read_table(path), str(path), known_item_ids, strict)
 
 
+def no_interactions() -> pd.DataFrame:
+    """An interaction log without rows, in load_interactions' columns and types."""
+    return pd.DataFrame(
+        {
+            "user_id": pd.Series(dtype=str),
+            "item_id": pd.Series(dtype=str),
+            "timestamp": pd.Series(dtype=np.int64),
+            "weight": pd.Series(dtype=np.float64),
+            "query": pd.Series(dtype=str),
+        }
+    )
+
+
 def interactions_from_frame(
     frame: pd.DataFrame,
     source: str,

@@ -189,6 +189,12 @@ def first_hits(stub: retrieval_pb2_grpc.RetrievalServiceStub, text: str, k: int)
     return [hit.item_id for hit in reply.hits]
 
 
+def lexical_hits(stub: retrieval_pb2_grpc.RetrievalServiceStub, word: str) -> list[str]:
+    """The hits the lexical retriever found for a one-word search."""
+    reply = stub.Search(retrieval_pb2.SearchRequest(query_text=word, top_k=5), timeout=60)
+    return [hit.item_id for hit in reply.hits if "lexical" in hit.found_by]
+
+
 # The default threshold never compacts in a CI-sized run; 5 compacts every few writes, so kills
 # also land while a snapshot is written, renamed, or its journal segments removed.
 @pytest.mark.parametrize("compact_records", [None, 5], ids=["journal", "compacting"])
@@ -238,10 +244,13 @@ def test_acknowledged_changes_survive_kill_9_under_writes(
         kept = {i: title for i, title in states.items() if title is not None}
         for item_id, title in kept.items():
             assert first_hits(stub, title, 1) == [item_id], f"search lost {item_id}: {title!r}"
+            # The lexical index was replayed too: a word only this title holds finds it.
+            assert lexical_hits(stub, title.split()[0]) == [item_id], f"lexical lost {item_id}"
         for item_id in ids:
             if states[item_id] is None and ledger.changes[item_id][-1].acked:
                 title = next(c.state for c in ledger.changes[item_id] if c.state)
                 assert item_id not in first_hits(stub, title, 10), f"{item_id} is back"
+                assert item_id not in lexical_hits(stub, title.split()[0]), f"{item_id} is back"
         # Nothing else appeared or vanished: the catalog plus exactly the ids that are present.
         size = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=30).size
         assert size == catalog_size + len(kept)

@@ -213,7 +213,11 @@ def test_a_new_version_rolls_out_under_load_without_a_failed_or_mixed_answer(
     old = current_version(live_root)
     channel, retrieval = retrieval_stub(stack)
     telescope = retrieval_pb2.UpsertItemsRequest(
-        items=[common_pb2.Item(item_id="x-telescope", title="Brass telescope for stargazing")]
+        items=[
+            common_pb2.Item(
+                item_id="x-telescope", title="Brass telescope for stargazing, model QX7719"
+            )
+        ]
     )
     assert retrieval.UpsertItems(telescope, timeout=60).upserted == 1
     deleted = (
@@ -262,6 +266,11 @@ def test_a_new_version_rolls_out_under_load_without_a_failed_or_mixed_answer(
         timeout=60,
     ).hits
     assert [h.item_id for h in hits] == ["x-telescope"]
+    # ... in the new version's lexical index too: the model number only it holds finds it.
+    model = retrieval.Search(
+        retrieval_pb2.SearchRequest(query_text="QX7719", top_k=1), timeout=60
+    ).hits
+    assert [(h.item_id, "lexical" in h.found_by) for h in model] == [("x-telescope", True)]
     gone = retrieval.GetItems(retrieval_pb2.GetItemsRequest(item_ids=[deleted]), timeout=60)
     assert list(gone.missing_item_ids) == [deleted] and gone.bundle_version == "v-next"
     assert all(deleted not in [i.item_id for i in r.items] for _, _, r in traffic.answers)

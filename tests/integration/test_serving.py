@@ -174,21 +174,38 @@ def test_upsert_then_search_finds_it_first_also_after_restart(
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         before = stub.GetIndexInfo(retrieval_pb2.GetIndexInfoRequest(), timeout=10).size
         reply = stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[item]), timeout=30)
-    assert reply.upserted == 1 and reply.index_size == before + 1
+    acknowledged = time.monotonic()
+    # A word only this product holds finds it through the lexical index, at once.
+    assert lexical(stack, "zephyrine") == ["NEW-1"]
+    assert time.monotonic() - acknowledged < 1.0
     assert search(stack, item.title)[0] == "NEW-1"
+    assert reply.upserted == 1 and reply.index_size == before + 1
 
     stack.stop("retrieval")
     stack.start("retrieval")
     assert search(stack, item.title)[0] == "NEW-1"
+    assert lexical(stack, "zephyrine") == ["NEW-1"]
 
     with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         deleted = stub.DeleteItems(retrieval_pb2.DeleteItemsRequest(item_ids=["NEW-1"]), timeout=10)
     assert deleted.deleted == 1 and deleted.index_size == before
     assert "NEW-1" not in search(stack, item.title, k=20)
+    assert lexical(stack, "zephyrine") == []
     stack.stop("retrieval")
     stack.start("retrieval")
     assert "NEW-1" not in search(stack, item.title, k=20)
+    assert lexical(stack, "zephyrine") == []
+
+
+def lexical(stack: Launcher, text: str) -> list[str]:
+    """The hits of a search that the lexical retriever found, each with its BM25 score."""
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        reply = stub.Search(retrieval_pb2.SearchRequest(query_text=text, top_k=5), timeout=30)
+    found = [h for h in reply.hits if "lexical" in h.found_by]
+    assert all(h.HasField("lexical_score") and h.lexical_score > 0 for h in found)
+    return [h.item_id for h in found]
 
 
 def test_get_items_reports_unknown_ids(stack: Launcher, catalog: pd.DataFrame) -> None:
@@ -214,8 +231,11 @@ def test_ranking_down_gives_degraded_answers_then_recovers(
         assert reply.degraded
         assert list(reply.degraded_reasons) == ["ranking_unavailable"]
         assert len(reply.items) == 5
-        retrieval_scores = [item.scores.retrieval for item in reply.items]
-        assert retrieval_scores == sorted(retrieval_scores, reverse=True)
+        # In retrieval's order (the merge of its dense and lexical lists), with both scores.
+        order = [item.scores.fused for item in reply.items]
+        assert order == sorted(order, reverse=True)
+        assert all(item.scores.HasField("retrieval") for item in reply.items)
+        assert any(item.scores.HasField("lexical") for item in reply.items)
         assert all(not item.scores.HasField("cross_encoder") for item in reply.items)
     finally:
         stack.start("ranking")

@@ -15,7 +15,7 @@ from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
 from recsys.core.errors import InvalidInput
 from retrieval_service import durability as durability_module
-from retrieval_service.backends import CatalogOpener
+from retrieval_service.backends import CatalogOpener, FaissCatalog
 from retrieval_service.durability import LocalState
 from retrieval_service.retriever import Retriever
 from retrieval_service.state import Changes, OnlineState, read_state
@@ -103,6 +103,7 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
         assert {item.item_id for item, _ in found} == live
         assert set(missing) == gone
     assert top(new, "Telescope for stargazing") == ["new-1"]
+    assert_lexical(new, live, gone)
     if version == "v3":  # re-encoded by the new encoder, not the old one's vectors
         (_, vector), *_ = new.get_items(["new-1"])[0]
         np.testing.assert_allclose(vector, new.encoder.encode([TELESCOPE.text()])[0], atol=1e-6)
@@ -116,7 +117,20 @@ def test_the_successor_holds_every_acknowledged_change_and_takes_over_the_state_
     found, missing = again.get_items(sorted(live | gone | {"after-1"}))
     assert {item.item_id for item, _ in found} == live | {"after-1"}
     assert set(missing) == gone
+    assert_lexical(again, live | {"after-1"}, gone)
     again.close()
+
+
+def assert_lexical(retriever: Retriever, live: set[str], gone: set[str]) -> None:
+    """The lexical index agrees with the catalog: each written item's number (a word only its
+    title holds among the written items) finds it, and a deleted item's no longer does
+    (embedded backend only: Milvus has no lexical index here)."""
+    if not isinstance(retriever.catalog, FaissCatalog):
+        return
+    for item_id in sorted(i for i in live | gone if i.startswith("w-")):
+        number = item_id.removeprefix("w-")
+        found = {item.item_id for item, _, _ in retriever.catalog.lexical_search(number, 100)}
+        assert (item_id in found) == (item_id in live), item_id
 
 
 @pytest.mark.parametrize("version", ["v2", "v3"], ids=["same encoder", "another encoder"])

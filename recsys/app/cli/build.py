@@ -26,8 +26,8 @@ def add_build(sub: Any) -> None:
     p.add_argument(
         "--interactions",
         type=Path,
-        required=True,
-        help="user_id, item_id [, timestamp, weight, query]",
+        help="user_id, item_id [, timestamp, weight, query]; without it, or when every row is "
+        "a search (a `query` set), a search bundle is built: no CF, recommendations from content",
     )
     p.add_argument(
         "--queries",

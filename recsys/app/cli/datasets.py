@@ -22,6 +22,18 @@ def add_datasets(sub: Any) -> None:
     ml.add_argument("--out", type=Path, required=True, metavar="DIR")
     add_log_level(ml)
     ml.set_defaults(handler=run_movielens)
+    sf = dsub.add_parser(
+        "scifact",
+        help="SciFact folder → catalog.csv, queries.jsonl, test_queries.jsonl",
+        description="Convert SciFact (corpus.jsonl, train.jsonl, test.jsonl; ../shared/data/"
+        "scifact) into a catalog of abstracts, the training claims as a query log "
+        "(queries.jsonl, for `recsys build --queries`) and the test claims "
+        "(test_queries.jsonl, for `recsys evaluate` only).",
+    )
+    sf.add_argument("data", type=Path, metavar="DIR")
+    sf.add_argument("--out", type=Path, required=True, metavar="DIR")
+    add_log_level(sf)
+    sf.set_defaults(handler=run_scifact)
 
 
 def run_movielens(args: argparse.Namespace) -> int:
@@ -32,5 +44,17 @@ def run_movielens(args: argparse.Namespace) -> int:
         f"wrote {files.catalog} ({files.items:,} items), {files.interactions} "
         f"({files.interactions_count:,} interactions, {files.users:,} users), "
         f"{files.queries} ({files.queries_count:,} queries)"
+    )
+    return 0
+
+
+def run_scifact(args: argparse.Namespace) -> int:
+    from recsys.app.scifact import convert_scifact
+
+    files = convert_scifact(args.data, args.out)
+    print(
+        f"wrote {files.catalog} ({files.items:,} abstracts), {files.queries} "
+        f"({files.train_claims:,} training claims), {files.test_queries} "
+        f"({files.test_claims:,} test claims)"
     )
     return 0

@@ -15,9 +15,11 @@ def add_evaluate(sub: Any) -> None:
         "evaluate",
         help="offline metrics of every stage and the full pipeline against baselines",
         description="Evaluate under the protocol of ../shared/data/README.md. DIR comes from "
-        "`recsys datasets movielens`. When ROOT holds no bundle, one is built there from the "
-        "train split only (validation fits fusion and early stopping); a bundle not built that "
-        "way is refused. Writes report.json, report.md and PNG charts to REPORT_DIR.",
+        "`recsys datasets movielens` or `recsys datasets scifact`. When ROOT holds no bundle, "
+        "one is built there from the train split only (MovieLens: validation fits fusion and "
+        "early stopping; SciFact: a plain search bundle from the training claims); a bundle not "
+        "built that way is refused. Writes report.json, report.md (and for MovieLens PNG "
+        "charts) to REPORT_DIR.",
     )
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 
-def _table(methods: dict[str, dict[str, float]]) -> list[str]:
+def table(methods: dict[str, dict[str, float]]) -> list[str]:
     metrics = list(next(iter(methods.values())))
     lines = ["| method | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
     best = {m: max(v[m] for v in methods.values()) for m in metrics}
@@ -19,7 +19,7 @@ def _table(methods: dict[str, dict[str, float]]) -> list[str]:
     return lines
 
 
-def _interval(ratio: dict[str, float]) -> str:
+def interval(ratio: dict[str, float]) -> str:
     return f"{ratio['ratio']:.3f} [{ratio['low']:.3f}, {ratio['high']:.3f}]"
 
 
@@ -32,9 +32,9 @@ def _bootstrap(boot: dict[str, Any], unit: str) -> list[str]:
         "",
         "| full / | ratio [95% interval] |",
         "|---|---:|",
-        f"| best other ({boot['best_other']}) | {_interval(boot['full / best other'])} |",
+        f"| best other ({boot['best_other']}) | {interval(boot['full / best other'])} |",
     ]
-    lines += [f"| {name} | {_interval(r)} |" for name, r in boot["full / each"].items()]
+    lines += [f"| {name} | {interval(r)} |" for name, r in boot["full / each"].items()]
     return [*lines, ""]
 
 
@@ -77,7 +77,7 @@ def _cf(cf: dict[str, Any]) -> list[str]:
     ratio = cf["cf / popular"]
     lines.append(
         f"- cf / popular, test NDCG@10 (95% paired bootstrap interval, users resampled, "
-        f"{ratio['draws']} draws): {_interval(ratio)}"
+        f"{ratio['draws']} draws): {interval(ratio)}"
     )
     return [*lines, ""]
 
@@ -107,8 +107,8 @@ def _ablation(ablation: dict[str, Any]) -> list[str]:
         served, refitted = row.get("test full / variant"), row.get("test full / variant refitted")
         lines.append(
             f"| {row['variant']} | {row['validation ndcg@10']:.4f} | {row['test ndcg@10']:.4f} | "
-            f"{_interval(served) if served else '—'} | {row['test ndcg@10 refitted']:.4f} | "
-            f"{_interval(refitted) if refitted else '—'} | {row['means']} |"
+            f"{interval(served) if served else '—'} | {row['test ndcg@10 refitted']:.4f} | "
+            f"{interval(refitted) if refitted else '—'} | {row['means']} |"
         )
     return [*lines, ""]
 
@@ -125,7 +125,7 @@ def _unseen(unseen: dict[str, Any]) -> list[str]:
         "cross-encoder were fitted with every user's training interactions; its plan "
         f"{plan} the cross-encoder for recommendations.",
         "",
-        *_table(unseen["methods"]),
+        *table(unseen["methods"]),
         "",
     ]
     return lines + _bootstrap(unseen["bootstrap"], "users")
@@ -139,7 +139,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     if "recommend" in report:
         rec = report["recommend"]
-        lines += [f"## Recommend ({rec['users']} users)", "", *_table(rec["methods"]), ""]
+        lines += [f"## Recommend ({rec['users']} users)", "", *table(rec["methods"]), ""]
         sweep = rec.get("diversity_sweep")
         if sweep:
             lines += [
@@ -168,7 +168,7 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [
             f"## Search ({search['queries']} test queries)",
             "",
-            *_table(search["methods"]),
+            *table(search["methods"]),
             "",
         ]
         if "bootstrap" in search:

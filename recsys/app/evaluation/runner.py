@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -56,6 +57,18 @@ class EvalData:
     inputs: BuildInputs
     split: Split
     queries: list[TagQuery]
+
+
+def dataset_of(data_dir: Path) -> str:
+    """The data set a `recsys datasets` DIR holds: its marker file names it (MovieLens DIRs
+    have none)."""
+    marker = data_dir / "dataset.json"
+    if not marker.is_file():
+        return "movielens"
+    try:
+        return str(json.loads(marker.read_text())["dataset"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise InvalidInput(f"{marker}: not a dataset marker ({exc})") from None
 
 
 def load_data(data_dir: Path) -> EvalData:
@@ -235,6 +248,10 @@ def run_evaluation(
     """The whole `recsys evaluate` job; returns the report it wrote. `pool` defaults to the
     candidate pool the bundle's fusion was fitted on; `grids` are the baselines' validation
     searches."""
+    if dataset_of(data_dir) == "scifact":
+        from recsys.app.evaluation.scifact import run_scifact
+
+        return run_scifact(data_dir, bundle_root, out_dir, options, pool, progress)
     started = time.perf_counter()
     data = load_data(data_dir)
     bundle = train_split_bundle(data, bundle_root, options)
