@@ -173,14 +173,14 @@ def _catalog(texts: pd.DataFrame, path: Path) -> pd.DataFrame:
     """title, category and description (the brand) from each product's one text."""
     parts = []
     for line, (asin, text) in enumerate(texts.itertuples(index=False), start=2):
+        if not text.strip():
+            raise InvalidInput(f"{path} line {line}: empty text for item {asin!r}")
         found = _TEXT.match(text.strip())
         if found is None or not found["title"].strip():
             # Not in the "title. category. brand." shape: the whole text is the title.
             parts.append((asin, text.strip(), "", ""))
-            if not text.strip():
-                raise InvalidInput(f"{path} line {line}: empty text for item {asin!r}")
-            continue
-        parts.append((asin, found["title"], found["category"], found["brand"]))
+        else:
+            parts.append((asin, found["title"], found["category"], found["brand"]))
     return pd.DataFrame(parts, columns=["item_id", "title", "category", "description"])
 
 
