@@ -66,6 +66,23 @@ def movielens_zip() -> Path:
     return MOVIELENS_ZIP
 
 
+AMAZON_SCIENTIFIC_DIR = Path(
+    os.environ.get(
+        "RECSYS_AMAZON_SCIENTIFIC_DIR", REPO_ROOT.parent / "shared" / "data" / "amazon-scientific"
+    )
+)
+
+
+@pytest.fixture(scope="session")
+def amazon_scientific_dir() -> Path:
+    if not (AMAZON_SCIENTIFIC_DIR / "Scientific.text").is_file():
+        pytest.skip(
+            f"{AMAZON_SCIENTIFIC_DIR} not found (set RECSYS_AMAZON_SCIENTIFIC_DIR to the folder "
+            "of UniSRec's Scientific files)"
+        )
+    return AMAZON_SCIENTIFIC_DIR
+
+
 @pytest.fixture(scope="session")
 def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The sample catalog built into a real bundle (encoder, Flat index, ALS, fine-tuned CE)."""

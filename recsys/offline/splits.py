@@ -19,6 +19,9 @@ class Split:
     train: pd.DataFrame
     validation: pd.DataFrame
     test: pd.DataFrame
+    # The protocol's relevance rule: a held-out interaction is relevant when it weighs at least
+    # this (MovieLens: rated 4 or more); None: every held-out interaction is (leave-one-out).
+    relevant_min_weight: float | None = RELEVANT_MIN_RATING
 
     def seen(self) -> pd.DataFrame:
         """What the system may see at test time: train + validation."""
@@ -47,10 +50,11 @@ def temporal_split(
 
 
 def relevant_items(
-    part: pd.DataFrame, min_rating: float = RELEVANT_MIN_RATING
+    part: pd.DataFrame, min_rating: float | None = RELEVANT_MIN_RATING
 ) -> dict[str, set[str]]:
-    """Per user, the items rated at least `min_rating`; users with none are left out (not scored)."""
-    liked = part[part["weight"] >= min_rating]
+    """Per user, the items rated at least `min_rating` (None: every one); users with none are
+    left out (not scored)."""
+    liked = part if min_rating is None else part[part["weight"] >= min_rating]
     return {str(user): set(group["item_id"]) for user, group in liked.groupby("user_id")}
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -9,8 +10,10 @@ from recsys.app.evaluation.baselines import (
     EASE,
     Grids,
     ItemKNN,
+    ItemText,
     SASRec,
     SASRecConfig,
+    TextNeighbours,
     tuned_baselines,
 )
 from recsys.offline.cf_search import CFRecent
@@ -91,3 +94,22 @@ def test_tuning_picks_the_best_validation_row_and_records_it() -> None:
         assert entry["refit_seconds"] >= 0
     assert [row["epochs"] for row in record["sasrec"]["validation"]] == [1, 2]
     assert record["validation_users"] == 30
+
+
+def test_text_neighbours_follow_the_recent_history_and_fade_older_items() -> None:
+    """Unit vectors on two axes: a, a2 point one way, b, b2 the other, c between them."""
+    s = np.sqrt(0.5)
+    vectors = np.array(
+        [[1, 0], [0.96, 0.28], [0, 1], [0.28, 0.96], [s, s]], np.float32
+    )  # a, a2, b, b2, c
+    text = ItemText(["a", "a2", "b", "b2", "c"], vectors)
+    # Window 1 reads the most recent item alone: a's neighbour a2 first.
+    assert TextNeighbours(text, 1, 1.0).recommend(["a", "b"], 2, set()) == ["a2", "c"]
+    # Window 2 with a steep fade still leans to the most recent item ...
+    assert TextNeighbours(text, 2, 0.1).recommend(["b", "a"], 1, set()) == ["b2"]
+    # ... and history, `exclude` and unknown items never come back.
+    model = TextNeighbours(text, 3, 1.0)
+    assert model.recommend(["b", "unknown"], 5, {"c"}) == ["b2", "a2", "a"]
+    assert model.recommend(["unknown"], 5, set()) == []
+    model.fit(log([("u", "a")]))  # no interactions are read: the same answer
+    assert model.recommend(["b"], 1, set()) == ["b2"]

@@ -17,7 +17,13 @@ from recsys.app.build import BuildOptions
 from recsys.app.cli import main
 from recsys.app.evaluation import recommend, search
 from recsys.app.evaluation.ablation import VARIANTS
-from recsys.app.evaluation.baselines import NAMES, Grids, SASRecConfig, tuned_baselines
+from recsys.app.evaluation.baselines import (
+    NAMES,
+    Grids,
+    ItemText,
+    SASRecConfig,
+    tuned_baselines,
+)
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.evaluation.runner import FIT_ON, SPLIT_MARK, load_data, run_evaluation
 from recsys.app.evaluation.unseen import METHODS as UNSEEN_METHODS
@@ -33,6 +39,8 @@ GRIDS = Grids(
     neighbours=(20,),
     shrinks=(0.0, 10.0),
     sasrec=SASRecConfig(dim=16, max_len=20, negatives=32, max_epochs=2, eval_every=1),
+    text_windows=(1, 3),
+    text_decays=(1.0, 0.5),
 )
 
 
@@ -107,6 +115,12 @@ def test_baselines_are_tuned_on_validation_and_recorded(evaluated: tuple[Path, P
     assert [r["window"] for r in tuning["cf_recent"]["validation"]] == [5, 10]
     assert len(tuning["itemknn"]["validation"]) == 2
     assert [r["epochs"] for r in tuning["sasrec"]["validation"]] == [1, 2]
+    # Window 1 has nothing older to fade: one decay there.
+    assert [(r["window"], r["decay"]) for r in tuning["text_knn"]["validation"]] == [
+        (1, 1.0),
+        (3, 1.0),
+        (3, 0.5),
+    ]
 
 
 def test_bootstrap_compares_full_with_every_other_method(evaluated: tuple[Path, Path]) -> None:
@@ -186,7 +200,8 @@ def test_no_answer_contains_the_users_history(data_dir: Path, evaluated: tuple[P
     data = load_data(data_dir)
     models = EvalModels.load(Bundle.open(root), device="cpu")
     cf = ALSParams.of(models.bundle.manifest["cf"]).kwargs()
-    baselines, _ = tuned_baselines(data.split, cf, GRIDS)
+    text = ItemText.of_bundle(models.bundle.path)
+    baselines, _ = tuned_baselines(data.split, cf, GRIDS, text=text)
     runs, cases, _ = recommend.run_recommend(models, data.split, 20, False, baselines)
     assert set(runs) == set(recommend.METHODS) and cases
     for case in cases:

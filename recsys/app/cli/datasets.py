@@ -34,6 +34,18 @@ def add_datasets(sub: Any) -> None:
     sf.add_argument("--out", type=Path, required=True, metavar="DIR")
     add_log_level(sf)
     sf.set_defaults(handler=run_scifact)
+    amazon = dsub.add_parser(
+        "amazon-scientific",
+        help="UniSRec's Amazon Scientific files → catalog.csv, interactions.csv, splits.csv",
+        description="Convert the UniSRec 'Scientific' files (Scientific.text, .item2index, "
+        ".user2index, .train/.valid/.test.inter) into the catalog/interactions schema, each "
+        "user's sequence in order, plus the leave-one-out split (splits.csv) and dataset.json, "
+        "which makes `recsys evaluate --data DIR` run that protocol.",
+    )
+    amazon.add_argument("folder", type=Path, metavar="FOLDER")
+    amazon.add_argument("--out", type=Path, required=True, metavar="DIR")
+    add_log_level(amazon)
+    amazon.set_defaults(handler=run_amazon_scientific)
 
 
 def run_movielens(args: argparse.Namespace) -> int:
@@ -56,5 +68,17 @@ def run_scifact(args: argparse.Namespace) -> int:
         f"wrote {files.catalog} ({files.items:,} abstracts), {files.queries} "
         f"({files.train_claims:,} training claims), {files.test_queries} "
         f"({files.test_claims:,} test claims)"
+    )
+    return 0
+
+
+def run_amazon_scientific(args: argparse.Namespace) -> int:
+    from recsys.app.amazon import convert_amazon_scientific
+
+    files = convert_amazon_scientific(args.folder, args.out)
+    print(
+        f"wrote {files.catalog} ({files.items:,} items), {files.interactions} "
+        f"({files.interactions_count:,} interactions, {files.users:,} users), {files.splits}, "
+        f"{files.marker}"
     )
     return 0

@@ -15,11 +15,13 @@ def add_evaluate(sub: Any) -> None:
         "evaluate",
         help="offline metrics of every stage and the full pipeline against baselines",
         description="Evaluate under the protocol of ../shared/data/README.md. DIR comes from "
-        "`recsys datasets movielens` or `recsys datasets scifact`. When ROOT holds no bundle, "
-        "one is built there from the train split only (MovieLens: validation fits fusion and "
-        "early stopping; SciFact: a plain search bundle from the training claims); a bundle not "
-        "built that way is refused. Writes report.json, report.md (and for MovieLens PNG "
-        "charts) to REPORT_DIR.",
+        "`recsys datasets movielens`, `recsys datasets amazon-scientific` (its dataset.json "
+        "selects the leave-one-out protocol; it has no search queries) or `recsys datasets "
+        "scifact` (a search protocol). When ROOT holds no bundle, one is built there from the "
+        "train split only (MovieLens, Amazon: validation fits fusion and early stopping; "
+        "SciFact: a plain search bundle from the training claims); a bundle not built that way "
+        "is refused. Writes report.json, report.md (and for recommendations PNG charts) to "
+        "REPORT_DIR.",
     )
     p.add_argument("--data", type=Path, required=True, metavar="DIR")
     p.add_argument("--bundle", type=Path, required=True, metavar="ROOT")
@@ -28,7 +30,8 @@ def add_evaluate(sub: Any) -> None:
         choices=("recommend", "search", "unseen", "all"),
         default="all",
         help="recommend: every method on the test users; search: on the test tags; unseen: "
-        "users held out of CF's training, answered from their history; all (default): each",
+        "users held out of CF's training, answered from their history; all (default): each "
+        "(that the data set has)",
     )
     p.add_argument("--out", type=Path, required=True, metavar="REPORT_DIR")
     p.add_argument(
@@ -73,7 +76,6 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from ranking_service.train import RankerTrainConfig
     from recsys.app.build import BuildOptions
     from recsys.app.evaluation.runner import FIT_ON, run_evaluation
-    from recsys.offline.splits import RELEVANT_MIN_RATING
 
     options = BuildOptions(
         catalog=args.data / "catalog.csv",
@@ -82,8 +84,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         index_factory=args.index_factory,
         ranker=RankerTrainConfig(steps=resolve(args.ranker_steps)),
         device=args.device,
-        # A plain build does not know which of its interactions are good ones.
-        relevant_min_weight=RELEVANT_MIN_RATING if args.fit_on == "protocol" else None,
+        # The data set's mark and relevance rule replace it (runner.for_dataset).
         split=FIT_ON[args.fit_on],
         **({"candidate_pool": args.pool} if args.pool is not None else {}),
     )

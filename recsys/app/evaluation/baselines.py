@@ -1,5 +1,6 @@
-"""Strong recommendation baselines (short-term CF, EASE, item-kNN, SASRec), each tuned on the
-protocol's validation split only and then refitted on train + validation for test.
+"""Strong recommendation baselines (short-term CF, EASE, item-kNN, SASRec, text-only nearest
+neighbours), each tuned on the protocol's validation split only and then refitted on train +
+validation for test.
 
 Every baseline has `fit(interactions)` and `recommend(history, k, exclude)`; `history` is the
 user's item ids most recent first, as the recommend protocol hands them out.
@@ -12,20 +13,22 @@ import math
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, cast
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recsys.core import bundle as bundle_files
 from recsys.core.scoring import K
 from recsys.offline.cf_search import CFRecent
 from recsys.offline.heldout import HeldOut
-from recsys.offline.splits import RELEVANT_MIN_RATING, Split
+from recsys.offline.splits import Split
 
 log = logging.getLogger(__name__)
 
-NAMES = ("cf_recent", "ease", "itemknn", "sasrec")
+NAMES = ("cf_recent", "ease", "itemknn", "sasrec", "text_knn")
 
 
 class Baseline(Protocol):
@@ -137,6 +140,52 @@ class ItemKNN:
         if not rows:
             return []
         return self.items.top(self.sim[rows].sum(axis=0), k, {*exclude, *history})
+
+
+@dataclass(frozen=True)
+class ItemText:
+    """Every catalog item's unit-length text embedding (the bundle's encoder, the vectors
+    retrieval serves), row i for item_ids[i]."""
+
+    item_ids: list[str]
+    vectors: np.ndarray
+
+    @classmethod
+    def of_bundle(cls, version_dir: Path) -> ItemText:
+        catalog = pd.read_parquet(version_dir / bundle_files.CATALOG, columns=["item_id"])
+        vectors = np.load(version_dir / bundle_files.EMBEDDINGS)
+        return cls([str(i) for i in catalog["item_id"]], np.asarray(vectors, np.float32))
+
+
+class TextNeighbours:
+    """Text only: the catalog items whose embeddings are nearest (cosine) to the user's last
+    `window` history items, item j back weighing decay**j (the most recent weighs 1). Reads no
+    interactions, so it ranks every product, also those no one has bought yet."""
+
+    def __init__(self, text: ItemText, window: int, decay: float) -> None:
+        self.text = text
+        self.window = window
+        self.decay = decay
+        self.row_of = {item: i for i, item in enumerate(text.item_ids)}
+
+    def fit(self, interactions: pd.DataFrame) -> None:
+        """Nothing to learn from interactions: the embeddings are the whole model."""
+
+    def recommend(self, history: Sequence[str], k: int, exclude: Collection[str]) -> list[str]:
+        known = [
+            (age, self.row_of[item])
+            for age, item in enumerate(history[: self.window])
+            if item in self.row_of
+        ]
+        if not known:
+            return []
+        weights = np.array([self.decay**age for age, _ in known], np.float32)
+        profile = weights @ self.text.vectors[[row for _, row in known]]
+        scores = (self.text.vectors @ profile).astype(np.float64)
+        banned = [self.row_of[i] for i in {*exclude, *history} if i in self.row_of]
+        scores[banned] = -np.inf
+        order = np.argsort(-scores, kind="stable")[:k]
+        return [self.text.item_ids[i] for i in order if np.isfinite(scores[i])]
 
 
 @dataclass(frozen=True)
@@ -300,15 +349,19 @@ class Grids:
     neighbours: tuple[int, ...] = (20, 50, 100, 200)
     shrinks: tuple[float, ...] = (0.0, 10.0, 50.0)
     sasrec: SASRecConfig = SASRecConfig()
+    # Text-only neighbours: how many recent items, and how fast older ones fade (window 1 is
+    # "the text of the last item alone").
+    text_windows: tuple[int, ...] = (1, 3, 5, 10, 20)
+    text_decays: tuple[float, ...] = (1.0, 0.7, 0.4)
 
 
 DEFAULT_GRIDS = Grids()
 
 
 def validation_users(split: Split) -> HeldOut:
-    """Train history → validation items (rated at least RELEVANT_MIN_RATING); users without
-    train history skipped."""
-    return HeldOut.of(split.train, split.validation, RELEVANT_MIN_RATING)
+    """Train history → validation items (relevant by the split's rule: MovieLens, rated at least
+    4; leave-one-out, every one); users without train history skipped."""
+    return HeldOut.of(split.train, split.validation, split.relevant_min_weight)
 
 
 Factory = Callable[[dict[str, Any]], Baseline]
@@ -320,9 +373,11 @@ def tuned_baselines(
     grids: Grids = DEFAULT_GRIDS,
     seed: int = 0,
     progress: bool = False,
+    text: ItemText | None = None,
 ) -> tuple[dict[str, Baseline], dict[str, Any]]:
     """Each baseline with its hyper-parameters chosen on validation (fitted on train), refitted
-    on train + validation; and the record of the search (chosen values, validation figures)."""
+    on train + validation; and the record of the search (chosen values, validation figures).
+    The text-only baseline needs the bundle's embeddings (`text`); without them it is left out."""
     from tqdm.auto import tqdm
 
     users = validation_users(split)
@@ -337,7 +392,18 @@ def tuned_baselines(
             lambda c: ItemKNN(c["neighbours"], c["shrink"]),
         ),
     }
-    fits = sum(len(configs) for configs, _ in searches.values()) + 1 + len(NAMES)
+    if text is not None:
+        item_text = text
+        # Window 1 has no older items to fade: one decay is enough there.
+        searches["text_knn"] = (
+            [
+                {"window": w, "decay": d}
+                for w in grids.text_windows
+                for d in (grids.text_decays if w > 1 else grids.text_decays[:1])
+            ],
+            lambda c: TextNeighbours(item_text, c["window"], c["decay"]),
+        )
+    fits = sum(len(configs) for configs, _ in searches.values()) + 1 + len(searches) + 1
     bar = tqdm(total=fits, desc="baselines: validation search, refit", disable=not progress)
     models: dict[str, Baseline] = {}
     record: dict[str, Any] = {}

@@ -38,9 +38,10 @@ class RecommendCase:
 
 
 def cases(split: Split) -> list[RecommendCase]:
-    """Users with at least one relevant test item, with their visible history."""
+    """Users with at least one relevant test item (by the split's rule), with their visible
+    history."""
     seen = histories(split.seen())
-    relevant = relevant_items(split.test)
+    relevant = relevant_items(split.test, split.relevant_min_weight)
     return [RecommendCase(u, seen.get(u, []), relevant[u]) for u in sorted(relevant)]
 
 

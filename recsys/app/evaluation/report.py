@@ -82,6 +82,21 @@ def _cf(cf: dict[str, Any]) -> list[str]:
     return [*lines, ""]
 
 
+def _published(published: dict[str, dict[str, float]]) -> list[str]:
+    """Other authors' figures on the same files and protocol: printed, never measured here."""
+    lines = [
+        "### Published on the same files (the papers' figures, NOT measured here)",
+        "",
+        "| published method | ndcg@10 | recall@10 |",
+        "|---|---:|---:|",
+    ]
+    lines += [
+        f"| {name} (published) | {v['ndcg@10']:.4f} | {v['recall@10']:.4f} |"
+        for name, v in published.items()
+    ]
+    return [*lines, ""]
+
+
 def _ablation(ablation: dict[str, Any]) -> list[str]:
     rows = ablation["rows"]
     plan = (
@@ -140,6 +155,8 @@ def markdown(report: dict[str, Any]) -> str:
     if "recommend" in report:
         rec = report["recommend"]
         lines += [f"## Recommend ({rec['users']} users)", "", *table(rec["methods"]), ""]
+        if rec.get("published"):
+            lines += _published(rec["published"])
         sweep = rec.get("diversity_sweep")
         if sweep:
             lines += [
