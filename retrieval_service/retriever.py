@@ -335,6 +335,7 @@ class Retriever:
             "device": backend["device"],
             "encoder": self.encoder.name,
             "pooling": self.encoder.pooling,
+            "lexical": backend.get("lexical", "none") if self.hybrid.lexical else "none",
             **self.durability.info(),
         }
 

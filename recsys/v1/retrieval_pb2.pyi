@@ -122,7 +122,7 @@ class GetIndexInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetIndexInfoResponse(_message.Message):
-    __slots__ = ("size", "dimension", "bundle_version", "index_factory", "device", "encoder", "pooling", "change_log", "change_log_position")
+    __slots__ = ("size", "dimension", "bundle_version", "index_factory", "device", "encoder", "pooling", "change_log", "change_log_position", "lexical")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class GetIndexInfoResponse(_message.Message):
     POOLING_FIELD_NUMBER: _ClassVar[int]
     CHANGE_LOG_FIELD_NUMBER: _ClassVar[int]
     CHANGE_LOG_POSITION_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_FIELD_NUMBER: _ClassVar[int]
     size: int
     dimension: int
     bundle_version: str
@@ -141,4 +142,5 @@ class GetIndexInfoResponse(_message.Message):
     pooling: str
     change_log: str
     change_log_position: int
-    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., bundle_version: _Optional[str] = ..., index_factory: _Optional[str] = ..., device: _Optional[str] = ..., encoder: _Optional[str] = ..., pooling: _Optional[str] = ..., change_log: _Optional[str] = ..., change_log_position: _Optional[int] = ...) -> None: ...
+    lexical: str
+    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., bundle_version: _Optional[str] = ..., index_factory: _Optional[str] = ..., device: _Optional[str] = ..., encoder: _Optional[str] = ..., pooling: _Optional[str] = ..., change_log: _Optional[str] = ..., change_log_position: _Optional[int] = ..., lexical: _Optional[str] = ...) -> None: ...

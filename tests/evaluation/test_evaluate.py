@@ -219,7 +219,7 @@ def test_a_bundle_not_built_from_the_train_split_is_refused(
 ) -> None:
     argv = ["evaluate", "--data", str(data_dir), "--bundle", str(sample_bundle_root)]
     assert main([*argv, "--out", str(tmp_path)]) == 2
-    assert "not built from the train split" in capsys.readouterr().err
+    assert "not built from the movielens train split" in capsys.readouterr().err
     assert main([*argv, "--out", str(tmp_path), "--pool", "5"]) == 2
     assert "--pool 5" in capsys.readouterr().err
     assert not (tmp_path / "report.json").exists()

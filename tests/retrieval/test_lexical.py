@@ -157,6 +157,7 @@ def test_hybrid_search_merges_both_lists_and_says_who_found_each_hit(
     assert hits[0].item_id == "slide-132"
     assert set(hits[0].found_by) == {"dense", "lexical"}
     assert all(h.dense_score is not None and h.lexical_score is not None for h in hits)
+    assert retriever.info()["lexical"].startswith("bm25 (")  # what GetIndexInfo reports
     assert [h.score for h in hits] == sorted((h.score for h in hits), reverse=True)
     # Dense only: a history query, and the setting turned off.
     history, _ = retriever.search(SearchQuery(top_k=3, history_item_ids=("slide-132",)))
@@ -168,3 +169,4 @@ def test_hybrid_search_merges_both_lists_and_says_who_found_each_hit(
     )
     assert all(h.found_by == ("dense",) and h.lexical_score is None for h in plain)
     assert [h.score for h in plain] == [h.dense_score for h in plain]
+    assert dense_only.info()["lexical"] == "none"
