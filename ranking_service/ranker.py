@@ -237,6 +237,8 @@ class Ranker:
             fused = plan.final(two_pass, stages, first, ce_rows)
             stages = plan.with_ce(stages, first.rows, ce_rows)
         ce, cf = stages.ce, stages.cf
+        first_rank = np.empty(len(candidates), np.int64)
+        first_rank[plan.order(first.scores)] = np.arange(1, len(candidates) + 1)
         scored = [
             Scored(
                 item_id=candidates[i].item_id,
@@ -246,6 +248,7 @@ class Ranker:
                     cf=None if np.isnan(cf[i]) else float(cf[i]),
                     retrieval=candidates[i].retrieval_score,
                     lexical=candidates[i].lexical_score,
+                    first_pass_rank=int(first_rank[i]),
                 ),
             )
             for i in plan.order(fused)

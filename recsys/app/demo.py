@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pandas as pd
 
 from ranking_service.train import RankerTrainConfig
-from recsys.core.bundle import CURRENT
+from recsys.core.bundle import CURRENT, Bundle
 from recsys.core.settings import Settings
 from recsys.rpc.launcher import launched
 from recsys.v1 import gateway_pb2, gateway_pb2_grpc
@@ -88,20 +89,70 @@ def _fmt(msg: object, field: str) -> str:
     return f"{getattr(msg, field):7.3f}" if msg.HasField(field) else "      -"  # type: ignore[attr-defined]
 
 
-def format_reply(call: DemoCall, reply: gateway_pb2.RecommendResponse) -> str:
-    """A table of items with their score breakdown, then timings and versions."""
+def cross_encoder_verdicts(manifest: dict[str, Any]) -> dict[bool, str]:
+    """Per request kind (has a query?), what the build found the cross-encoder is worth on
+    this catalog: the validation figures its decision rests on."""
+    fusion = manifest.get("fusion", {})
+    out = {}
+    for has_query, kind, name in (
+        (True, "query", "searches"),
+        (False, "history", "recommendations"),
+    ):
+        section = fusion.get(kind, {})
+        fitted = section.get("fitted_on", {})
+        sweep = fitted.get("sweep") or []
+        if not manifest.get("cross_encoder"):
+            out[has_query] = "this bundle has no cross-encoder"
+        elif not sweep:
+            out[has_query] = f"too few held-out {name} to measure it ({fitted.get('fallback', '')})"
+        else:
+            best = max(sweep, key=lambda row: row["ndcg@10"])
+            verdict = "pays" if section.get("cross_encoder_pays") else "does not pay"
+            out[has_query] = (
+                f"on this shop it {verdict} for {name}: validation NDCG@10 "
+                f"{fitted['sweep_first_pass_ndcg@10']:.3f} without it, {best['ndcg@10']:.3f} "
+                f"reranking the top {best['depth']}"
+            )
+    return out
+
+
+def cross_encoder_line(
+    call: DemoCall, reply: gateway_pb2.RecommendResponse, verdicts: dict[bool, str]
+) -> str:
+    """Whether the cross-encoder ran for this answer, and what it changed."""
+    verdict = verdicts.get(bool(call.request.query), "")
+    if reply.versions.cross_encoder in ("", "skipped"):
+        return f"   cross-encoder: skipped ({verdict})"
+    moved = [
+        f"{item.item_id} {item.scores.first_pass_rank}→{rank}"
+        for rank, item in enumerate(reply.items, start=1)
+        if item.scores.HasField("first_pass_rank") and item.scores.first_pass_rank != rank
+    ]
+    change = ", ".join(moved) if moved else "the first pass's order kept"
+    return f"   cross-encoder: ran ({verdict}); moved: {change}"
+
+
+def format_reply(
+    call: DemoCall, reply: gateway_pb2.RecommendResponse, verdicts: dict[bool, str]
+) -> str:
+    """A table of items with their score breakdown (`1st`: position in the first pass, before
+    the cross-encoder and diversity), whether the cross-encoder ran, timings and versions."""
     lines = [f"\n== {call.title}"]
     if reply.degraded:
         lines.append(f"   DEGRADED: {', '.join(reply.degraded_reasons)}")
     lines.append(
-        f"   {'#':>2}  {'item':<8} {'title':<46} {'score':>7} {'x-enc':>7} {'cf':>7} {'retr':>7}"
+        f"   {'#':>2} {'1st':>3}  {'item':<8} {'title':<42} {'score':>7} {'x-enc':>7} {'cf':>7} "
+        f"{'dense':>7} {'bm25':>7}"
     )
     for rank, item in enumerate(reply.items, start=1):
         s = item.scores
+        first = str(s.first_pass_rank) if s.HasField("first_pass_rank") else "-"
         lines.append(
-            f"   {rank:>2}  {item.item_id:<8} {item.title[:46]:<46} {item.score:7.3f} "
-            f"{_fmt(s, 'cross_encoder')} {_fmt(s, 'cf')} {_fmt(s, 'retrieval')}"
+            f"   {rank:>2} {first:>3}  {item.item_id:<8} {item.title[:42]:<42} {item.score:7.3f} "
+            f"{_fmt(s, 'cross_encoder')} {_fmt(s, 'cf')} {_fmt(s, 'retrieval')} "
+            f"{_fmt(s, 'lexical')}"
         )
+    lines.append(cross_encoder_line(call, reply, verdicts))
     timings = ", ".join(
         f"{STAGE_NAMES.get(t.stage, t.stage)} {t.seconds * 1000:.1f} ms" for t in reply.timings
     )
@@ -121,8 +172,9 @@ def run_demo(
         gateway = services.address("gateway")
         with grpc.insecure_channel(gateway) as channel:
             stub = gateway_pb2_grpc.GatewayServiceStub(channel)
+            verdicts = cross_encoder_verdicts(Bundle.open(root).manifest)
             for call in demo_calls():
-                print(format_reply(call, stub.Recommend(call.request, timeout=30)))
+                print(format_reply(call, stub.Recommend(call.request, timeout=30), verdicts))
         print(
             f"\ngateway   {gateway}  (recsys.v1.GatewayService/Recommend; reflection on)\n"
             f"retrieval {services.address('retrieval')}   ranking {services.address('ranking')}\n"

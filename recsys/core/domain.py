@@ -89,6 +89,7 @@ class Scores:
     cf: float | None = None
     retrieval: float | None = None
     lexical: float | None = None
+    first_pass_rank: int | None = None  # 1-based, before the cross-encoder's reordering
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,8 @@ def scores_to_proto(scores: Scores) -> common_pb2.ScoreBreakdown:
         msg.retrieval = scores.retrieval
     if scores.lexical is not None:
         msg.lexical = scores.lexical
+    if scores.first_pass_rank is not None:
+        msg.first_pass_rank = scores.first_pass_rank
     return msg
 
 
@@ -60,6 +62,7 @@ def scores_from_proto(msg: common_pb2.ScoreBreakdown) -> Scores:
         cf=msg.cf if msg.HasField("cf") else None,
         retrieval=msg.retrieval if msg.HasField("retrieval") else None,
         lexical=msg.lexical if msg.HasField("lexical") else None,
+        first_pass_rank=msg.first_pass_rank if msg.HasField("first_pass_rank") else None,
     )
 
 

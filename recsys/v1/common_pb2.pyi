@@ -36,18 +36,20 @@ class Filter(_message.Message):
     def __init__(self, categories: _Optional[_Iterable[str]] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ScoreBreakdown(_message.Message):
-    __slots__ = ("cross_encoder", "cf", "retrieval", "fused", "lexical")
+    __slots__ = ("cross_encoder", "cf", "retrieval", "fused", "lexical", "first_pass_rank")
     CROSS_ENCODER_FIELD_NUMBER: _ClassVar[int]
     CF_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_FIELD_NUMBER: _ClassVar[int]
     FUSED_FIELD_NUMBER: _ClassVar[int]
     LEXICAL_FIELD_NUMBER: _ClassVar[int]
+    FIRST_PASS_RANK_FIELD_NUMBER: _ClassVar[int]
     cross_encoder: float
     cf: float
     retrieval: float
     fused: float
     lexical: float
-    def __init__(self, cross_encoder: _Optional[float] = ..., cf: _Optional[float] = ..., retrieval: _Optional[float] = ..., fused: _Optional[float] = ..., lexical: _Optional[float] = ...) -> None: ...
+    first_pass_rank: int
+    def __init__(self, cross_encoder: _Optional[float] = ..., cf: _Optional[float] = ..., retrieval: _Optional[float] = ..., fused: _Optional[float] = ..., lexical: _Optional[float] = ..., first_pass_rank: _Optional[int] = ...) -> None: ...
 
 class ModelVersions(_message.Message):
     __slots__ = ("bundle_version", "encoder", "index_factory", "cross_encoder", "cf", "fusion", "ranking_bundle_version")

@@ -385,3 +385,39 @@ def test_metrics_show_each_called_method_with_its_codes(
     assert scored == ok_calls * per_call
     batches = grew("ranking", lambda text: value(text, "recsys_ranking_batch_size_count"))
     assert batches >= (ok_calls if per_call else 0)
+
+
+@pytest.mark.parametrize("rerank_kinds", ["validated", "all"])
+def test_the_demo_says_whether_the_cross_encoder_ran_and_what_it_moved(
+    own_stack: Callable[..., Launcher], sample_bundle_root: Path, rerank_kinds: str
+) -> None:
+    from recsys.app.demo import cross_encoder_line, cross_encoder_verdicts, demo_calls
+
+    stack = own_stack(rerank_kinds=rerank_kinds)
+    verdicts = cross_encoder_verdicts(Bundle.open(sample_bundle_root).manifest)
+    assert all(("pays" in v) for v in verdicts.values()), verdicts  # the build's own figures
+    ran = 0
+    for call in demo_calls():
+        reply = recommend(stack, **{f.name: v for f, v in call.request.ListFields()})
+        line = cross_encoder_line(call, reply, verdicts)
+        ranks = [item.scores.first_pass_rank for item in reply.items]
+        assert all(item.scores.HasField("first_pass_rank") for item in reply.items)
+        if reply.versions.cross_encoder == CROSS_ENCODER_SKIPPED:
+            assert line.startswith(
+                "   cross-encoder: skipped (" + verdicts[bool(call.request.query)]
+            )
+            if not call.request.diversity:  # nothing reordered the first pass
+                assert ranks == list(range(1, len(ranks) + 1))
+        else:
+            ran += 1
+            assert line.startswith("   cross-encoder: ran (")
+            moved = [
+                f"{item.item_id} {first}→{position}"
+                for position, (item, first) in enumerate(
+                    zip(reply.items, ranks, strict=True), start=1
+                )
+                if first != position
+            ]
+            assert line.endswith(", ".join(moved) if moved else "the first pass's order kept")
+    if rerank_kinds == "all":  # forced on, it runs for every demo call (each has text to read)
+        assert ran == len(demo_calls())
