@@ -389,11 +389,16 @@ def test_metrics_show_each_called_method_with_its_codes(
 
 @pytest.mark.parametrize("rerank_kinds", ["validated", "all"])
 def test_the_demo_says_whether_the_cross_encoder_ran_and_what_it_moved(
-    own_stack: Callable[..., Launcher], sample_bundle_root: Path, rerank_kinds: str
+    request: pytest.FixtureRequest, sample_bundle_root: Path, rerank_kinds: str
 ) -> None:
     from recsys.app.demo import cross_encoder_line, cross_encoder_verdicts, demo_calls
 
-    stack = own_stack(rerank_kinds=rerank_kinds)
+    # The bundle's plan is the module's stack; forcing it on needs a stack of its own.
+    stack: Launcher = (
+        request.getfixturevalue("stack")
+        if rerank_kinds == "validated"
+        else request.getfixturevalue("own_stack")(rerank_kinds=rerank_kinds)
+    )
     verdicts = cross_encoder_verdicts(Bundle.open(sample_bundle_root).manifest)
     # The build's own figures, per kind.
     assert all(v.startswith("on this shop it ") and "NDCG@10" in v for v in verdicts.values())
