@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,8 +92,9 @@ def _read_parquet(path: Path) -> pd.DataFrame:
     )
 
 
-def _read_json_lines(path: Path) -> pd.DataFrame:
-    records: list[dict[str, Any]] = []
+def json_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, object) of each non-blank line of a JSON-lines file; InvalidInput naming
+    the line for one that is not a JSON object."""
     with path.open(encoding="utf-8") as handle:
         for line_no, line in enumerate(handle, start=1):
             if not line.strip():
@@ -104,7 +105,11 @@ def _read_json_lines(path: Path) -> pd.DataFrame:
                 raise InvalidInput(f"{path} line {line_no}: invalid JSON ({exc.msg})") from exc
             if not isinstance(record, dict):
                 raise InvalidInput(f"{path} line {line_no}: expected a JSON object per line")
-            records.append(record)
+            yield line_no, record
+
+
+def _read_json_lines(path: Path) -> pd.DataFrame:
+    records = [record for _, record in json_records(path)]
     columns: dict[str, None] = {}
     for record in records:
         columns.update(dict.fromkeys(record))

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from recsys.app.ingest import catalog_from_frame, write_catalog
+from recsys.app.ingest import catalog_from_frame, json_records, write_catalog
 from recsys.app.movielens import TagQuery, write_queries
 from recsys.core.errors import InvalidInput
 
@@ -39,17 +39,7 @@ def _records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, JSON object) of each non-blank line."""
     if not path.is_file():
         raise InvalidInput(f"{path}: file not found")
-    with path.open(encoding="utf-8") as handle:
-        for line_no, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exc:
-                raise InvalidInput(f"{path} line {line_no}: not JSON ({exc})") from None
-            if not isinstance(record, dict):
-                raise InvalidInput(f"{path} line {line_no}: not a JSON object")
-            yield line_no, record
+    return json_records(path)
 
 
 def _field(record: dict[str, Any], name: str, path: Path, line_no: int) -> Any:
