@@ -45,6 +45,10 @@ class StageScores:
     # recent items (ranking_service.content); None without a history the catalog knows.
     content_nearest: np.ndarray | None = field(default=None, metadata={GROUP: "content"})
     content_recent: np.ndarray | None = field(default=None, metadata={GROUP: "content"})
+    # Item-to-item CF from the history alone (ranking_service.item_item): EASE's weights summed
+    # over the history, and how often candidates were had next to the most recent items.
+    item_item: np.ndarray | None = field(default=None, metadata={GROUP: "item_item"})
+    transitions: np.ndarray | None = field(default=None, metadata={GROUP: "item_item"})
     # Which kind of request: a search, or a recommendation from history or user.
     has_query: bool = False
 
@@ -108,6 +112,9 @@ REGISTRY = (
     Feature("content_recent", "content_recent"),
     Feature("lexical", "lexical"),
     Feature("lexical_missing", "lexical", "missing"),
+    Feature("item_item", "item_item"),
+    Feature("item_item_missing", "item_item", "missing"),
+    Feature("transitions", "transitions"),
 )
 FEATURES = tuple(f.name for f in REGISTRY)
 

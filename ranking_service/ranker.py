@@ -18,12 +18,14 @@ from ranking_service.copies import DIRS, Scorer, load_copy, served_copy
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, context_text
 from ranking_service.features import StageScores
 from ranking_service.fusion import Fusion, TwoPassFusion, load_fusion, plan_for, reads
+from ranking_service.item_item import ItemItem
 from ranking_service.plan import FirstPass
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext, Scored, Scores
 from recsys.core.errors import InvalidInput, NotFound
+from recsys.core.scoring import reciprocal_rank_fusion
 from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
@@ -67,8 +69,11 @@ class Ranker:
         rerank_all_kinds: bool = False,
         scorer: Scorer | None = None,
         content: ItemVectors | None = None,
+        item_item: ItemItem | None = None,
     ) -> None:
         self.cf = cf
+        # EASE weights and sequence transitions (None: the bundle has none).
+        self.item_item = item_item
         # The bundle's item embeddings for content-similarity features (None: none computed).
         self.content = content
         self.fusion = fusion
@@ -84,11 +89,11 @@ class Ranker:
             for has_query in (False, True)
         }
 
-    def with_cf(self, cf: CFModel) -> Ranker:
-        """This ranker with another CF model, for offline callers (`combine`): what serving would
-        answer had CF seen other interactions."""
+    def with_cf(self, cf: CFModel, item_item: ItemItem | None) -> Ranker:
+        """This ranker with other collaborative models, for offline callers (`combine`): what
+        serving would answer had they seen other interactions."""
         ranker = self._offline_copy()
-        ranker.cf = cf
+        ranker.cf, ranker.item_item = cf, item_item
         return ranker
 
     def with_content(self, content: ItemVectors) -> Ranker:
@@ -143,6 +148,7 @@ class Ranker:
             scorer,
             # Computed only where the build found it pays (its cost: benchmarks/README.md).
             ItemVectors.load(bundle.path) if reads(fusion, "content") else None,
+            ItemItem.load(bundle.file(bundle_files.CF_DIR)),
         )
 
     def start(self) -> None:
@@ -273,6 +279,12 @@ class Ranker:
         retrieval = _scores([c.retrieval_score for c in candidates])
         lexical = _scores([c.lexical_score for c in candidates])
         content = None if self.content is None else self.content.scores(ids, history)
+        neighbours = (
+            None
+            if self.item_item is None
+            # A known user asked without a history: what they had at training.
+            else self.item_item.scores(history or self.cf.items_of(context.user_id), ids)
+        )
         stages = StageScores(
             cf=cf,
             retrieval=None if np.isnan(retrieval).all() else retrieval,
@@ -281,6 +293,8 @@ class Ranker:
             cf_recent=None if recent is None else self.cf.scores(recent, ids),
             content_nearest=None if content is None else content.nearest,
             content_recent=None if content is None else content.recent,
+            item_item=None if neighbours is None else neighbours.weights,
+            transitions=None if neighbours is None else neighbours.transitions,
             has_query=bool(context.query.strip()),
         )
         return stages, folded
@@ -288,18 +302,27 @@ class Ranker:
     def recall(
         self, user_id: str, history: Sequence[str], k: int, exclude: Collection[str] = ()
     ) -> Recall:
-        """CF's top k for the user, never an item of `history` or `exclude`; blocking (numpy)."""
+        """CF's top k for the user, never an item of `history` or `exclude`: ALS's list and,
+        with an item-to-item model, its two lists from the history, merged by reciprocal rank
+        fusion; blocking (numpy)."""
         user, folded = self._user_vector(user_id, history)
-        if user is None:
+        # What the user already has is no recommendation: the request's history and, for a
+        # user CF was trained on, what they had then.
+        known = self.cf.items_of(user_id) if user_id else []
+        skip = {*exclude, *history, *known}
+        lists = [] if user is None else [self.cf.recommend(user, k, exclude=skip)]
+        if self.item_item is not None:
+            lists += self.item_item.recommend(list(history) or known, k, skip)
+        if not any(lists):
             raise NotFound(
                 f"user_id {user_id!r}: unknown to CF, and CF knows none of history_item_ids"
                 if user_id
                 else "history_item_ids: CF knows none of these items"
             )
-        # What the user already has is no recommendation: the request's history and, for a
-        # user CF was trained on, what they had then.
-        known = self.cf.items_of(user_id) if user_id else []
-        return Recall(self.cf.recommend(user, k, exclude={*exclude, *history, *known}), folded)
+        if len(lists) == 1:
+            return Recall(lists[0], folded)
+        merged = reciprocal_rank_fusion([[item for item, _ in found] for found in lists])
+        return Recall(merged[:k], folded)
 
     def _user_vector(self, user_id: str, history: Sequence[str]) -> tuple[np.ndarray | None, bool]:
         """The trained vector of a known user, else one folded in from history (then True)."""

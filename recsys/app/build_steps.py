@@ -43,6 +43,8 @@ class BuildState:
     retrieval: Any = None
     cf_params: ALSParams | None = None
     cf_search: dict[str, Any] | None = None
+    item_item_search: Any = None  # recsys.offline.cf_search.ItemItemSearch
+    fusion: Any = None  # ranking_service.fusion.Fusion, once fitted
     pools: Pools | None = None
     ranker_section: dict[str, Any] | None = None
 
@@ -97,7 +99,12 @@ def _retrieval_step(build: BuildState) -> dict[str, Any]:
 
 
 def _cf_search_step(build: BuildState) -> dict[str, Any]:
+    from recsys.offline.cf_search import search_item_item
+
     build.cf_params, build.cf_search = _cf_params(build.options, build.train, build.validation)
+    build.item_item_search = search_item_item(
+        build.train, build.validation, build.options.relevant_min_weight
+    )
     return {}
 
 
@@ -108,6 +115,7 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     from ranking_service.cf import CFModel
     from ranking_service.content import ItemVectors
     from ranking_service.fusion import ConvexFusion
+    from ranking_service.item_item import ItemItem
     from ranking_service.ranker import Ranker
     from recsys.offline.local import Pools
 
@@ -115,13 +123,14 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     assert params is not None
     log.info("training CF (ALS) on %d interactions before the validation ones", len(build.train))
     cf = CFModel.train(build.train, seed=options.seed, **params.kwargs())
-    # Without a cross-encoder: CF recall and scores, content similarities.
+    # Without a cross-encoder: CF recall and scores, content similarities, item-to-item.
     ranker = Ranker(
         cf,
         ConvexFusion(alpha=options.fusion_alpha),
         None,
         {},
         content=ItemVectors.load(build.stage),
+        item_item=ItemItem.train(build.train, build.item_item_search.lam),
     )
     retriever = _staged_retriever(build.fitting, build.retrieval, build.stage)
     policy = PoolPolicy(cf_share=options.cf_candidate_share)
@@ -193,6 +202,7 @@ def _fusion_step(build: BuildState) -> dict[str, Any]:
         student_agreement=student.get("held_out", {}).get("spearman"),
     )
     save_fusion(fusion, build.stage / bundle_files.FUSION)
+    build.fusion = fusion
     section: dict[str, Any] = {"fusion": fusion.to_dict()}
     if build.ranker_section is not None:
         section["cross_encoder"] = build.ranker_section | parity
@@ -200,16 +210,35 @@ def _fusion_step(build: BuildState) -> dict[str, Any]:
 
 
 def _cf_refit_step(build: BuildState) -> dict[str, Any]:
-    """CF refitted on every interaction once fusion is fitted: the one the version serves."""
+    """CF refitted on every interaction once fusion is fitted: the one the version serves; the
+    item-to-item model with it where fusion reads it (else the version has none)."""
     from ranking_service.cf import CFModel
+    from ranking_service.fusion import reads
+    from ranking_service.item_item import ItemItem
 
     assert build.cf_params is not None and build.pools is not None
-    cf = build.pools.ranker.cf
+    cf, item_item = build.pools.ranker.cf, build.pools.ranker.item_item
+    everything = pd.concat([build.train, build.validation], ignore_index=True)
     if len(build.validation):
-        everything = pd.concat([build.train, build.validation], ignore_index=True)
         log.info("refitting CF on all %d interactions", len(everything))
         cf = CFModel.train(everything, seed=build.options.seed, **build.cf_params.kwargs())
-    section = {**cf.save(build.stage / bundle_files.CF_DIR), "search": build.cf_search}
+    out_dir = build.stage / bundle_files.CF_DIR
+    section = {**cf.save(out_dir), "search": build.cf_search}
+    search = build.item_item_search
+    if item_item is None:
+        section["item_item"] = {
+            "skipped": "no interactions to learn it from",
+            "search": search.record,
+        }
+    elif not reads(build.fusion, "item_item"):
+        reason = "fusion gives it no weight (validation: fusion.json's fitted_on.item_to_item)"
+        log.info("item-to-item: not kept: %s", reason)
+        section["item_item"] = {"skipped": reason, "search": search.record}
+    else:
+        if len(build.validation):
+            item_item = ItemItem.train(everything, search.lam)
+        assert item_item is not None
+        section["item_item"] = {**item_item.save(out_dir), "search": search.record}
     if not cf.n_users:
         section["skipped"] = (
             "no user interactions: a search bundle (CF knows no one; recommendations come "

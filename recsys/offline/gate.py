@@ -25,6 +25,7 @@ from recsys.offline.splits import hold_out_recent
 
 if TYPE_CHECKING:  # the models load torch: imported where a gate runs, not with the CLI
     from ranking_service.cf import CFModel
+    from ranking_service.item_item import ItemItem
     from ranking_service.ranker import Ranker
     from recsys.core.domain import Candidate, RankContext
 
@@ -81,6 +82,7 @@ def gate(
     """Both versions' NDCG@10 on the same held-out users; a candidate whose files differ from its
     manifest, or that fails to load or rank, is refused with the reason."""
     from ranking_service.cf import ALSParams, CFModel
+    from ranking_service.item_item import refitted
 
     bad = candidate.verify()
     if bad:
@@ -106,9 +108,10 @@ def gate(
         # The CF the candidate's fusion was fitted with (its ALS values): the one it serves is
         # refitted on the held-out interactions too, and would be scored on answers it was
         # trained on.
-        params = ALSParams.of(candidate.manifest.get("cf", {}))
+        section = candidate.manifest.get("cf", {})
+        params = ALSParams.of(section)
         cf = CFModel.train(train, seed=int(built.get("seed", 0)), **params.kwargs())
-        ours = recommend_ndcg(candidate, users, chosen, device, cf)
+        ours = recommend_ndcg(candidate, users, chosen, device, (cf, refitted(section, train)))
     except Exception as exc:  # any failure to load or rank refuses the candidate
         return GateResult(False, f"refused: the candidate fails to load or rank: {first_line(exc)}")
     theirs = recommend_ndcg(live, users, chosen, device)
@@ -122,10 +125,11 @@ def recommend_ndcg(
     held: HeldOut,
     users: Sequence[str],
     device: str = "auto",
-    cf: CFModel | None = None,
+    collaborative: tuple[CFModel, ItemItem | None] | None = None,
 ) -> float:
     """Mean NDCG@10 of the version's answers to each user's history-only Recommend, ranked as
-    serving ranks (`cf`: another CF model in place of the version's)."""
+    serving ranks (`collaborative`: other CF and item-to-item models in place of the
+    version's)."""
     from gateway.candidates import PoolPolicy
     from ranking_service.ranker import Ranker
     from ranking_service.train import EXAMPLE_HISTORY
@@ -142,8 +146,8 @@ def recommend_ndcg(
     retriever = Retriever.load(bundle, state_dir=None, device=device)
     try:
         ranker = Ranker.load(bundle, Settings.built_in(bundle=bundle.root, device=device))
-        if cf is not None:
-            ranker = ranker.with_cf(cf)
+        if collaborative is not None:
+            ranker = ranker.with_cf(*collaborative)
         seen = held.histories
         requests = [
             pool_request(pool, history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u]) for u in users

@@ -64,7 +64,8 @@ def test_logistic_fusion_learns_which_signal_matters() -> None:
 def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
     path = tmp_path / "fusion.json"
     model = LogisticFusion(
-        weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7, 0.4, 0.2, -0.6, 0.8, -0.1], bias=0.1
+        weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7, 0.4, 0.2, -0.6, 0.8, -0.1, 0.6, -0.2, 0.3],
+        bias=0.1,
     )
     save_fusion(model, path)
     loaded = load_fusion(path)
@@ -77,6 +78,8 @@ def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
         content_nearest=np.array([0.2, 0.8]),
         content_recent=np.array([0.9, 0.4]),
         lexical=np.array([3.0, np.nan]),
+        item_item=np.array([np.nan, 0.2]),
+        transitions=np.array([0.5, 1.5]),
     )
     np.testing.assert_allclose(loaded.fuse(scores), model.fuse(scores))
     path.write_text('{"kind": "magic"}')

@@ -54,9 +54,15 @@ VARIANTS = (
     Variant(
         "without CF",
         0.0,
-        ("cf",),
-        "pool from dense retrieval alone; CF and short-term CF scores dropped as missing "
-        "(the popularity prior stays)",
+        ("cf", "item_item"),
+        "pool from dense retrieval alone; CF, short-term CF and item-to-item scores dropped as "
+        "missing (the popularity prior stays)",
+    ),
+    Variant(
+        "without item-to-item",
+        None,
+        ("item_item",),
+        "EASE and transition scores dropped as missing, and CF's recall without their lists",
     ),
     Variant(
         "without dense retrieval",
@@ -105,15 +111,18 @@ def answers(models: EvalModels, stage: Stage, pool: int, progress: bool) -> Stag
         pool_request(pool, history=stage.histories[u][:HISTORY_ITEMS], exclude=stage.histories[u])
         for u in users
     ]
-    shares = {v.cf_share for v in VARIANTS}
-    pools: dict[float | None, list[CandidatePool]] = {}
-    for share in shares:
+    # A variant without item-to-item gathers CF's recall without its lists too.
+    gatherings = {(v.cf_share, "item_item" in v.drops) for v in VARIANTS}
+    pools: dict[tuple[float | None, bool], list[CandidatePool]] = {}
+    for share, plain in gatherings:
         policy = models.policy if share is None else replace(models.policy, cf_share=share)
+        ranker = stage.ranker.with_cf(stage.ranker.cf, None) if plain else stage.ranker
         desc = f"ablation ({stage.name}): pools, cf_share {share}" if progress else None
-        pools[share] = gather_pools(requests, models.retriever, stage.ranker, policy, desc)
+        pools[share, plain] = gather_pools(requests, models.retriever, ranker, policy, desc)
     out = StageAnswers({}, {})
     for variant in VARIANTS:
-        inputs = _inputs(stage.ranker, pools[variant.cf_share], variant)
+        gathered = pools[variant.cf_share, "item_item" in variant.drops]
+        inputs = _inputs(stage.ranker, gathered, variant)
         ranked = _rank_inputs(models, stage.ranker, inputs, variant, progress)
         out.served[variant.name] = {u: ranked[i] for i, u in enumerate(users)}
         out.lists[variant.name] = {

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from ranking_service.item_item import ease_weights
 from recsys.core import bundle as bundle_files
 from recsys.core.scoring import K
 from recsys.offline.cf_search import CFRecent
@@ -72,43 +73,21 @@ class ItemMatrix:
 
 
 class EASE:
-    """EASE (Steck 2019): the closed-form item-item model B = I − P·diag(1/diag P),
-    P = (XᵀX + λI)⁻¹, over binary interactions."""
+    """EASE (Steck 2019) over binary interactions, dense (ranking_service.item_item serves it
+    pruned)."""
 
     def __init__(self, lam: float) -> None:
         self.lam = lam
 
     def fit(self, interactions: pd.DataFrame) -> None:
         self.items = ItemMatrix.of(interactions)
-        x = self.items.matrix
-        gram = (x.T @ x).toarray().astype(np.float32)
-        gram[np.diag_indices_from(gram)] += self.lam
-        p = _spd_inverse(gram)
-        b = -p / np.diag(p)
-        np.fill_diagonal(b, 0.0)
-        self.b = b.astype(np.float32)
+        self.b = ease_weights(self.items.matrix, self.lam)
 
     def recommend(self, history: Sequence[str], k: int, exclude: Collection[str]) -> list[str]:
         rows = self.items.rows(history)
         if not rows:
             return []
         return self.items.top(self.b[rows].sum(axis=0), k, {*exclude, *history})
-
-
-def _spd_inverse(matrix: np.ndarray) -> np.ndarray:
-    """The inverse of a symmetric positive definite matrix through its Cholesky factor
-    (LAPACK potrf/potri in float32: a third of a general inverse's work, at half the cost of
-    float64; this inverse is EASE's whole fit)."""
-    from scipy.linalg import lapack
-
-    factor, info = lapack.spotrf(matrix, lower=False, overwrite_a=True)
-    if info != 0:
-        raise ValueError(f"EASE: Gram matrix + lambda I is not positive definite (potrf {info})")
-    inverse, info = lapack.spotri(factor, lower=False, overwrite_c=True)
-    if info != 0:
-        raise ValueError(f"EASE: inverse failed (potri {info})")
-    upper = np.triu(inverse)
-    return upper + np.triu(upper, 1).T
 
 
 class ItemKNN:

@@ -20,6 +20,7 @@ from gateway.protocol import RecommendRequest
 from ranking_service.cf import ALSParams, CFModel
 from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer, context_text
+from ranking_service.item_item import refitted
 from ranking_service.ranker import Ranker, Scorer
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
@@ -83,9 +84,10 @@ class EvalModels:
         return ALSParams.of(self.bundle.manifest["cf"]).kwargs()
 
     def ranker_refitted_on(self, interactions: pd.DataFrame) -> Ranker:
-        """The bundle's ranker with CF refitted on `interactions` (its own hyper-parameters
-        and seed): what serving would be had CF seen only those."""
-        return self.ranker.with_cf(CFModel.train(interactions, seed=self.seed, **self.cf_params))
+        """The bundle's ranker with CF and its item-to-item model refitted on `interactions`
+        (their own hyper-parameters and seed): what serving would be had they seen only those."""
+        cf = CFModel.train(interactions, seed=self.seed, **self.cf_params)
+        return self.ranker.with_cf(cf, refitted(self.bundle.manifest["cf"], interactions))
 
     @cached_property
     def items(self) -> list[Item]:

@@ -106,9 +106,11 @@ def run_recommend(
 
 
 def cf_top(ranker: Ranker, case: RecommendCase) -> list[str]:
-    """CF's own top 10 (RankingService.RecallCandidates), everything seen excluded."""
+    """ALS's own top 10 (RankingService.RecallCandidates without the item-to-item lists, which
+    the `ease` baseline stands for), everything seen excluded."""
     try:
-        recall = ranker.recall("", case.history[:HISTORY_ITEMS], K, case.history)
+        als = ranker.with_cf(ranker.cf, None)
+        recall = als.recall("", case.history[:HISTORY_ITEMS], K, case.history)
     except NotFound:
         return []  # CF knows none of the user's items
     return [item for item, _ in recall.items]
