@@ -25,7 +25,13 @@ from recsys.app.evaluation.baselines import (
     tuned_baselines,
 )
 from recsys.app.evaluation.models import EvalModels
-from recsys.app.evaluation.runner import FIT_ON, SPLIT_MARK, load_data, run_evaluation
+from recsys.app.evaluation.runner import (
+    FIT_ON,
+    SPLIT_MARK,
+    load_data,
+    run_evaluation,
+    sampled_test_users,
+)
 from recsys.app.evaluation.unseen import METHODS as UNSEEN_METHODS
 from recsys.app.evaluation.unseen import held_out, run_unseen, without_held_out
 from recsys.app.sample import sample_paths
@@ -181,6 +187,21 @@ def test_unseen_users_are_answered_without_ever_being_trained_on(
         assert len(runs["full"][user]) == 10 and runs["cf"][user]
         history = set(visible.loc[visible["user_id"] == user, "item_id"])
         assert not any(set(run[user]) & history for run in runs.values())
+
+
+def test_a_sample_of_test_users_keeps_train_and_validation_whole(data_dir: Path) -> None:
+    split = load_data(data_dir).split
+    users = split.test["user_id"].nunique()
+    sample = sampled_test_users(split, 7, seed=3)
+    assert sample.test["user_id"].nunique() == 7
+    assert set(sample.test["user_id"]) < set(split.test["user_id"])
+    # Every test interaction of a sampled user, none of another's.
+    chosen = split.test[split.test["user_id"].isin(set(sample.test["user_id"]))]
+    assert len(sample.test) == len(chosen)
+    assert sample.train is split.train and sample.validation is split.validation
+    assert set(sampled_test_users(split, 7, seed=3).test["user_id"]) == set(sample.test["user_id"])
+    assert sampled_test_users(split, users, seed=3) is split
+    assert sampled_test_users(split, None, seed=3) is split
 
 
 def test_bundle_saw_only_the_train_split(data_dir: Path, evaluated: tuple[Path, Path]) -> None:

@@ -154,7 +154,8 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"- {k}: {v}" for k, v in meta.items()] + [""]
     if "recommend" in report:
         rec = report["recommend"]
-        lines += [f"## Recommend ({rec['users']} users)", "", *table(rec["methods"]), ""]
+        sampled = f"; a seeded sample: {rec['sampled']}" if rec.get("sampled") else ""
+        lines += [f"## Recommend ({rec['users']} users{sampled})", "", *table(rec["methods"]), ""]
         if rec.get("published"):
             lines += _published(rec["published"])
         sweep = rec.get("diversity_sweep")

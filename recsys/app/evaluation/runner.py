@@ -192,11 +192,32 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
     return build_bundle(options, inputs=inputs, validation=data.split.validation)
 
 
+def sampled_test_users(split: Split, users: int | None, seed: int) -> Split:
+    """The split with the test interactions of a seeded sample of `users` test users only (None,
+    or at least as many as there are: all of them); train and validation stay whole."""
+    import random
+
+    ids = sorted(split.test["user_id"].astype(str).unique())
+    if users is None or users >= len(ids):
+        return split
+    chosen = set(random.Random(seed).sample(ids, users))
+    return replace(split, test=split.test[split.test["user_id"].astype(str).isin(chosen)])
+
+
 def evaluate_recommend(
-    models: EvalModels, split: Split, pool: int, progress: bool, grids: Grids = DEFAULT_GRIDS
+    models: EvalModels,
+    split: Split,
+    pool: int,
+    progress: bool,
+    grids: Grids = DEFAULT_GRIDS,
+    users: int | None = None,
 ) -> dict[str, Any]:
+    """Every method on the test users (`users`: a seeded sample of that many, where scoring
+    every one would cost the cross-encoder methods hours)."""
     from gateway.diversity import mmr
 
+    test_users = split.test["user_id"].nunique()
+    split = sampled_test_users(split, users, models.seed)
     cf_params = models.cf_params
     text = ItemText.of_bundle(models.bundle.path)
     baselines, tuning = tuned_baselines(split, cf_params, grids, models.seed, progress, text)
@@ -240,6 +261,9 @@ def evaluate_recommend(
     return {
         "methods": methods,
         "users": len(cases),
+        "sampled": None
+        if users is None or users >= test_users
+        else f"{split.test['user_id'].nunique()} of {test_users} test users (seed {models.seed})",
         "diversity_sweep": sweep,
         "cf": {
             "params": cf_params,
@@ -347,10 +371,11 @@ def run_evaluation(
     pool: int | None = None,
     progress: bool = True,
     grids: Grids | None = None,
+    users: int | None = None,
 ) -> dict[str, Any]:
     """The whole `recsys evaluate` job; returns the report it wrote. `pool` defaults to the
     candidate pool the bundle's fusion was fitted on; `grids` are the baselines' validation
-    searches (default: the data set's)."""
+    searches (default: the data set's); `users` samples the recommend protocol's test users."""
     if dataset_of(data_dir) == "scifact":
         from recsys.app.evaluation.scifact import run_scifact
 
@@ -367,7 +392,7 @@ def run_evaluation(
     report: dict[str, Any] = {}
     if protocol in ("recommend", "all"):
         report["recommend"] = evaluate_recommend(
-            models, data.split, pool, progress, grids or data.grids
+            models, data.split, pool, progress, grids or data.grids, users
         )
         if data.published:
             report["recommend"]["published"] = data.published
