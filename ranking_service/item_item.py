@@ -90,8 +90,8 @@ class ItemItem:
         items = interactions["item_id"].astype(str)
         counts = pd.Series(users.values, index=items.values).groupby(level=0).nunique()
         # Most users first, ties by id: the same items whatever the row order.
-        ranked = sorted(counts.index, key=lambda i: (-counts[i], i))[:max_items]
-        item_ids = sorted(ranked)
+        ranked = counts.sort_index().sort_values(ascending=False, kind="stable").index[:max_items]
+        item_ids = sorted(str(i) for i in ranked)
         column = {item_id: c for c, item_id in enumerate(item_ids)}
         kept = items.map(column)
         known = kept.notna().to_numpy()

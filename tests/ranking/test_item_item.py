@@ -63,9 +63,7 @@ def test_transitions_follow_each_users_order_within_the_window() -> None:
     # a→b→c→d→e: b is next to a (1), c two steps on (decay), e beyond the window (none).
     model = ItemItem.train(sequences(["a", "b", "c", "d", "e"], ["b", "a"]), 10.0)
     assert model is not None
-    t = pd.DataFrame(
-        model.transitions.toarray(), index=model.item_ids, columns=model.item_ids
-    )
+    t = pd.DataFrame(model.transitions.toarray(), index=model.item_ids, columns=model.item_ids)
     assert t.loc["a", "b"] == pytest.approx(2.0)  # a then b, and b then a: symmetric counts
     assert t.loc["a", "c"] == pytest.approx(TRANSITION_DECAY)
     assert t.loc["a", "d"] == pytest.approx(TRANSITION_DECAY**2)

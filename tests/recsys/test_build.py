@@ -18,13 +18,16 @@ import pytest
 
 from ranking_service.cf import WEIGHTINGS, ALSParams, CFModel
 from ranking_service.copy_choice import INT8_TOLERANCE, STUDENT_KEEPS, STUDENT_MIN_SPEARMAN
+from ranking_service.fusion import load_fusion, reads
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
+from ranking_service.item_item import ItemItem
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
+from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
-from recsys.offline.cf_search import GRID, MIN_USERS, search_cf
+from recsys.offline.cf_search import GRID, LAMBDAS, MIN_USERS, search_cf
 from recsys.offline.fitting import FUSION_QUERY_SHARE
 from recsys.offline.splits import hold_out_recent
 
@@ -123,6 +126,21 @@ def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
     assert all(row["ms_per_request"] > 0 for row in sweep)
     # CF serves every interaction, the held-out ones included: it is refitted after fusion.
     assert manifest["cf"]["users"] == manifest["counts"]["users"]
+    # The item-to-item model: lambda chosen on the validation users, kept only where the
+    # gate found it pays, and then what serving loads.
+    item_item = manifest["cf"]["item_item"]
+    tried = item_item["search"]["tried"]
+    assert [row["lambda"] for row in tried] == list(LAMBDAS)
+    assert item_item["search"]["chosen"] == max(tried, key=lambda row: row["ndcg@10"])
+    verdict = history["fitted_on"]["item_to_item"]
+    bundle = Bundle.open(sample_bundle_root)
+    served = ItemItem.load(bundle.file(bundle_files.CF_DIR))
+    if verdict["pays"]:
+        assert served is not None and served.lam == item_item["lambda"]
+        assert item_item["lambda"] == item_item["search"]["chosen"]["lambda"]
+        assert reads(load_fusion(bundle.file(bundle_files.FUSION)), "item_item")
+    else:
+        assert served is None and "skipped" in item_item
 
 
 def tiny_log(tmp_path: Path) -> tuple[Path, Path]:
