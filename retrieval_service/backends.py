@@ -22,7 +22,7 @@ import numpy as np
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item
-from recsys.core.errors import InvalidInput, first_line
+from recsys.core.errors import DataLoss, InvalidInput, first_line
 from recsys.core.settings import Settings
 from retrieval_service.catalog import ItemStore, load_catalog_items
 from retrieval_service.index import VectorIndex
@@ -109,7 +109,7 @@ class FaissCatalog:
         lexical_file = bundle.path / bundle_files.LEXICAL
         lexical = LexicalIndex.load(lexical_file) if lexical_file.is_file() else None
         if lexical is not None and lexical.rows != store.rows:
-            raise InvalidInput(f"{lexical_file}: {lexical.rows} rows, the catalog has {store.rows}")
+            raise DataLoss(f"{lexical_file}: {lexical.rows} rows, the catalog has {store.rows}")
         return cls(store, index, lexical)
 
     @property

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from recsys.core.bundle import atomic_temp
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import DataLoss
 
 # Recorded in the manifest: a bundle's postings are only valid with the tokenizer that made them.
 TOKENIZER = "words-en-snowball-1"
@@ -227,13 +227,13 @@ class LexicalIndex:
 
     @classmethod
     def load(cls, path: Path) -> LexicalIndex:
-        """Reads a file written by `save`; InvalidInput when it is unreadable or from another
-        tokenizer."""
+        """Reads a file written by `save`; DataLoss (a bundle file: never the caller's fault)
+        when it is unreadable or from another tokenizer."""
         try:
             with np.load(path, allow_pickle=False) as data:
                 tokenizer = str(data["tokenizer"])
                 if tokenizer != TOKENIZER:
-                    raise InvalidInput(
+                    raise DataLoss(
                         f"lexical index {path}: made by tokenizer {tokenizer}, this version "
                         f"reads {TOKENIZER}; rebuild the bundle"
                     )
@@ -242,7 +242,7 @@ class LexicalIndex:
                 offsets, rows, tfs = data["offsets"], data["rows"], data["tfs"]
                 lengths, live = data["lengths"], data["live"]
         except (OSError, ValueError, KeyError, UnicodeDecodeError) as exc:
-            raise InvalidInput(f"lexical index {path}: not readable ({exc})") from exc
+            raise DataLoss(f"lexical index {path}: not readable ({exc})") from exc
         index = cls()
         index._grow(len(lengths))
         index._rows = len(lengths)

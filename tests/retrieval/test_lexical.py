@@ -13,7 +13,7 @@ import pytest
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
-from recsys.core.errors import InvalidInput
+from recsys.core.errors import DataLoss
 from retrieval_service.backends import FaissCatalog
 from retrieval_service.lexical import K1, B, LexicalIndex, tokenize
 from retrieval_service.retriever import HybridSettings, Retriever
@@ -90,11 +90,11 @@ def test_postings_round_trip_through_the_bundle_file(tmp_path: Path) -> None:
 def test_an_unreadable_or_foreign_postings_file_is_a_clear_error(tmp_path: Path) -> None:
     garbage = tmp_path / "lexical.npz"
     garbage.write_bytes(b"not a zip")
-    with pytest.raises(InvalidInput, match=r"lexical index .*not readable"):
+    with pytest.raises(DataLoss, match=r"lexical index .*not readable"):
         LexicalIndex.load(garbage)
     other = tmp_path / "other.npz"
     np.savez(other, tokenizer=np.array("whitespace-0"))
-    with pytest.raises(InvalidInput, match="tokenizer whitespace-0"):
+    with pytest.raises(DataLoss, match="tokenizer whitespace-0"):
         LexicalIndex.load(other)
 
 
