@@ -266,10 +266,12 @@ def _add_row(out: np.ndarray, matrix: sp.csr_matrix, row: int, scale: float) -> 
 def _top(
     item_ids: Sequence[str], scores: np.ndarray, k: int, skip: Collection[str]
 ) -> list[tuple[str, float]]:
-    """The k best-scored items with a positive score, not in `skip`, best first."""
+    """The k best-scored items with a positive score, not in `skip`, best first (ties in id
+    order)."""
+    positive = np.flatnonzero(scores > 0)
     out: list[tuple[str, float]] = []
-    for row in np.argsort(-scores, kind="stable"):
-        if scores[row] <= 0 or len(out) == k:
+    for row in positive[np.argsort(-scores[positive], kind="stable")]:
+        if len(out) == k:
             break
         if item_ids[row] not in skip:
             out.append((item_ids[row], float(scores[row])))
