@@ -108,6 +108,10 @@ class LogisticFusion:
             w -= step
             if np.abs(step).max() < 1e-8:
                 break
+        # A column constant over every row (a dropped signal's missing indicator) cannot change
+        # an order; its weight is 0 exactly, so `reads` does not count it as read.
+        if len(x):
+            w[:-1][np.ptp(x, axis=0) == 0] = 0.0
         return cls(weights=[float(v) for v in w[:-1]], bias=float(w[-1]), fitted_on=meta)
 
     def to_dict(self) -> dict[str, Any]:

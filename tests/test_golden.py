@@ -28,6 +28,7 @@ from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer
 from ranking_service.fusion import ConvexFusion
 from ranking_service.fusion_fit import fit_two_pass, two_pass_ndcg
+from ranking_service.item_item import DEFAULT_LAMBDA, ItemItem
 from ranking_service.ranker import Ranker
 from recsys.app import build
 from recsys.app.evaluation import ablation
@@ -164,7 +165,16 @@ def _fitting(loaded: Loaded) -> dict[str, Any]:
     train, validation = hold_out_recent(inputs.interactions, options.holdout_per_user)
     fitting = build.BuildInputs(inputs.catalog, train, inputs.report)
     cf = CFModel.train(train, seed=options.seed, **ALSParams.of(manifest["cf"]).kwargs())
-    ranker = Ranker(cf, ConvexFusion(), None, {}, content=ItemVectors.load(loaded.bundle.path))
+    search = manifest["cf"]["item_item"]["search"]
+    lam = search["chosen"]["lambda"] if "chosen" in search else DEFAULT_LAMBDA
+    ranker = Ranker(
+        cf,
+        ConvexFusion(),
+        None,
+        {},
+        content=ItemVectors.load(loaded.bundle.path),
+        item_item=ItemItem.train(train, lam),
+    )
     built = manifest["settings"]
     pools = Pools(
         loaded.retriever,

@@ -211,7 +211,8 @@ def _fusion_step(build: BuildState) -> dict[str, Any]:
 
 def _cf_refit_step(build: BuildState) -> dict[str, Any]:
     """CF refitted on every interaction once fusion is fitted: the one the version serves; the
-    item-to-item model with it where fusion reads it (else the version has none)."""
+    item-to-item model with it (its recall lists were in the pools fusion was fitted on, so it
+    stays even where the gate gave its scores no weight)."""
     from ranking_service.cf import CFModel
     from ranking_service.fusion import reads
     from ranking_service.item_item import ItemItem
@@ -230,15 +231,15 @@ def _cf_refit_step(build: BuildState) -> dict[str, Any]:
             "skipped": "no interactions to learn it from",
             "search": search.record,
         }
-    elif not reads(build.fusion, "item_item"):
-        reason = "fusion gives it no weight (validation: fusion.json's fitted_on.item_to_item)"
-        log.info("item-to-item: not kept: %s", reason)
-        section["item_item"] = {"skipped": reason, "search": search.record}
     else:
         if len(build.validation):
             item_item = ItemItem.train(everything, search.lam)
         assert item_item is not None
-        section["item_item"] = {**item_item.save(out_dir), "search": search.record}
+        section["item_item"] = {
+            **item_item.save(out_dir),
+            "scores_weighed": reads(build.fusion, "item_item"),
+            "search": search.record,
+        }
     if not cf.n_users:
         section["skipped"] = (
             "no user interactions: a search bundle (CF knows no one; recommendations come "

@@ -126,21 +126,20 @@ def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
     assert all(row["ms_per_request"] > 0 for row in sweep)
     # CF serves every interaction, the held-out ones included: it is refitted after fusion.
     assert manifest["cf"]["users"] == manifest["counts"]["users"]
-    # The item-to-item model: lambda chosen on the validation users, kept only where the
-    # gate found it pays, and then what serving loads.
+    # The item-to-item model: lambda chosen on the validation users, served (its recall lists
+    # were in the pools fusion was fitted on), its scores weighed where the gate found they pay.
     item_item = manifest["cf"]["item_item"]
     tried = item_item["search"]["tried"]
     assert [row["lambda"] for row in tried] == list(LAMBDAS)
     assert item_item["search"]["chosen"] == max(tried, key=lambda row: row["ndcg@10"])
-    verdict = history["fitted_on"]["item_to_item"]
     bundle = Bundle.open(sample_bundle_root)
     served = ItemItem.load(bundle.file(bundle_files.CF_DIR))
-    if verdict["pays"]:
-        assert served is not None and served.lam == item_item["lambda"]
-        assert item_item["lambda"] == item_item["search"]["chosen"]["lambda"]
-        assert reads(load_fusion(bundle.file(bundle_files.FUSION)), "item_item")
-    else:
-        assert served is None and "skipped" in item_item
+    assert served is not None and served.lam == item_item["lambda"]
+    assert item_item["lambda"] == item_item["search"]["chosen"]["lambda"]
+    fusion = load_fusion(bundle.file(bundle_files.FUSION))
+    assert item_item["scores_weighed"] == reads(fusion, "item_item")
+    if not history["fitted_on"]["item_to_item"]["pays"]:
+        assert not reads(fusion.history, "item_item")
 
 
 def tiny_log(tmp_path: Path) -> tuple[Path, Path]:
