@@ -28,7 +28,7 @@ from ranking_service.content import ItemVectors
 from ranking_service.cross_encoder import CrossEncoderScorer
 from ranking_service.fusion import ConvexFusion
 from ranking_service.fusion_fit import fit_two_pass, two_pass_ndcg
-from ranking_service.item_item import DEFAULT_LAMBDA, ItemItem
+from ranking_service.item_item import DEFAULT_LAMBDA, ItemItem, refitted
 from ranking_service.ranker import Ranker
 from recsys.app import build
 from recsys.app.evaluation import ablation
@@ -214,17 +214,20 @@ def _without_timings(value: Any) -> Any:
 
 def _gate(loaded: Loaded) -> dict[str, Any]:
     """The retrain gate's scoring of the bundle on the sample's most recent interactions, with
-    the bundle's CF and with one refitted on the rest (as the gate scores a candidate)."""
+    the bundle's CF and with CF and item-to-item refitted on the rest (as the gate scores a
+    candidate)."""
     built = loaded.bundle.manifest["settings"]
     train, held = hold_out_recent(loaded.inputs.interactions, 3)
     least = built.get("relevant_min_weight")
     held_out = HeldOut.of(train, held, None if least is None else float(least))
     users = held_out.users(seed=int(built.get("seed", 0)), limit=60)
-    cf = CFModel.train(train, seed=0, **ALSParams.of(loaded.bundle.manifest["cf"]).kwargs())
+    section = loaded.bundle.manifest["cf"]
+    cf = CFModel.train(train, seed=0, **ALSParams.of(section).kwargs())
+    refit = (cf, refitted(section, train))
     return {
         "users": len(users),
         "ndcg": recommend_ndcg(loaded.bundle, held_out, users, "cpu"),
-        "ndcg_refitted_cf": recommend_ndcg(loaded.bundle, held_out, users, "cpu", cf),
+        "ndcg_refitted_cf": recommend_ndcg(loaded.bundle, held_out, users, "cpu", refit),
     }
 
 
