@@ -20,6 +20,7 @@ from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.errors import InvalidInput
+from recsys.core.scoring import reciprocal_rank_fusion
 from recsys.core.settings import default
 from retrieval_service.backends import CatalogBackend, CatalogOpener, FaissCatalog, Found
 from retrieval_service.catalog import ItemStore
@@ -250,25 +251,25 @@ class Retriever:
     ) -> list[Hit]:
         """Both lists merged by reciprocal rank fusion, top_k of them, with each retriever's
         score for every hit (the dense cosine from the stored vector, BM25 recomputed)."""
-        k = self.hybrid.rrf_k
-        fused: dict[str, float] = {}
         found_by: dict[str, list[str]] = {}
         entry: dict[str, tuple[Item, np.ndarray | None]] = {}
         for name, found in (("dense", dense), ("lexical", lexical)):
-            for rank, (item, _, found_vector) in enumerate(found):
-                fused[item.item_id] = fused.get(item.item_id, 0.0) + 1.0 / (k + rank + 1)
+            for item, _, found_vector in found:
                 found_by.setdefault(item.item_id, []).append(name)
                 entry.setdefault(item.item_id, (item, found_vector))
-        best = sorted(fused, key=lambda i: -fused[i])[: query.top_k]
-        bm25 = self.catalog.lexical_scores(text, best)
+        best = reciprocal_rank_fusion(
+            [[item.item_id for item, _, _ in found] for found in (dense, lexical)],
+            self.hybrid.rrf_k,
+        )[: query.top_k]
+        bm25 = self.catalog.lexical_scores(text, [item_id for item_id, _ in best])
         hits = []
-        for item_id, lexical_score in zip(best, bm25, strict=True):
+        for (item_id, fused), lexical_score in zip(best, bm25, strict=True):
             item, found_vector = entry[item_id]
             dense_score = float(vector @ found_vector) if found_vector is not None else None
             hits.append(
                 Hit(
                     item_id,
-                    fused[item_id],
+                    fused,
                     item if query.include_text else None,
                     found_vector if query.include_vectors else None,
                     dense_score=dense_score,

@@ -115,7 +115,6 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     from ranking_service.cf import CFModel
     from ranking_service.content import ItemVectors
     from ranking_service.fusion import ConvexFusion
-    from ranking_service.item_item import ItemItem
     from ranking_service.ranker import Ranker
     from recsys.offline.local import Pools
 
@@ -130,7 +129,7 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
         None,
         {},
         content=ItemVectors.load(build.stage),
-        item_item=ItemItem.train(build.train, build.item_item_search.lam),
+        item_item=build.item_item_search.model,
     )
     retriever = _staged_retriever(build.fitting, build.retrieval, build.stage)
     policy = PoolPolicy(cf_share=options.cf_candidate_share)

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from recsys.core.scoring import RRF_K
+
 Device = Literal["auto", "cpu", "cuda"]
 
 HEALTH_PORT = (
@@ -130,7 +132,7 @@ class Settings(BaseSettings):
         "and merges both lists by reciprocal rank fusion; false: dense only.",
     )
     hybrid_rrf_k: int = Field(
-        60, ge=1, description="Reciprocal rank fusion's k: a hit at rank r adds 1 / (k + r)."
+        RRF_K, ge=1, description="Reciprocal rank fusion's k: a hit at rank r adds 1 / (k + r)."
     )
     change_log_url: str = Field(
         "",

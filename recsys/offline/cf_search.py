@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from ranking_service.cf import WEIGHTINGS, ALSParams
+from ranking_service.item_item import ItemItem
 from recsys.offline.heldout import HeldOut
 
 log = logging.getLogger(__name__)
@@ -66,11 +67,8 @@ def search_cf(
     from recsys.core.settings import default
 
     users = HeldOut.of(train, validation, relevant_min_weight)
-    if len(users.relevant) < min_users:
-        reason = (
-            f"skipped: {len(users.relevant)} validation users with held-out items and train history "
-            f"(need {min_users}); trained with the values given"
-        )
+    reason = _too_few_users(users, min_users, "trained with the values given")
+    if reason is not None:
         log.info("CF search %s", reason)
         return CFSearch(start, {"skipped": reason})
 
@@ -156,6 +154,17 @@ class CFRecent:
         return [item for item, _ in self.cf.recommend(user, k, {*exclude, *history})]
 
 
+def _too_few_users(users: HeldOut, min_users: int, instead: str) -> str | None:
+    """Why a validation search is skipped (None: it is not): fewer than `min_users` validation
+    users to score on; `instead` says what is trained then."""
+    if len(users.relevant) >= min_users:
+        return None
+    return (
+        f"skipped: {len(users.relevant)} validation users with held-out items and train history "
+        f"(need {min_users}); {instead}"
+    )
+
+
 def _text(params: ALSParams) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.kwargs().items())
 
@@ -170,8 +179,10 @@ ITEM_ITEM_METRIC = (
 
 @dataclass(frozen=True)
 class ItemItemSearch:
-    """EASE's lambda to train with and the manifest's record of how it was chosen."""
+    """The model trained with the chosen lambda (None: no interactions to train on), the
+    lambda, and the manifest's record of how it was chosen."""
 
+    model: ItemItem | None
     lam: float
     record: dict[str, Any]
 
@@ -183,27 +194,31 @@ def search_item_item(
     lambdas: Sequence[float] = LAMBDAS,
     min_users: int = MIN_USERS,
 ) -> ItemItemSearch:
-    """EASE's lambda by validation NDCG@10 (the smallest wins ties); the default where there
-    are fewer than `min_users` validation users."""
-    from ranking_service.item_item import DEFAULT_LAMBDA, ItemItem
+    """EASE's lambda by validation NDCG@10 (the smallest wins ties), and the model fitted on
+    `train` with it; the default where there are fewer than `min_users` validation users."""
+    from ranking_service.item_item import DEFAULT_LAMBDA
 
     users = HeldOut.of(train, validation, relevant_min_weight)
-    if len(users.relevant) < min_users:
-        reason = (
-            f"skipped: {len(users.relevant)} validation users with held-out items and train "
-            f"history (need {min_users}); lambda {DEFAULT_LAMBDA:g}"
-        )
+    reason = _too_few_users(users, min_users, f"lambda {DEFAULT_LAMBDA:g}")
+    if reason is not None:
         log.info("item-to-item search %s", reason)
-        return ItemItemSearch(DEFAULT_LAMBDA, {"skipped": reason})
+        return ItemItemSearch(
+            ItemItem.train(train, DEFAULT_LAMBDA), DEFAULT_LAMBDA, {"skipped": reason}
+        )
     started = time.perf_counter()
-    tried = []
+    tried: list[dict[str, float]] = []
+    best: dict[str, float] | None = None
+    chosen: ItemItem | None = None
     for lam in lambdas:
         model = ItemItem.train(train, lam)
         score = 0.0 if model is None else users.ndcg(_EaseList(model))
         tried.append({"lambda": lam, "ndcg@10": round(score, 4)})
         log.info("item-to-item search: lambda %g -> validation ndcg@10 %.4f", lam, score)
-    best = max(tried, key=lambda row: row["ndcg@10"])
+        if best is None or tried[-1]["ndcg@10"] > best["ndcg@10"]:
+            best, chosen = tried[-1], model  # only the best fit so far is kept
+    assert best is not None
     return ItemItemSearch(
+        chosen,
         float(best["lambda"]),
         {
             "metric": ITEM_ITEM_METRIC,
