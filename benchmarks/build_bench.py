@@ -147,7 +147,7 @@ def bench_encoding(
     from sentence_transformers import SentenceTransformer
 
     from recsys.core.devices import resolve_device
-    from retrieval_service.encoder import TextEncoder, default_encoder_dir
+    from recsys.core.encoder import TextEncoder, default_encoder_dir
 
     resolved = resolve_device(device)
     ours = TextEncoder.load(default_encoder_dir(), pooling="mean", device=resolved)

@@ -68,9 +68,9 @@ def retrieval_bundle(data: str, workdir: Path, device: str) -> tuple[str, Bundle
     from recsys.app.sample import sample_paths
     from recsys.core import bundle as bundle_files
     from recsys.core.bundle import publish, staged_version, write_manifest
+    from recsys.core.encoder import default_encoder_dir
     from retrieval_service.build import build_retrieval
     from retrieval_service.catalog import save_catalog
-    from retrieval_service.encoder import default_encoder_dir
 
     if data == "movielens" and MOVIELENS_ZIP.is_file():
         from recsys.app.movielens import read_movielens

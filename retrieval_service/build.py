@@ -17,9 +17,9 @@ import pandas as pd
 from recsys.core import bundle as bundle_files
 from recsys.core.bundle import sha256_file
 from recsys.core.domain import item_text
+from recsys.core.encoder import ENCODER_INFO, Pooling, TextEncoder
 from recsys.core.errors import InvalidInput
 from retrieval_service import lexical as lexical_module
-from retrieval_service.encoder import ENCODER_INFO, Pooling, TextEncoder
 from retrieval_service.index import VectorIndex, check_factory
 from retrieval_service.lexical import LexicalIndex
 

@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
+from recsys.core.encoder import TextEncoder
 from recsys.core.errors import InvalidInput
 from recsys.core.scoring import reciprocal_rank_fusion
 from recsys.core.settings import default
@@ -27,7 +27,6 @@ from retrieval_service.catalog import ItemStore
 from retrieval_service.changelog import ChangeLog
 from retrieval_service.changes import Change, encoder_identity
 from retrieval_service.durability import Durability, LocalState, Replay, SharedLog
-from retrieval_service.encoder import TextEncoder
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +131,7 @@ class Retriever:
     ) -> Retriever:
         """A bundle version's encoder and catalog, without online changes."""
         manifest = bundle.manifest
-        encoder = TextEncoder.load(
-            bundle.file(bundle_files.ENCODER_DIR),
-            pooling=manifest["encoder"]["pooling"],
-            device=device,
-            max_length=manifest["encoder"].get("max_length", 256),
-        )
+        encoder = TextEncoder.of_bundle(bundle, device)
         catalog = backend(bundle, device)
         return cls(
             encoder,

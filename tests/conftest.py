@@ -8,9 +8,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, settings
 
+from recsys.core.encoder import TextEncoder, default_encoder_dir
 from recsys.core.settings import Settings
 from recsys.rpc.launcher import SERVICES, Launcher, on_free_ports
 from tests.postgres import PostgresServer, binaries
@@ -50,6 +53,71 @@ MOVIELENS_ZIP = Path(
 SCIFACT_DIR = Path(
     os.environ.get("RECSYS_SCIFACT_DIR", REPO_ROOT.parent / "shared" / "data" / "scifact")
 )
+
+
+TITLES = [
+    ("Trail running shoes", "Shoes", "Lightweight shoes with a grippy sole for muddy trails."),
+    ("Leather office shoes", "Shoes", "Black oxford shoes, hand-stitched."),
+    ("Wool hiking socks", "Clothing", "Warm merino socks."),
+    ("Rain jacket", "Clothing", "Waterproof breathable shell with a hood for hikes in the rain."),
+    ("Espresso machine", "Kitchen", "15-bar pump, steam wand for milk."),
+    ("Chef's knife", "Kitchen", "20 cm stainless steel blade."),
+    ("Cast iron skillet", "Kitchen", ""),
+    ("Noise-cancelling headphones", "Electronics", "Over-ear, 30 hours of battery."),
+    ("USB-C charger", "Electronics", "65 W, charges a laptop and a phone at once."),
+    ("Mechanical keyboard", "Electronics", "Tactile switches, backlit keys, aluminium frame."),
+    ("Yoga mat", "Sports", "Non-slip, 6 mm thick."),
+    ("Road bike helmet", "Sports", "Ventilated helmet for cycling on the road, with MIPS."),
+    ("Tennis racket", "Sports", ""),
+    ("Children's picture book", "Books", "A bedtime story about a sleepy bear."),
+    ("Science fiction novel", "Books", "A crew wakes up on a generation ship far from Earth."),
+    (
+        "Cookbook: Italian classics",
+        "Books",
+        "Pasta, risotto and sauces from every region of Italy.",
+    ),
+    ("Garden hose", "Garden", "25 m, kink-free."),
+    ("Pruning shears", "Garden", "Bypass blades for branches up to 2 cm."),
+    ("Desk lamp", "Home", "LED lamp with adjustable colour temperature and a USB port."),
+    ("Scented candle", "Home", "Vanilla, 40 hours."),
+    ("Board game", "Toys", "Strategy game for two to four players, about an hour a game."),
+    ("Building blocks", "Toys", "500 pieces."),
+    ("Dog leash", "Pets", "Reflective nylon leash, 2 m."),
+    ("Cat scratching post", "Pets", "Sisal rope post with a platform on top."),
+]
+
+
+@pytest.fixture(scope="session")
+def catalog() -> pd.DataFrame:
+    """A small catalog in the build's input shape."""
+    return pd.DataFrame(
+        {
+            "item_id": [f"item-{i:03d}" for i in range(len(TITLES))],
+            "title": [t for t, _, _ in TITLES],
+            "category": [c for _, c, _ in TITLES],
+            "description": [d for _, _, d in TITLES],
+            "attributes": [{} for _ in TITLES],
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def texts(catalog: pd.DataFrame) -> list[str]:
+    """Item texts of the small catalog, of clearly different token lengths."""
+    from retrieval_service.build import catalog_texts
+
+    return catalog_texts(catalog)
+
+
+@pytest.fixture(scope="session")
+def item_vectors(encoder: TextEncoder, texts: list[str]) -> np.ndarray:
+    return encoder.encode(texts)
+
+
+@pytest.fixture(scope="session")
+def encoder() -> TextEncoder:
+    """all-MiniLM-L6-v2 with mean pooling on CPU, loaded once per test session."""
+    return TextEncoder.load(default_encoder_dir(), pooling="mean", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -52,8 +52,8 @@ class BuildState:
     def start(
         cls, options: BuildOptions, inputs: BuildInputs, given: pd.DataFrame | None, stage: Path
     ) -> BuildState:
+        from recsys.core.encoder import default_encoder_dir
         from recsys.offline.fitting import hold_out_queries
-        from retrieval_service.encoder import default_encoder_dir
 
         train, validation, record = _validation(options, inputs.interactions, given)
         encoder_dir = options.encoder or default_encoder_dir()

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recsys.core.encoder import TextEncoder, default_encoder_dir
 from recsys.core.errors import InvalidInput
 from retrieval_service.build import (
     RetrievalBuild,
@@ -15,7 +16,6 @@ from retrieval_service.build import (
     catalog_texts,
     encoder_checksums,
 )
-from retrieval_service.encoder import TextEncoder, default_encoder_dir
 from retrieval_service.index import VectorIndex
 
 

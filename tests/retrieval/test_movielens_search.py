@@ -11,9 +11,9 @@ import pytest
 from recsys.app.ingest import catalog_items
 from recsys.app.movielens import read_movielens
 from recsys.core.domain import SearchQuery
+from recsys.core.encoder import TextEncoder
 from retrieval_service.backends import FaissCatalog
 from retrieval_service.catalog import ItemStore
-from retrieval_service.encoder import TextEncoder
 from retrieval_service.index import VectorIndex
 from retrieval_service.retriever import Retriever
 

@@ -10,11 +10,11 @@ import pytest
 
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Item, SearchQuery
+from recsys.core.encoder import TextEncoder
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings
 from retrieval_service.backends import CatalogOpener, FaissCatalog, backend_opener
 from retrieval_service.changes import deletes
-from retrieval_service.encoder import TextEncoder
 from retrieval_service.retriever import HistoryWeights, Retriever
 from retrieval_service.state import Journal
 from tests.retrieval.conftest import write_retrieval_version

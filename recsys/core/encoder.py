@@ -16,6 +16,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
+from recsys.core import bundle as bundle_files
+from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
 from recsys.core.errors import InvalidInput, first_line
 
@@ -110,6 +112,17 @@ class TextEncoder:
             dtype,
         )
         return encoder
+
+    @classmethod
+    def of_bundle(cls, bundle: Bundle, device: str = "auto") -> TextEncoder:
+        """The encoder a bundle version's item vectors were made with."""
+        section = bundle.manifest["encoder"]
+        return cls.load(
+            bundle.file(bundle_files.ENCODER_DIR),
+            pooling=section["pooling"],
+            device=device,
+            max_length=section.get("max_length", 256),
+        )
 
     def encode(
         self, texts: Sequence[str], batch_size: int = 64, progress: bool = False

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sentence_transformers import SentenceTransformer
 
+from recsys.core.encoder import TextEncoder, default_encoder_dir
 from recsys.core.errors import InvalidInput
-from retrieval_service.encoder import TextEncoder, default_encoder_dir
 
 
 def test_default_encoder_dir_is_a_model() -> None:
