@@ -24,6 +24,7 @@ from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.devices import resolve_device
 from recsys.core.domain import Candidate, RankContext, Scored, Scores
+from recsys.core.encoder import TextEncoder
 from recsys.core.errors import InvalidInput, NotFound
 from recsys.core.scoring import reciprocal_rank_fusion
 from recsys.core.settings import Settings, default
@@ -146,8 +147,7 @@ class Ranker:
             settings.rerank_depth,
             settings.rerank_kinds == "all",
             scorer,
-            # Computed only where the build found it pays (its cost: benchmarks/README.md).
-            ItemVectors.load(bundle.path) if reads(fusion, "content") else None,
+            _content(bundle, fusion, settings),
             ItemItem.load(bundle.file(bundle_files.CF_DIR)),
         )
 
@@ -278,7 +278,12 @@ class Ranker:
         recent = self.cf.fold_in(history[:RECENT_HISTORY_ITEMS])
         retrieval = _scores([c.retrieval_score for c in candidates])
         lexical = _scores([c.lexical_score for c in candidates])
-        content = None if self.content is None else self.content.scores(ids, history)
+        # Text is read for what the catalog lacks: products added after the build.
+        texts = {c.item_id: c.text for c in candidates} | {
+            h.item_id: h.text for h in context.history
+        }
+        content = None if self.content is None else self.content.scores(ids, history, texts)
+        new = self.cf.unknown(ids).astype(np.float32)
         neighbours = (
             None
             if self.item_item is None
@@ -295,6 +300,9 @@ class Ranker:
             content_recent=None if content is None else content.recent,
             item_item=None if neighbours is None else neighbours.weights,
             transitions=None if neighbours is None else neighbours.transitions,
+            new_item=None if content is None else new,
+            new_nearest=None if content is None else content.nearest,
+            new_recent=None if content is None else content.recent,
             has_query=bool(context.query.strip()),
         )
         return stages, folded
@@ -338,6 +346,16 @@ class Ranker:
         if user is None:
             return np.full(len(candidates), np.nan, np.float32), False
         return self.cf.scores(user, [c.item_id for c in candidates]), folded
+
+
+def _content(bundle: Bundle, fusion: Fusion, settings: Settings) -> ItemVectors | None:
+    """The item embeddings where the bundle's fusion reads content similarity (its cost:
+    benchmarks/README.md), with the bundle's encoder where it reads it for new products."""
+    new_items = reads(fusion, "new_items")
+    if not (new_items or reads(fusion, "content")):
+        return None
+    encoder = TextEncoder.of_bundle(bundle, settings.device) if new_items else None
+    return ItemVectors.load(bundle.path, encoder)
 
 
 def _overridden(

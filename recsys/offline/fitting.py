@@ -25,6 +25,7 @@ from ranking_service.fusion import ContextFusion, ConvexFusion, TwoPassFusion
 from ranking_service.fusion_fit import FusionList, fit_two_pass, sweep_sample, within_budget
 from ranking_service.train import EXAMPLE_HISTORY
 from recsys.core import bundle as bundle_files
+from recsys.core.domain import Candidate
 from recsys.offline.heldout import HeldOut
 from recsys.offline.local import Pools
 
@@ -32,6 +33,10 @@ log = logging.getLogger(__name__)
 
 Queries = Sequence[tuple[str, Sequence[str]]]
 FUSION_QUERY_SHARE = 0.3  # of the training queries, kept out of fine-tuning to fit search fusion
+# Of the products, treated as added after the build in the recommendation lists fusion is fitted
+# on: serving ranks such products by their text alone, and fusion learns how only from relevant
+# ones it has seen so. Drawn uniformly, as the evaluation's new-products protocol holds them out.
+NEW_ITEM_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -169,15 +174,35 @@ class _Remembered:
 
 def user_lists(pools: Pools, held_out: HeldOut, seed: int) -> list[FusionList]:
     """Every held-out user's list, in a seeded random order: their history → the pool serving
-    would gather → was each candidate among the user's held-out items?"""
+    would gather → was each candidate among the user's held-out items? A seeded share of the
+    products (`simulated_new`) appears in them as if added after the build."""
     users = held_out.users(seed=seed)
     seen = held_out.histories
     requests = [pools.request(history=seen[u][:EXAMPLE_HISTORY], exclude=seen[u]) for u in users]
     gathered = pools.gather(requests, desc="fusion: validation users")
+    new = simulated_new(pools.ranker.cf.item_ids, seed)
     return [
-        fusion_list(pools, pool, held_out.relevant[u])
+        as_new(fusion_list(pools, pool, held_out.relevant[u]), pool.candidates(), new)
         for u, pool in zip(users, gathered, strict=True)
     ]
+
+
+def simulated_new(item_ids: Sequence[str], seed: int) -> set[str]:
+    """A seeded NEW_ITEM_SHARE of the products, each as likely as any other."""
+    ids = sorted(item_ids)
+    return set(random.Random(seed).sample(ids, round(len(ids) * NEW_ITEM_SHARE)))
+
+
+def as_new(fusion: FusionList, candidates: Sequence[Candidate], new: set[str]) -> FusionList:
+    """The list as serving would gather and score it had the products in `new` been added
+    after the build: only retrieval could propose them (CF's candidates among them are
+    dropped), and they have no collaborative scores (StageScores.as_new)."""
+    is_new = np.array([c.item_id in new for c in candidates], dtype=bool)
+    retrieved = np.array([c.retrieval_score is not None for c in candidates], dtype=bool)
+    keep = np.flatnonzero(~is_new | retrieved)
+    scores = fusion.scores.subset(keep).as_new(np.flatnonzero(is_new[keep]))
+    texts = tuple(fusion.texts[i] for i in keep) if fusion.texts else ()
+    return FusionList(scores, fusion.labels[keep], fusion.context, texts)
 
 
 def search_lists(

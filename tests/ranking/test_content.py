@@ -20,6 +20,7 @@ from ranking_service.fusion import (
 from ranking_service.ranker import Ranker
 from recsys.core.bundle import Bundle
 from recsys.core.domain import Candidate, HistoryItem, RankContext
+from recsys.core.encoder import TextEncoder
 from recsys.core.settings import Settings
 
 
@@ -54,6 +55,47 @@ def test_a_short_history_uses_what_there_is() -> None:
     np.testing.assert_allclose(scores.recent, scores.nearest)
     with pytest.raises(ValueError, match="2 item ids for 3 vectors"):
         ItemVectors(["a", "b"], np.zeros((3, 2), np.float32))
+
+
+class CountingEncoder:
+    """The real encoder, counting the texts it is asked to embed."""
+
+    def __init__(self, encoder: TextEncoder) -> None:
+        self.encoder = encoder
+        self.texts: list[str] = []
+
+    def encode(self, texts: list[str], batch_size: int = 64) -> np.ndarray:
+        self.texts += texts
+        return self.encoder.encode(texts, batch_size)
+
+
+def test_items_the_catalog_lacks_are_embedded_from_their_text_once(
+    encoder: TextEncoder,
+) -> None:
+    texts = ["Espresso machine with a steam wand", "Burr coffee grinder", "Garden hose, 25 m"]
+    store = ItemVectors(["espresso", "hose"], encoder.encode([texts[0], texts[2]]))
+    plain = store.scores(["grinder"], ["espresso"], {"grinder": texts[1]})
+    assert plain is not None and np.isnan(plain.nearest[0])  # no encoder: unscored
+    counting = CountingEncoder(encoder)
+    reading = ItemVectors(["espresso", "hose"], encoder.encode([texts[0], texts[2]]), counting)  # type: ignore[arg-type]
+    new_text = {"grinder": texts[1], "new-kettle": "Gooseneck kettle for pour-over coffee"}
+    scores = reading.scores(["grinder", "hose"], ["espresso"], new_text)
+    assert scores is not None
+    grinder = encoder.encode([texts[1]])[0]
+    # The new product is scored as if the build had embedded it: the same encoder, its text.
+    np.testing.assert_allclose(
+        scores.nearest[0], grinder @ encoder.encode([texts[0]])[0], rtol=1e-4
+    )
+    assert scores.nearest[0] > scores.nearest[1]  # coffee is nearer coffee than a hose
+    # A new product in the history is read too; what was embedded is not embedded again.
+    again = reading.scores(["hose"], ["new-kettle", "grinder"], new_text)
+    assert again is not None and not np.isnan(again.nearest[0])
+    assert sorted(counting.texts) == sorted([texts[1], new_text["new-kettle"]])
+    # A changed text is read again; an item without text stays unscored.
+    changed = reading.scores(["grinder", "no-text"], ["espresso"], {"grinder": "Tea kettle"})
+    assert changed is not None and np.isnan(changed.nearest[1])
+    assert changed.nearest[0] != pytest.approx(scores.nearest[0], abs=1e-3)
+    assert counting.texts[-1] == "Tea kettle"
 
 
 def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(

@@ -346,6 +346,16 @@ def validation_users(split: Split) -> HeldOut:
 Factory = Callable[[dict[str, Any]], Baseline]
 
 
+def text_configs(grids: Grids) -> list[dict[str, Any]]:
+    """The text-only neighbours' validation grid (window 1 has no older items to fade: one
+    decay is enough there)."""
+    return [
+        {"window": w, "decay": d}
+        for w in grids.text_windows
+        for d in (grids.text_decays if w > 1 else grids.text_decays[:1])
+    ]
+
+
 def tuned_baselines(
     split: Split,
     cf_params: Mapping[str, Any],
@@ -373,13 +383,8 @@ def tuned_baselines(
     }
     if text is not None:
         item_text = text
-        # Window 1 has no older items to fade: one decay is enough there.
         searches["text_knn"] = (
-            [
-                {"window": w, "decay": d}
-                for w in grids.text_windows
-                for d in (grids.text_decays if w > 1 else grids.text_decays[:1])
-            ],
+            text_configs(grids),
             lambda c: TextNeighbours(item_text, c["window"], c["decay"]),
         )
     fits = sum(len(configs) for configs, _ in searches.values()) + 1 + len(searches) + 1

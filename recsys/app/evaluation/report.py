@@ -146,6 +146,30 @@ def _unseen(unseen: dict[str, Any]) -> list[str]:
     return lines + _bootstrap(unseen["bootstrap"], "users")
 
 
+def _new_items(section: dict[str, Any]) -> list[str]:
+    users = section["users"]
+    chosen = section["text_knn"]["chosen"]
+    lines = [
+        f"## New products ({section['products']} of {section['catalog']} held out of the build)",
+        "",
+        f"Held out: {section['held_out']}: no catalog row, interaction or fusion list of the "
+        "build had them. They were then added through the retrieval service's upsert (encoded "
+        "from their text), and every test user was answered by the served ranker. text_knn: the "
+        f"text-only neighbours over the whole catalog (window {chosen['window']}, decay "
+        f"{chosen['decay']}, chosen on validation).",
+        "",
+    ]
+    for group, title in (("new", "whose test item is a new product"), ("others", "the others")):
+        lines += [f"### {users[group]} users {title}", "", *table(section["methods"][group]), ""]
+    lines += [
+        f"- full, new / others: {section['full new / others']}",
+        f"- full / text_knn on the new products' users: "
+        f"{interval(section['full / text_knn on new'])}",
+        "",
+    ]
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The human report: one table per protocol, the diversity sweep, and the run's facts."""
     lines = ["# Evaluation report", ""]
@@ -181,6 +205,8 @@ def markdown(report: dict[str, Any]) -> str:
             lines += _ablation(rec["ablation"])
     if "unseen" in report:
         lines += _unseen(report["unseen"])
+    if "new_items" in report:
+        lines += _new_items(report["new_items"])
     if "search" in report:
         search = report["search"]
         lines += [
@@ -232,4 +258,9 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
             path = out_dir / f"{protocol}.png"
             chart(report[protocol]["methods"], f"{protocol}: methods side by side", path)
             written.append(path)
+    if "new_items" in report:
+        path = out_dir / "new_items.png"
+        title = "new products: the users whose test item is one of them"
+        chart(report["new_items"]["methods"]["new"], title, path)
+        written.append(path)
     return written

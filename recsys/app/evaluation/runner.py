@@ -43,7 +43,7 @@ from recsys.offline.splits import Split, temporal_split
 
 log = logging.getLogger(__name__)
 
-Protocol = Literal["recommend", "search", "unseen", "all"]
+Protocol = Literal["recommend", "search", "unseen", "new-items", "all"]
 SPLIT_MARK = "movielens-train"  # recorded in the manifest of bundles built for evaluation
 # What fusion is fitted on: the protocol's validation split, or, as a plain `recsys build`
 # does, the build's own hold-out of everything before test (with the training queries, as
@@ -382,6 +382,22 @@ def run_evaluation(
         return run_scifact(data_dir, bundle_root, out_dir, options, pool, progress)
     started = time.perf_counter()
     data = load_data(data_dir)
+    if protocol == "new-items":
+        from recsys.app.evaluation import new_items
+
+        section = new_items.run_new_items(
+            data, bundle_root, options, pool, progress, grids or data.grids
+        )
+        meta = {
+            "dataset": data.dataset,
+            "protocol": data.protocol,
+            "bundle": section.pop("bundle"),
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+        written = {"new_items": section, "goals": new_items.goals(section), "meta": meta}
+        for path in write_report(written, out_dir):
+            log.info("wrote %s", path)
+        return written
     if protocol == "search" and not data.queries:
         raise InvalidInput(
             f"--protocol search: {data_dir} ({data.dataset}) has no queries to search with"
