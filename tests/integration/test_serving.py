@@ -199,6 +199,35 @@ def test_upsert_then_search_finds_it_first_also_after_restart(
     assert lexical(stack, "zephyrine") == []
 
 
+def test_a_product_upserted_after_the_build_is_recommended_from_its_text(
+    own_stack: Callable[..., Launcher], user_history: tuple[str, list[str]]
+) -> None:
+    """No interaction, no rebuild: retrieval finds it near the history, and ranking places it
+    by what its text says, as fusion learned on products the build treated as new."""
+    stack = own_stack()
+    _, history = user_history  # headphones and a headphone case, most recent first
+    new = common_pb2.Item(
+        item_id="NEW-CASE",
+        title="Bassline Large Hard-Shell Travel Headphone Case",
+        description="A larger hard-shell travel case from Bassline for over-ear headphones, "
+        "with a pocket for cables.",
+        category="Electronics > Audio",
+    )
+    before = recommend(stack, history_item_ids=history, k=10)
+    with grpc.insecure_channel(stack.address("retrieval")) as channel:
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[new]), timeout=30)
+    after = recommend(stack, history_item_ids=history, k=10)
+    assert not after.degraded, after.degraded_reasons
+    assert "NEW-CASE" not in [item.item_id for item in before.items]
+    found = {item.item_id: item for item in after.items}
+    assert "NEW-CASE" in found, [item.title for item in after.items]
+    scores = found["NEW-CASE"].scores
+    # Only its text scored it: CF never saw it; the dense retriever read it.
+    assert not scores.HasField("cf") and scores.HasField("retrieval")
+    assert found["NEW-CASE"].title == new.title
+
+
 def has_lexical(stack: Launcher) -> bool:
     with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)

@@ -64,8 +64,7 @@ def test_logistic_fusion_learns_which_signal_matters() -> None:
 def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
     path = tmp_path / "fusion.json"
     model = LogisticFusion(
-        weights=[1.0, 2.0, 0.5, -1.0, 0.0, 0.3, 0.7, 0.4, 0.2, -0.6, 0.8, -0.1, 0.6, -0.2, 0.3]
-        + [-0.5, 0.9, 0.4],
+        weights=[0.3 * (k % 7) - 0.8 for k in range(len(FEATURES))],
         bias=0.1,
     )
     save_fusion(model, path)
