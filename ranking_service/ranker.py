@@ -283,7 +283,6 @@ class Ranker:
             h.item_id: h.text for h in context.history
         }
         content = None if self.content is None else self.content.scores(ids, history, texts)
-        new = self.cf.unknown(ids).astype(np.float32)
         neighbours = (
             None
             if self.item_item is None
@@ -300,9 +299,6 @@ class Ranker:
             content_recent=None if content is None else content.recent,
             item_item=None if neighbours is None else neighbours.weights,
             transitions=None if neighbours is None else neighbours.transitions,
-            new_item=None if content is None else new,
-            new_nearest=None if content is None else content.nearest,
-            new_recent=None if content is None else content.recent,
             has_query=bool(context.query.strip()),
         )
         return stages, folded
@@ -349,13 +345,12 @@ class Ranker:
 
 
 def _content(bundle: Bundle, fusion: Fusion, settings: Settings) -> ItemVectors | None:
-    """The item embeddings where the bundle's fusion reads content similarity (its cost:
-    benchmarks/README.md), with the bundle's encoder where it reads it for new products."""
-    new_items = reads(fusion, "new_items")
-    if not (new_items or reads(fusion, "content")):
+    """The item embeddings, where the bundle's fusion reads content similarity (its cost:
+    benchmarks/README.md), with the bundle's encoder for the products added after the build:
+    fusion was fitted on lists where some products had nothing but their text."""
+    if not reads(fusion, "content"):
         return None
-    encoder = TextEncoder.of_bundle(bundle, settings.device) if new_items else None
-    return ItemVectors.load(bundle.path, encoder)
+    return ItemVectors.load(bundle.path, TextEncoder.of_bundle(bundle, settings.device))
 
 
 def _overridden(

@@ -105,6 +105,8 @@ def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
     served = Ranker.load(bundle, Settings.built_in(bundle=sample_bundle_root))
     # Serving computes content similarity only where the build gave it weight.
     assert (served.content is not None) == reads(served.fusion, "content")
+    # ... with the bundle's encoder, for the products added after the build.
+    assert served.content is None or served.content.encoder is not None
     ranker = Ranker(served.cf, served.fusion, None, {}, content=ItemVectors.load(bundle.path))
     catalog = pd.read_parquet(bundle.file("catalog.parquet"), columns=["item_id"])
     first, second = (str(i) for i in catalog["item_id"][:2])
@@ -114,6 +116,20 @@ def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
     # An item is its own nearest neighbour.
     assert stages.content_nearest[0] == pytest.approx(1.0, abs=1e-5)
     assert stages.content_nearest[1] < stages.content_nearest[0]
+    # A product added after the build is read from the text the request carries.
+    reading = Ranker(
+        served.cf,
+        served.fusion,
+        None,
+        {},
+        content=ItemVectors.load(bundle.path, TextEncoder.of_bundle(bundle, "cpu")),
+    )
+    title = str(pd.read_parquet(bundle.file("catalog.parquet"))["title"].iloc[0])
+    added = [Candidate("ADDED", title), Candidate("ADDED-ELSEWHERE", "Garden hose, 25 m")]
+    new, _ = reading.stage_scores(context, added)
+    assert new.content_nearest is not None and not np.isnan(new.content_nearest).any()
+    assert new.content_nearest[0] > new.content_nearest[1]
+    assert np.isnan(new.cf).all()  # CF never saw them
     # A search without history has no content scores.
     query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")])
     assert query.content_nearest is None

@@ -159,7 +159,10 @@ def _new_items(section: dict[str, Any]) -> list[str]:
         f"{chosen['decay']}, chosen on validation).",
         "",
     ]
-    for group, title in (("new", "whose test item is a new product"), ("others", "whose test item the build knew")):
+    for group, title in (
+        ("new", "whose test item is a new product"),
+        ("others", "whose test item the build knew"),
+    ):
         lines += [f"### {users[group]} users {title}", "", *table(section["methods"][group]), ""]
     lines += [
         f"- full, new / others: {section['full new / others']}",
