@@ -73,13 +73,13 @@ VARIANTS = (
     Variant(
         "without content similarity",
         None,
-        ("content",),
+        ("content", "new_items"),
         "the embedding similarities to the history's items dropped as missing",
     ),
     Variant(
         "without language-model components",
         1.0,
-        ("cross_encoder", "content"),
+        ("cross_encoder", "content", "new_items"),
         "no dense retrieval (pool from CF alone), content similarity or cross-encoder",
     ),
 )
