@@ -221,10 +221,6 @@ class CFModel:
         row = self._user_row.get(user_id)
         return None if row is None else self.user_factors[row].copy()
 
-    def unknown(self, item_ids: Sequence[str]) -> np.ndarray:
-        """Per item, whether CF never saw it (a product added after the build)."""
-        return np.array([i not in self._item_row for i in item_ids], dtype=bool)
-
     def items_of(self, user_id: str) -> list[str]:
         """The items a known user interacted with at training (empty when unknown)."""
         row = self._user_row.get(user_id)

@@ -51,13 +51,6 @@ class StageScores:
     # over the history, and how often candidates were had next to the most recent items.
     item_item: np.ndarray | None = field(default=None, metadata={GROUP: "item_item"})
     transitions: np.ndarray | None = field(default=None, metadata={GROUP: "item_item"})
-    # Products the collaborative models never saw (added online after the build): 1.0, else
-    # 0.0; and the content similarities again, read for those products only (REGISTRY's "new"
-    # columns): their own component, so the build judges what text does for a new product apart
-    # from what it adds to known ones, whose collaborative signals say more.
-    new_item: np.ndarray | None = field(default=None, metadata={GROUP: "new_items"})
-    new_nearest: np.ndarray | None = field(default=None, metadata={GROUP: "new_items"})
-    new_recent: np.ndarray | None = field(default=None, metadata={GROUP: "new_items"})
     # Which kind of request: a search, or a recommendation from history or user.
     has_query: bool = False
 
@@ -82,8 +75,8 @@ class StageScores:
 
     def as_new(self, rows: np.ndarray) -> StageScores:
         """These scores as they would be had the candidates at `rows` been added after the
-        build: no collaborative score, no interactions counted, flagged new (the build fits how
-        to rank new products on known ones treated so)."""
+        build: no collaborative score (missing), no interactions counted (the build fits how to
+        rank new products on known ones treated so)."""
         changed: dict[str, Any] = {}
         for f in _signal_fields():
             values = getattr(self, f.name)
@@ -91,9 +84,7 @@ class StageScores:
                 values = values.copy()
                 values[rows] = 0.0 if f.name == "popularity" else np.nan
                 changed[f.name] = values
-        flags = np.zeros(len(self), np.float32) if self.new_item is None else self.new_item.copy()
-        flags[rows] = 1.0
-        return replace(self, **changed, new_item=flags)
+        return replace(self, **changed)
 
     def signals(self) -> dict[str, np.ndarray | None]:
         return {f.name: getattr(self, f.name) for f in _signal_fields()}
@@ -114,12 +105,11 @@ def _signal_fields() -> list[Field[Any]]:
 
 @dataclass(frozen=True)
 class Feature:
-    """One column of the learned fusion: a signal's z-score, whether it is missing, its value
-    as it is (a flag), or its z-score for new products only (0 for the others)."""
+    """One column of the learned fusion: a signal's z-score, or whether it is missing."""
 
     name: str
     signal: str
-    kind: Literal["z", "missing", "flag", "new"] = "z"
+    kind: Literal["z", "missing"] = "z"
 
 
 # Only ever appended to: a fusion file fitted on fewer features still loads, the newest at
@@ -140,9 +130,6 @@ REGISTRY = (
     Feature("item_item", "item_item"),
     Feature("item_item_missing", "item_item", "missing"),
     Feature("transitions", "transitions"),
-    Feature("new_item", "new_item", "flag"),
-    Feature("new_nearest", "new_nearest", "new"),
-    Feature("new_recent", "new_recent", "new"),
 )
 FEATURES = tuple(f.name for f in REGISTRY)
 
@@ -171,29 +158,20 @@ def normalise(scores: np.ndarray) -> np.ndarray:
 
 
 def features(scores: StageScores, zeroed: Collection[str] = ()) -> np.ndarray:
-    """One row per candidate, one column per FEATURES entry (see `Feature`; a z-score is 0
-    where the signal is missing); the columns of the `zeroed` components are 0."""
+    """One row per candidate, one column per FEATURES entry: each signal's z-score (0 where it
+    is missing) or its missing indicator; the columns of the `zeroed` components are 0."""
     n = len(scores)
-    signals = scores.signals()
     z = {
         name: normalise(values) if values is not None else np.full(n, np.nan)
-        for name, values in signals.items()
+        for name, values in scores.signals().items()
     }
-
-    def value(name: str) -> np.ndarray:
-        values = signals[name]
-        return np.zeros(n) if values is None else np.nan_to_num(np.asarray(values, np.float64))
-
-    def column(f: Feature) -> np.ndarray:
-        if f.kind == "missing":
-            return np.isnan(z[f.signal]).astype(np.float64)
-        if f.kind == "flag":
-            return value(f.signal)
-        # Standardised over the whole list, so a new product's similarity is read against
-        # every candidate's, not only the other new ones'.
-        return z[f.signal] * value("new_item") if f.kind == "new" else z[f.signal]
-
-    matrix = np.nan_to_num(np.column_stack([column(f) for f in REGISTRY]), nan=0.0)
+    matrix = np.column_stack(
+        [
+            np.isnan(z[f.signal]).astype(np.float64) if f.kind == "missing" else z[f.signal]
+            for f in REGISTRY
+        ]
+    )
+    matrix = np.nan_to_num(matrix, nan=0.0)
     if zeroed:
         matrix[:, columns(*zeroed)] = 0.0
     return matrix

@@ -40,7 +40,7 @@ GAIN_Z = 1.64
 DEPTH_TOLERANCE = 0.01
 # Components the build keeps only where cross-fitted validation says they pay, and the key of
 # their verdict in fusion.json's `fitted_on`.
-GATED = {"content": "content_similarity", "item_item": "item_to_item", "new_items": "new_items"}
+GATED = {"content": "content_similarity", "item_item": "item_to_item"}
 
 
 @dataclass(frozen=True)

@@ -283,7 +283,6 @@ class Ranker:
             h.item_id: h.text for h in context.history
         }
         content = None if self.content is None else self.content.scores(ids, history, texts)
-        new = self.cf.unknown(ids).astype(np.float32)
         neighbours = (
             None
             if self.item_item is None
@@ -300,9 +299,6 @@ class Ranker:
             content_recent=None if content is None else content.recent,
             item_item=None if neighbours is None else neighbours.weights,
             transitions=None if neighbours is None else neighbours.transitions,
-            new_item=None if content is None else new,
-            new_nearest=None if content is None else content.nearest,
-            new_recent=None if content is None else content.recent,
             has_query=bool(context.query.strip()),
         )
         return stages, folded
@@ -349,10 +345,10 @@ class Ranker:
 
 
 def _content(bundle: Bundle, fusion: Fusion, settings: Settings) -> ItemVectors | None:
-    """The item embeddings where the bundle's fusion reads content similarity, of known or of
-    new products (its cost: benchmarks/README.md), with the bundle's encoder for the products
-    added after the build: fusion was fitted on lists where some products had only their text."""
-    if not (reads(fusion, "content") or reads(fusion, "new_items")):
+    """The item embeddings, where the bundle's fusion reads content similarity (its cost:
+    benchmarks/README.md), with the bundle's encoder for the products added after the build:
+    fusion was fitted on lists where some products had nothing but their text."""
+    if not reads(fusion, "content"):
         return None
     return ItemVectors.load(bundle.path, TextEncoder.of_bundle(bundle, settings.device))
 

@@ -29,7 +29,6 @@ def test_a_new_product_only_retrieval_found_stays_and_loses_its_collaborative_sc
         cf=np.array([0.5, 0.4, 0.3, 0.2]),
         retrieval=np.array([0.9, 0.7, np.nan, np.nan]),
         content_nearest=np.array([0.1, 0.8, 0.2, 0.3]),
-        new_item=np.zeros(4, np.float32),
     )
     texts = tuple(c.text for c in candidates)
     fusion = FusionList(scores, np.array([0.0, 1.0, 1.0, 0.0]), "history", texts)
@@ -37,7 +36,6 @@ def test_a_new_product_only_retrieval_found_stays_and_loses_its_collaborative_sc
     # CF could not have proposed a product it never saw: that candidate is gone.
     assert new.texts == (texts[0], texts[1], texts[3])
     np.testing.assert_array_equal(new.labels, [0.0, 1.0, 0.0])
-    np.testing.assert_array_equal(new.scores.new_item, [0.0, 1.0, 0.0])
     assert np.isnan(new.scores.cf[1]) and not np.isnan(new.scores.cf[[0, 2]]).any()
     np.testing.assert_array_equal(new.scores.content_nearest, [0.1, 0.8, 0.3])
     assert new.context == "history"

@@ -80,9 +80,6 @@ def test_save_load_and_unknown_kind(tmp_path: Path) -> None:
         lexical=np.array([3.0, np.nan]),
         item_item=np.array([np.nan, 0.2]),
         transitions=np.array([0.5, 1.5]),
-        new_item=np.array([1.0, 0.0]),
-        new_nearest=np.array([0.2, 0.8]),
-        new_recent=np.array([0.9, 0.4]),
     )
     np.testing.assert_allclose(loaded.fuse(scores), model.fuse(scores))
     path.write_text('{"kind": "magic"}')
@@ -163,27 +160,22 @@ def test_a_product_treated_as_new_keeps_only_what_its_text_says() -> None:
         content_nearest=content,
         item_item=np.array([0.3, 0.0, 0.2, 0.1]),
         transitions=np.array([2.0, 0.0, 1.0, 0.0]),
-        new_item=np.zeros(4, np.float32),
-        new_nearest=content,
     )
     new = scores.as_new(np.array([0, 2]))
     for name in ("cf", "cf_recent", "item_item", "transitions"):
         values = getattr(new, name)
         assert np.isnan(values[[0, 2]]).all() and not np.isnan(values[[1, 3]]).any(), name
     np.testing.assert_array_equal(new.popularity, [0.0, 1.0, 0.0, 0.5])  # nothing counted
-    np.testing.assert_array_equal(new.new_item, [1.0, 0.0, 1.0, 0.0])
     # What the text says stays; the original is not changed.
     np.testing.assert_array_equal(new.retrieval, scores.retrieval)
     np.testing.assert_array_equal(new.content_nearest, content)
-    assert not np.isnan(scores.cf).any() and not scores.new_item.any()  # type: ignore[union-attr]
+    assert not np.isnan(scores.cf).any()
+    # Fusion sees them as missing, as it sees a product CF does not know.
     x = features(new)
     column = {name: x[:, i] for i, name in enumerate(FEATURES)}
-    np.testing.assert_array_equal(column["new_item"], [1.0, 0.0, 1.0, 0.0])
-    # The new products' similarity, standardised over the whole list; 0 for the others.
-    expected = normalise(content) * [1, 0, 1, 0]
-    np.testing.assert_allclose(column["new_nearest"], expected)
+    np.testing.assert_array_equal(column["cf_missing"], [1.0, 0.0, 1.0, 0.0])
+    np.testing.assert_array_equal(column["item_item_missing"], column["cf_missing"])
     np.testing.assert_allclose(column["content_nearest"], normalise(content))
-    assert not column["new_recent"].any()  # that signal is absent
 
 
 def test_context_fusion_picks_by_request_kind(tmp_path: Path) -> None:

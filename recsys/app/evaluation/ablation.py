@@ -73,13 +73,13 @@ VARIANTS = (
     Variant(
         "without content similarity",
         None,
-        ("content", "new_items"),
+        ("content",),
         "the embedding similarities to the history's items dropped as missing",
     ),
     Variant(
         "without language-model components",
         1.0,
-        ("cross_encoder", "content", "new_items"),
+        ("cross_encoder", "content"),
         "no dense retrieval (pool from CF alone), content similarity or cross-encoder",
     ),
 )
