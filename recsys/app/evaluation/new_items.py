@@ -31,6 +31,7 @@ from recsys.app.evaluation.baselines import (
 from recsys.app.evaluation.metrics import BOOTSTRAP_DRAWS, accuracy, paired_bootstrap_ratio
 from recsys.app.evaluation.metrics import per_query_ndcg as ndcgs
 from recsys.app.evaluation.models import EvalModels
+from recsys.app.evaluation.runner import EvalData, for_dataset
 from recsys.app.ingest import IngestReport, catalog_items
 from recsys.core.bundle import CURRENT, Bundle
 from recsys.core.errors import InvalidInput
@@ -61,7 +62,7 @@ def without_new(split: Split, new: set[str]) -> Split:
     return replace(split, train=kept(split.train), validation=kept(split.validation))
 
 
-def new_items_bundle(data: Any, root: Path, options: BuildOptions, new: set[str]) -> Bundle:
+def new_items_bundle(data: EvalData, root: Path, options: BuildOptions, new: set[str]) -> Bundle:
     """Opens ROOT if it was built for this protocol; otherwise builds it there from the train
     split without the held-out products (catalog and interactions), fitted on the protocol's
     validation without them."""
@@ -74,8 +75,6 @@ def new_items_bundle(data: Any, root: Path, options: BuildOptions, new: set[str]
                 "(it has seen them); pass an empty --bundle ROOT and evaluate builds one"
             )
         return bundle
-    from recsys.app.evaluation.runner import for_dataset
-
     split = without_new(data.split, new)
     catalog = data.inputs.catalog[~data.inputs.catalog["item_id"].astype(str).isin(new)]
     report = IngestReport(len(split.train), len(split.train), 0, ())
@@ -85,7 +84,7 @@ def new_items_bundle(data: Any, root: Path, options: BuildOptions, new: set[str]
 
 
 def run_new_items(
-    data: Any,
+    data: EvalData,
     bundle_root: Path,
     options: BuildOptions,
     pool: int | None,
