@@ -2,7 +2,7 @@
 
 Over the sample bundle the tests build once, for a fixed set of requests: the top 10 and fused
 scores of `Ranker.rank` (as built, and with the cross-encoder's second pass on for every kind),
-of the ablation's `full` variant, the two passes the build's fusion fitting gives on its
+of the ablation's `full` variant, the two passes the build's fusion fitting chose on its
 held-out lists, and the retrain gate's NDCG@10. Any change to how candidates are ranked, fused
 or fitted changes them. A deliberate change rewrites the file
 (`RECSYS_UPDATE_GOLDEN=1 pytest tests/test_golden.py`) and says why in its commit.
@@ -24,23 +24,17 @@ import pytest
 
 from gateway.candidates import CandidatePool, PoolPolicy
 from ranking_service.cf import ALSParams, CFModel
-from ranking_service.content import ItemVectors
-from ranking_service.cross_encoder import CrossEncoderScorer
-from ranking_service.fusion import ConvexFusion
-from ranking_service.fusion_fit import fit_two_pass, two_pass_ndcg
-from ranking_service.item_item import DEFAULT_LAMBDA, ItemItem, refitted
+from ranking_service.item_item import refitted
 from ranking_service.ranker import Ranker
 from recsys.app import build
 from recsys.app.evaluation import ablation
 from recsys.app.evaluation.models import EvalModels
 from recsys.app.sample import sample_paths
-from recsys.core import bundle as bundle_files
 from recsys.core.bundle import Bundle
 from recsys.core.settings import Settings
-from recsys.offline.fitting import search_lists, user_lists, validation_queries
 from recsys.offline.gate import recommend_ndcg
 from recsys.offline.heldout import HeldOut
-from recsys.offline.local import Pools, gather_pools, pool_request
+from recsys.offline.local import gather_pools, pool_request
 from recsys.offline.splits import histories, hold_out_recent
 from retrieval_service.retriever import Retriever
 
@@ -59,7 +53,6 @@ class Loaded:
     retriever: Retriever
     served: Ranker  # as the bundle's plan says
     rerank_all: Ranker  # with the cross-encoder's second pass for every kind of request
-    options: build.BuildOptions  # as the sample bundle was built
     inputs: build.BuildInputs
 
 
@@ -82,7 +75,7 @@ def loaded(sample_bundle_root: Path) -> Iterator[Loaded]:
         seed=int(built["seed"]),
     )
     try:
-        yield Loaded(bundle, retriever, served, rerank_all, options, build.load_inputs(options))
+        yield Loaded(bundle, retriever, served, rerank_all, build.load_inputs(options))
     finally:
         retriever.close()
 
@@ -159,47 +152,10 @@ def _ablation_full(loaded: Loaded, ranker: Ranker, pools: Sequence[CandidatePool
 
 
 def _fitting(loaded: Loaded) -> dict[str, Any]:
-    """The build's fusion fitting over the sample data's held-out lists: the build's own list
-    builders and `fit_two_pass` with the bundle's fine-tuned cross-encoder (fp32)."""
-    manifest, options, inputs = loaded.bundle.manifest, loaded.options, loaded.inputs
-    train, validation = hold_out_recent(inputs.interactions, options.holdout_per_user)
-    fitting = build.BuildInputs(inputs.catalog, train, inputs.report)
-    cf = CFModel.train(train, seed=options.seed, **ALSParams.of(manifest["cf"]).kwargs())
-    search = manifest["cf"]["item_item"]["search"]
-    lam = search["chosen"]["lambda"] if "chosen" in search else DEFAULT_LAMBDA
-    ranker = Ranker(
-        cf,
-        ConvexFusion(),
-        None,
-        {},
-        content=ItemVectors.load(loaded.bundle.path),
-        item_item=ItemItem.train(train, lam),
-    )
-    built = manifest["settings"]
-    pools = Pools(
-        loaded.retriever,
-        ranker,
-        int(built["candidate_pool"]),
-        PoolPolicy(cf_share=float(built["cf_candidate_share"])),
-    )
-    held_out = HeldOut.of(fitting.interactions, validation, options.relevant_min_weight)
-    history = user_lists(pools, held_out, options.seed)
-    queries = search_lists(pools, validation_queries(validation), options.seed)
-    scorer = CrossEncoderScorer.load(
-        loaded.bundle.file(bundle_files.CROSS_ENCODER_DIR),
-        "cpu",
-        int(manifest["cross_encoder"]["max_length"]),
-    )
-    out = {}
-    for kind, lists in (("history", history), ("query", queries)):
-        two_pass = fit_two_pass(
-            lists, scorer.score, ConvexFusion(), requests=kind, sweep_lists=options.fusion_lists
-        )
-        record = two_pass.to_dict()
-        if two_pass.second is not None:
-            record["two_pass_ndcg"] = two_pass_ndcg(two_pass, lists, scorer.score)[0]
-        out[kind] = _without_timings(record)
-    return out
+    """The two passes the build's fusion fitting chose on its held-out lists, as its manifest
+    records them (the sweep's NDCG@10 at each depth included)."""
+    fusion = loaded.bundle.manifest["fusion"]
+    return {kind: _without_timings(fusion[kind]) for kind in ("history", "query")}
 
 
 def _without_timings(value: Any) -> Any:

@@ -38,6 +38,21 @@ Pair = tuple[str, str]
 BASELINE_RERANK = 50
 
 
+def marked_bundle(root: Path, marks: Sequence[str], built_from: str) -> Bundle | None:
+    """ROOT's bundle when its build recorded one of `marks` as its split; None when ROOT has
+    none (the protocol builds one there); InvalidInput when it was built otherwise, since it
+    may have seen what the protocol holds out (`built_from` says what it should have been)."""
+    if not (root / bundle_files.CURRENT).is_file():
+        return None
+    bundle = Bundle.open(root)
+    if bundle.manifest.get("settings", {}).get("split") not in marks:
+        raise InvalidInput(
+            f"{root}: bundle {bundle.version} was not built {built_from} (it may have seen what "
+            "this protocol holds out); pass an empty --bundle ROOT and evaluate builds one"
+        )
+    return bundle
+
+
 @dataclass
 class EvalModels:
     """Retriever, ranker (CF + fusion), the fine-tuned cross-encoder (the copy serving uses)

@@ -30,10 +30,10 @@ from recsys.app.evaluation.baselines import (
 )
 from recsys.app.evaluation.metrics import BOOTSTRAP_DRAWS, accuracy, paired_bootstrap_ratio
 from recsys.app.evaluation.metrics import per_query_ndcg as ndcgs
-from recsys.app.evaluation.models import EvalModels
+from recsys.app.evaluation.models import EvalModels, marked_bundle
 from recsys.app.evaluation.runner import EvalData, for_dataset
 from recsys.app.ingest import IngestReport, catalog_items
-from recsys.core.bundle import CURRENT, Bundle
+from recsys.core.bundle import Bundle
 from recsys.core.errors import InvalidInput
 from recsys.offline.local import gather_pools, pool_request
 from recsys.offline.splits import Split
@@ -67,13 +67,8 @@ def new_items_bundle(data: EvalData, root: Path, options: BuildOptions, new: set
     split without the held-out products (catalog and interactions), fitted on the protocol's
     validation without them."""
     mark = split_mark(data.dataset)
-    if (root / CURRENT).is_file():
-        bundle = Bundle.open(root)
-        if bundle.manifest.get("settings", {}).get("split") != mark:
-            raise InvalidInput(
-                f"{root}: bundle {bundle.version} was not built without the held-out products "
-                "(it has seen them); pass an empty --bundle ROOT and evaluate builds one"
-            )
+    bundle = marked_bundle(root, [mark], "without the held-out products")
+    if bundle is not None:
         return bundle
     split = without_new(data.split, new)
     catalog = data.inputs.catalog[~data.inputs.catalog["item_id"].astype(str).isin(new)]

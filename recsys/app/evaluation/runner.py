@@ -32,12 +32,12 @@ from recsys.app.evaluation.metrics import (
     paired_bootstrap_ratio,
     per_query_ndcg,
 )
-from recsys.app.evaluation.models import EvalModels
+from recsys.app.evaluation.models import EvalModels, marked_bundle
 from recsys.app.evaluation.report import write_report
 from recsys.app.evaluation.unseen import evaluate_unseen
 from recsys.app.ingest import IngestReport, load_catalog, load_interactions
 from recsys.app.movielens import TagQuery, read_queries
-from recsys.core.bundle import CURRENT, Bundle
+from recsys.core.bundle import Bundle
 from recsys.core.errors import InvalidInput
 from recsys.offline.splits import Split, temporal_split
 
@@ -174,14 +174,8 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
     SPLIT_MARK), or as a plain `recsys build` from everything before test (FIT_ON["own-holdout"])."""
     options = for_dataset(options, data)
     marks = split_marks(data.dataset)
-    if (root / CURRENT).is_file():
-        bundle = Bundle.open(root)
-        if bundle.manifest.get("settings", {}).get("split") not in marks.values():
-            raise InvalidInput(
-                f"{root}: bundle {bundle.version} was not built from the {data.dataset} train "
-                "split (it may have seen test interactions); pass an empty --bundle ROOT and "
-                "evaluate builds one"
-            )
+    bundle = marked_bundle(root, list(marks.values()), f"from the {data.dataset} train split")
+    if bundle is not None:
         return bundle
     train_queries = [(q.query, q.item_ids) for q in data.queries if q.split == "train"]
     inputs = replace(data.inputs, queries=train_queries)

@@ -29,10 +29,10 @@ from recsys.app.evaluation.metrics import (
     paired_bootstrap_ratio,
     per_query_ndcg,
 )
-from recsys.app.evaluation.models import EvalModels, rerank
+from recsys.app.evaluation.models import EvalModels, marked_bundle, rerank
 from recsys.app.evaluation.report import interval, table
 from recsys.app.movielens import read_queries
-from recsys.core.bundle import CURRENT, Bundle
+from recsys.core.bundle import Bundle
 from recsys.core.errors import InvalidInput
 from recsys.core.scoring import K
 from recsys.offline.local import pool_request
@@ -57,13 +57,8 @@ Run = dict[str, list[str]]
 def scifact_bundle(data_dir: Path, root: Path, options: BuildOptions) -> Bundle:
     """ROOT's bundle when it was built for this protocol (training claims only); built there
     as a plain search bundle when ROOT has none."""
-    if (root / CURRENT).is_file():
-        bundle = Bundle.open(root)
-        if bundle.manifest.get("settings", {}).get("split") != SPLIT_MARK:
-            raise InvalidInput(
-                f"{root}: bundle {bundle.version} was not built by `recsys evaluate` from the "
-                "training claims (it may have seen test claims); pass an empty --bundle ROOT"
-            )
+    bundle = marked_bundle(root, [SPLIT_MARK], "by `recsys evaluate` from the training claims")
+    if bundle is not None:
         return bundle
     return build_bundle(
         replace(
