@@ -10,6 +10,12 @@ the pool (CF still scores every candidate in ranking); without one, retrieval fi
 `1 - cf_share` of it and CF the rest; a user id alone is answered from CF. Order: retrieval's
 hits in its order, then CF's items retrieval did not return, in CF's order. Exclusions: the
 request's history and exclusions (CF also leaves out what a known user had at training).
+
+New products: neither source reaches a product no interaction of the bundle had (CF cannot
+know it; among the products CF knows, the dense half rarely ranks it high enough). So a
+recommendation (a history, no query) also asks retrieval for the nearest such product, which
+joins the pool, and `with_new_item` keeps the policy's `new_item_slot` in the answer for it when
+ranking placed it lower.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -34,7 +40,7 @@ from recsys.core.domain import (
     RankContext,
     SearchQuery,
 )
-from recsys.core.errors import DeadlineExceeded, NotFound, VersionUnavailable
+from recsys.core.errors import DeadlineExceeded, InvalidInput, NotFound, VersionUnavailable
 from recsys.core.settings import Settings, default
 
 log = logging.getLogger(__name__)
@@ -49,10 +55,16 @@ class PoolPolicy:
     cf_share: float = default("cf_candidate_share")
     max_text_chars: int = default("max_text_chars")  # longer item texts are cut, never refused
     max_ids_per_call: int = default("max_k")  # retrieval refuses larger GetItems calls
+    new_item_slot: int = default("new_item_slot")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PoolPolicy:
-        return cls(settings.cf_candidate_share, settings.max_text_chars, settings.max_k)
+        return cls(
+            settings.cf_candidate_share,
+            settings.max_text_chars,
+            settings.max_k,
+            settings.new_item_slot,
+        )
 
 
 @dataclass(frozen=True)
@@ -94,6 +106,9 @@ class CandidatePool:
     # Every bundle version that answered a call of this gathering (retrieval's and CF's): one,
     # unless a service switched versions meanwhile.
     bundle_versions: frozenset[str] = frozenset()
+    # The new product nearest the history (retrieval's new-items search), when one was asked for
+    # and found: the one `with_new_item` gives a place.
+    new_item: str | None = None
 
     def context(self) -> RankContext:
         """What ranking is told about the request."""
@@ -143,6 +158,21 @@ def merge(hits: Sequence[Hit], recalled: Sequence[Recalled]) -> list[PoolItem]:
     return pool
 
 
+def with_new_item(
+    order: Sequence[T], item_id: Callable[[T], str], pool: CandidatePool, slot: int
+) -> list[T]:
+    """`order` (best first) with the pool's new product moved up to position `slot` (from 1)
+    when it is lower; unchanged when slot is 0 or the product is not in `order`."""
+    out = list(order)
+    ids = [item_id(x) for x in out]
+    if not slot or pool.new_item not in ids:
+        return out
+    at = ids.index(pool.new_item)
+    if at >= slot:
+        out.insert(slot - 1, out.pop(at))
+    return out
+
+
 async def gather_candidates(
     request: RecommendRequest,
     retrieval: RetrievalStage,
@@ -164,7 +194,7 @@ async def gather_candidates(
     )
     # A recommender should not return what the user already has.
     exclude = request.exclude_item_ids | frozenset(history_ids)
-    search = lookup = recall = None
+    search = lookup = recall = newest = None
     if dense_k:
         query = SearchQuery(
             top_k=dense_k,
@@ -184,11 +214,31 @@ async def gather_candidates(
             end,
             "CF recall",
         )
-    tasks = [t for t in (search, lookup, recall) if t is not None]
+    if dense_k and not request.query and policy.new_item_slot:
+        newest = _start(
+            retrieval.search(
+                SearchQuery(
+                    top_k=1,
+                    # The most recent item alone: nearer the next purchase than the whole
+                    # history's mean on the new-items protocol's validation users (docs).
+                    history_item_ids=history_ids[:1],
+                    categories=request.categories,
+                    exclude_item_ids=exclude,
+                    include_text=True,
+                    include_vectors=request.diversity > 0,
+                    new_items_only=True,
+                ),
+                end - time.perf_counter(),
+                version,
+            ),
+            end,
+        )
+    tasks = [t for t in (search, lookup, recall, newest) if t is not None]
     try:
         result: SearchResult | None = await search if search is not None else None
         found, answered = await lookup if lookup is not None else ([], set())
         recalled, recall_versions, reasons = await _recalled(recall, required=search is None)
+        new = await _new_items(newest)
     finally:
         for task in tasks:
             task.cancel()  # a failure leaves the others unawaited: stop them
@@ -198,6 +248,10 @@ async def gather_candidates(
     if result is not None:
         answered.add(result.bundle_version)
     hits = result.hits if result is not None else []
+    if new is not None:
+        answered.add(new.bundle_version)
+        seen = {h.item_id for h in hits}
+        hits = hits + [h for h in new.hits if "new" in h.found_by and h.item_id not in seen]
     versions = {"bundle_version": result.bundle_version, **result.versions} if result else {}
     # Unknown history ids are simply not in the context.
     history = tuple(
@@ -214,6 +268,7 @@ async def gather_candidates(
         recalled=len(recalled),
         max_text_chars=policy.max_text_chars,
         bundle_versions=frozenset(answered - {""}),
+        new_item=next((h.item_id for h in new.hits if "new" in h.found_by), None) if new else None,
     )
 
 
@@ -284,6 +339,22 @@ async def _recalled(
         log.warning("CF recall failed, candidates from retrieval only: %r", exc)
         return [], set(), [DegradedReason.CF_UNAVAILABLE]
     return recalled, answered, []
+
+
+async def _new_items(search: asyncio.Future[SearchResult] | None) -> SearchResult | None:
+    """The new-items search's answer; None when none was asked for or it failed (the answer
+    then simply has no new product)."""
+    if search is None:
+        return None
+    try:
+        return await search
+    except VersionUnavailable:
+        raise
+    except InvalidInput:
+        return None  # the most recent item is not in the catalog (any more)
+    except Exception as exc:
+        log.warning("new-items search failed, answering without a new product: %r", exc)
+        return None
 
 
 def _retrieved(task: asyncio.Future[Any]) -> None:

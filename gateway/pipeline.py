@@ -1,4 +1,5 @@
-"""The Recommend flow: gather candidates, rank (or degrade), diversify, cut to k.
+"""The Recommend flow: gather candidates, rank (or degrade), diversify, place the new product
+(gateway.candidates.with_new_item), cut to k.
 
 Candidates come from gateway.candidates (retrieval's Search and, for requests without a
 query, CF's RecallCandidates, concurrently); it says how they mix.
@@ -25,7 +26,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gateway.candidates import CandidatePool, PoolItem, PoolPolicy, gather_candidates
+from gateway.candidates import (
+    CandidatePool,
+    PoolItem,
+    PoolPolicy,
+    gather_candidates,
+    with_new_item,
+)
 from gateway.diversity import mmr
 from gateway.protocol import Recommendation, RecommendedItem, RecommendRequest
 from gateway.stages import RankingStage, RankResult, RetrievalStage, within
@@ -110,6 +117,7 @@ class RecommendPipeline:
             # MMR is quadratic in the pool: off the event loop, like all heavy work.
             entries = await asyncio.to_thread(_diversify, entries, request.k, request.diversity)
             timings["diversity"] = time.perf_counter() - t0
+        entries = with_new_item(entries, _entry_id, pool, self.policy.new_item_slot)
         items = [_item(e) for e in entries[: request.k]]
         timings["total"] = time.perf_counter() - started
 
@@ -200,6 +208,10 @@ def _no_common_version(versions: set[str] | frozenset[str]) -> NotReady:
         "retrieval and ranking are switching bundle versions and hold none in common "
         f"(seen: {', '.join(sorted(versions))}); retry shortly"
     )
+
+
+def _entry_id(entry: _Entry) -> str:
+    return entry.candidate.item_id
 
 
 def _ranked_entries(pool: list[PoolItem], ranked: RankResult) -> list[_Entry]:

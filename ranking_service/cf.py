@@ -14,6 +14,7 @@ import pandas as pd
 import scipy.sparse as sp
 from threadpoolctl import threadpool_limits
 
+from recsys.core.bundle import CF_ITEMS
 from recsys.core.errors import InvalidInput
 
 log = logging.getLogger(__name__)
@@ -188,7 +189,7 @@ class CFModel:
         if self.user_items is not None:
             sp.save_npz(out_dir / "user_items.npz", self.user_items)
         (out_dir / "users.json").write_text(json.dumps(self.user_ids))
-        (out_dir / "items.json").write_text(json.dumps(self.item_ids))
+        (out_dir / CF_ITEMS).write_text(json.dumps(self.item_ids))
         params = {
             "factors": self.factors,
             "iterations": self.iterations,
@@ -205,7 +206,7 @@ class CFModel:
         user_items = in_dir / "user_items.npz"
         return cls(
             user_ids=json.loads((in_dir / "users.json").read_text()),
-            item_ids=json.loads((in_dir / "items.json").read_text()),
+            item_ids=json.loads((in_dir / CF_ITEMS).read_text()),
             user_factors=np.load(in_dir / "user_factors.npy"),
             item_factors=np.load(in_dir / "item_factors.npy"),
             regularization=params["regularization"],

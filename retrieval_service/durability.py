@@ -176,7 +176,7 @@ class LocalState:
             if successor is None:
                 if self.state is not None:
                     self.state.append_upsert(items, vectors)
-                owner.catalog.upsert(items, vectors)
+                owner.put(items, vectors)
                 if self._tap is not None:
                     self._tap += upserts(items, vectors, owner.encoder_id)
                 if mirror is not None and self._predecessor is mirror:
@@ -195,7 +195,7 @@ class LocalState:
                 present = owner.present(item_ids)
                 if present and self.state is not None:
                     self.state.append_delete(present)
-                result = owner.catalog.delete(item_ids)
+                result = owner.remove(item_ids)
                 if present and self._tap is not None:
                     self._tap += deletes(present)
                 if present and self._predecessor is not None:

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from recsys.core.bundle import Bundle
+from recsys.core.bundle import CATALOG, Bundle
 from recsys.core.domain import Hit, Item, SearchQuery
 from recsys.core.encoder import TextEncoder
 from recsys.core.errors import InvalidInput
@@ -27,6 +28,7 @@ from retrieval_service.catalog import ItemStore
 from retrieval_service.changelog import ChangeLog
 from retrieval_service.changes import Change, encoder_identity
 from retrieval_service.durability import Durability, LocalState, Replay, SharedLog
+from retrieval_service.new_items import NewItems
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,7 @@ class Retriever:
         durability: Durability | None = None,
         backend: CatalogOpener = FaissCatalog.open,
         hybrid: HybridSettings = HybridSettings(),
+        new_items: NewItems | None = None,
     ) -> None:
         self.encoder = encoder
         self.catalog = catalog
@@ -72,6 +75,8 @@ class Retriever:
         # (a successor version is opened the same way).
         self.durability: Durability = durability if durability is not None else LocalState()
         self.backend = backend
+        # The live items CF cannot know (default: every item is new, as without interactions).
+        self.new_items = new_items if new_items is not None else NewItems(None, ())
         self.replayed = Replay()  # what loading applied
         # Held while a change is recorded and applied (so they keep one order) and across a
         # hot swap's hand-over; searches do not take it (the catalog guards itself).
@@ -133,6 +138,7 @@ class Retriever:
         manifest = bundle.manifest
         encoder = TextEncoder.of_bundle(bundle, device)
         catalog = backend(bundle, device)
+        built = pd.read_parquet(bundle.file(CATALOG), columns=["item_id"])["item_id"]
         return cls(
             encoder,
             catalog,
@@ -142,6 +148,7 @@ class Retriever:
             durability,
             backend,
             hybrid,
+            NewItems(bundle.interacted_item_ids(), built.astype(str)),
         )
 
     @property
@@ -199,6 +206,8 @@ class Retriever:
         A query with text is hybrid: the dense list and the lexical (BM25) list of the same
         length, merged by reciprocal rank fusion; each hit carries both retrievers' scores."""
         vector, unknown = self.query_vector(query)
+        if query.new_items_only:
+            return self._new_hits(query, vector), unknown
         lexical_text = query.text if self.hybrid.lexical and query.vector is None else ""
         dense = self.catalog.search(
             vector,
@@ -234,6 +243,27 @@ class Retriever:
                 hits = self._with_lexical_scores(lexical_text, hits)
             return hits, unknown
         return self._fused(query, vector, lexical_text, dense, lexical), unknown
+
+    def _new_hits(self, query: SearchQuery, vector: np.ndarray) -> list[Hit]:
+        found = self.new_items.search(
+            self.catalog,
+            vector,
+            query.top_k,
+            query.exclude_item_ids,
+            query.categories,
+            query.include_vectors,
+        )
+        return [
+            Hit(
+                item.item_id,
+                score,
+                item if query.include_text else None,
+                found_vector,
+                dense_score=score,
+                found_by=("new",),
+            )
+            for item, score, found_vector in found
+        ]
 
     def _fused(
         self,
@@ -336,6 +366,17 @@ class Retriever:
 
     # -- for the durability: applying changes ----------------------------------------------------
 
+    def put(self, items: Sequence[Item], vectors: np.ndarray) -> None:
+        """Stores the items in the catalog (the caller holds the lock)."""
+        self.catalog.upsert(items, vectors)
+        self.new_items.added([item.item_id for item in items])
+
+    def remove(self, item_ids: Sequence[str]) -> tuple[list[str], list[str]]:
+        """Tombstones the items in the catalog (the caller holds the lock): (deleted, missing)."""
+        result = self.catalog.delete(item_ids)
+        self.new_items.removed(item_ids)
+        return result
+
     def apply(self, latest: Mapping[str, Change]) -> Replay:
         """Applies the latest change per item in one step: stored vectors where this version's
         encoder made them, one batched encoding pass (outside the lock) for the rest."""
@@ -356,9 +397,9 @@ class Retriever:
             parts.append(self.encoder.encode([item.text() for item in stale]))
         with self.lock:
             if parts:
-                self.catalog.upsert(stored + stale, np.concatenate(parts))
+                self.put(stored + stale, np.concatenate(parts))
             if deleted:
-                self.catalog.delete(deleted)
+                self.remove(deleted)
         return Replay(
             upserts=len(stored) + len(stale),
             deletes=len(deleted),

@@ -54,6 +54,7 @@ def search_query(msg: retrieval_pb2.SearchRequest, settings: Settings) -> Search
         exclude_item_ids=frozenset(msg.filter.exclude_item_ids),
         include_text=msg.include_text,
         include_vectors=msg.include_vectors,
+        new_items_only=msg.new_items_only,
     )
 
 

@@ -132,7 +132,9 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
         item_item=build.item_item_search.model,
     )
     retriever = _staged_retriever(build.fitting, build.retrieval, build.stage)
-    policy = PoolPolicy(cf_share=options.cf_candidate_share)
+    # Without the new-product search: the staged version's products all have interactions,
+    # and fusion learns new products from the ones fitting.user_lists treats as new.
+    policy = PoolPolicy(cf_share=options.cf_candidate_share, new_item_slot=0)
     build.pools = Pools(retriever, ranker, options.candidate_pool, policy)
     return {}
 

@@ -31,6 +31,8 @@ INDEX = "index.faiss"
 LEXICAL = "lexical.npz"
 ENCODER_DIR = "encoder"
 CF_DIR = "cf"
+# In CF_DIR: CF's item ids, in its factor rows' order (the items some interaction of the build had).
+CF_ITEMS = "items.json"
 CROSS_ENCODER_DIR = "cross_encoder"
 # Cheaper copies of the cross-encoder for CPU serving (the build validates which may serve).
 CROSS_ENCODER_INT8_DIR = "cross_encoder_int8"
@@ -208,6 +210,11 @@ class Bundle:
         except json.JSONDecodeError as exc:
             raise InvalidInput(f"{manifest_path}: not valid JSON ({exc})") from None
         return cls(root=root, version=version, manifest=manifest)
+
+    def interacted_item_ids(self) -> frozenset[str] | None:
+        """The items some interaction of the build had (CF's); None for a bundle without CF."""
+        path = self.file(CF_DIR) / CF_ITEMS
+        return frozenset(json.loads(_read(path))) if path.is_file() else None
 
     def verify(self) -> list[str]:
         """Names of files whose checksum differs from the manifest (or that are missing)."""

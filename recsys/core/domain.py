@@ -40,6 +40,7 @@ class SearchQuery:
     exclude_item_ids: frozenset[str] = frozenset()
     include_text: bool = False
     include_vectors: bool = False
+    new_items_only: bool = False  # only items no interaction of the bundle had
 
 
 @dataclass(frozen=True)

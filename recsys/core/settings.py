@@ -226,6 +226,13 @@ class Settings(BaseSettings):
         le=1,
         description="Share of the candidate pool CF fills for requests without a query.",
     )
+    new_item_slot: int = Field(
+        5,
+        ge=0,
+        description="Position (from 1) in a recommendation's answer (a history, no query) kept "
+        "for the new product nearest the history, one no interaction of the bundle had, when "
+        "ranking placed none higher; 0: off.",
+    )
 
     log_level: str = "INFO"
 

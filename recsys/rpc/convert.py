@@ -77,6 +77,7 @@ def search_request(query: SearchQuery) -> retrieval_pb2.SearchRequest:
         ),
         include_text=query.include_text,
         include_vectors=query.include_vectors,
+        new_items_only=query.new_items_only,
     )
 
 

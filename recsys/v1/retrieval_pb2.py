@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xcc\x01\n\rSearchRequest\x12\x12\n\nquery_text\x18\x01 \x01(\t\x12\x14\n\x0cquery_vector\x18\x02 \x03(\x02\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12!\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Filter\x12\x14\n\x0cinclude_text\x18\x06 \x01(\x08\x12\x17\n\x0finclude_vectors\x18\x07 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x08 \x01(\t\"\xd2\x01\n\tSearchHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x04item\x18\x03 \x01(\x0b\x32\x0f.recsys.v1.Item\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06vector\x18\x05 \x03(\x02\x12\x18\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlexical_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08\x66ound_by\x18\x08 \x03(\tB\x0e\n\x0c_dense_scoreB\x10\n\x0e_lexical_score\"n\n\x0eSearchResponse\x12\"\n\x04hits\x18\x01 \x03(\x0b\x32\x14.recsys.v1.SearchHit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12 \n\x18unknown_history_item_ids\x18\x03 \x03(\t\"T\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"I\n\nItemRecord\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.recsys.v1.Item\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\"j\n\x10GetItemsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ItemRecord\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"4\n\x12UpsertItemsRequest\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.recsys.v1.Item\";\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x12\n\nindex_size\x18\x02 \x01(\x04\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"T\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t\x12\x12\n\nindex_size\x18\x03 \x01(\x04\"\x15\n\x13GetIndexInfoRequest\"\xda\x01\n\x14GetIndexInfoResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x15\n\rindex_factory\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x0f\n\x07pooling\x18\x07 \x01(\t\x12\x12\n\nchange_log\x18\x08 \x01(\t\x12\x1b\n\x13\x63hange_log_position\x18\t \x01(\x04\x12\x0f\n\x07lexical\x18\n \x01(\t2\x83\x03\n\x10RetrievalService\x12=\n\x06Search\x12\x18.recsys.v1.SearchRequest\x1a\x19.recsys.v1.SearchResponse\x12\x43\n\x08GetItems\x12\x1a.recsys.v1.GetItemsRequest\x1a\x1b.recsys.v1.GetItemsResponse\x12L\n\x0bUpsertItems\x12\x1d.recsys.v1.UpsertItemsRequest\x1a\x1e.recsys.v1.UpsertItemsResponse\x12L\n\x0b\x44\x65leteItems\x12\x1d.recsys.v1.DeleteItemsRequest\x1a\x1e.recsys.v1.DeleteItemsResponse\x12O\n\x0cGetIndexInfo\x12\x1e.recsys.v1.GetIndexInfoRequest\x1a\x1f.recsys.v1.GetIndexInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19recsys/v1/retrieval.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xe4\x01\n\rSearchRequest\x12\x12\n\nquery_text\x18\x01 \x01(\t\x12\x14\n\x0cquery_vector\x18\x02 \x03(\x02\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\x12\r\n\x05top_k\x18\x04 \x01(\r\x12!\n\x06\x66ilter\x18\x05 \x01(\x0b\x32\x11.recsys.v1.Filter\x12\x14\n\x0cinclude_text\x18\x06 \x01(\x08\x12\x17\n\x0finclude_vectors\x18\x07 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x08 \x01(\t\x12\x16\n\x0enew_items_only\x18\t \x01(\x08\"\xd2\x01\n\tSearchHit\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\x12\x1d\n\x04item\x18\x03 \x01(\x0b\x32\x0f.recsys.v1.Item\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x0e\n\x06vector\x18\x05 \x03(\x02\x12\x18\n\x0b\x64\x65nse_score\x18\x06 \x01(\x02H\x00\x88\x01\x01\x12\x1a\n\rlexical_score\x18\x07 \x01(\x02H\x01\x88\x01\x01\x12\x10\n\x08\x66ound_by\x18\x08 \x03(\tB\x0e\n\x0c_dense_scoreB\x10\n\x0e_lexical_score\"n\n\x0eSearchResponse\x12\"\n\x04hits\x18\x01 \x03(\x0b\x32\x14.recsys.v1.SearchHit\x12\x16\n\x0e\x62undle_version\x18\x02 \x01(\t\x12 \n\x18unknown_history_item_ids\x18\x03 \x03(\t\"T\n\x0fGetItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\x12\x17\n\x0finclude_vectors\x18\x02 \x01(\x08\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"I\n\nItemRecord\x12\x1d\n\x04item\x18\x01 \x01(\x0b\x32\x0f.recsys.v1.Item\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0e\n\x06vector\x18\x03 \x03(\x02\"j\n\x10GetItemsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.ItemRecord\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\"4\n\x12UpsertItemsRequest\x12\x1e\n\x05items\x18\x01 \x03(\x0b\x32\x0f.recsys.v1.Item\";\n\x13UpsertItemsResponse\x12\x10\n\x08upserted\x18\x01 \x01(\r\x12\x12\n\nindex_size\x18\x02 \x01(\x04\"&\n\x12\x44\x65leteItemsRequest\x12\x10\n\x08item_ids\x18\x01 \x03(\t\"T\n\x13\x44\x65leteItemsResponse\x12\x0f\n\x07\x64\x65leted\x18\x01 \x01(\r\x12\x18\n\x10missing_item_ids\x18\x02 \x03(\t\x12\x12\n\nindex_size\x18\x03 \x01(\x04\"\x15\n\x13GetIndexInfoRequest\"\xda\x01\n\x14GetIndexInfoResponse\x12\x0c\n\x04size\x18\x01 \x01(\x04\x12\x11\n\tdimension\x18\x02 \x01(\r\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\t\x12\x15\n\rindex_factory\x18\x04 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x05 \x01(\t\x12\x0f\n\x07\x65ncoder\x18\x06 \x01(\t\x12\x0f\n\x07pooling\x18\x07 \x01(\t\x12\x12\n\nchange_log\x18\x08 \x01(\t\x12\x1b\n\x13\x63hange_log_position\x18\t \x01(\x04\x12\x0f\n\x07lexical\x18\n \x01(\t2\x83\x03\n\x10RetrievalService\x12=\n\x06Search\x12\x18.recsys.v1.SearchRequest\x1a\x19.recsys.v1.SearchResponse\x12\x43\n\x08GetItems\x12\x1a.recsys.v1.GetItemsRequest\x1a\x1b.recsys.v1.GetItemsResponse\x12L\n\x0bUpsertItems\x12\x1d.recsys.v1.UpsertItemsRequest\x1a\x1e.recsys.v1.UpsertItemsResponse\x12L\n\x0b\x44\x65leteItems\x12\x1d.recsys.v1.DeleteItemsRequest\x1a\x1e.recsys.v1.DeleteItemsResponse\x12O\n\x0cGetIndexInfo\x12\x1e.recsys.v1.GetIndexInfoRequest\x1a\x1f.recsys.v1.GetIndexInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,29 +33,29 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.retrieval_pb2', _
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SEARCHREQUEST']._serialized_start=65
-  _globals['_SEARCHREQUEST']._serialized_end=269
-  _globals['_SEARCHHIT']._serialized_start=272
-  _globals['_SEARCHHIT']._serialized_end=482
-  _globals['_SEARCHRESPONSE']._serialized_start=484
-  _globals['_SEARCHRESPONSE']._serialized_end=594
-  _globals['_GETITEMSREQUEST']._serialized_start=596
-  _globals['_GETITEMSREQUEST']._serialized_end=680
-  _globals['_ITEMRECORD']._serialized_start=682
-  _globals['_ITEMRECORD']._serialized_end=755
-  _globals['_GETITEMSRESPONSE']._serialized_start=757
-  _globals['_GETITEMSRESPONSE']._serialized_end=863
-  _globals['_UPSERTITEMSREQUEST']._serialized_start=865
-  _globals['_UPSERTITEMSREQUEST']._serialized_end=917
-  _globals['_UPSERTITEMSRESPONSE']._serialized_start=919
-  _globals['_UPSERTITEMSRESPONSE']._serialized_end=978
-  _globals['_DELETEITEMSREQUEST']._serialized_start=980
-  _globals['_DELETEITEMSREQUEST']._serialized_end=1018
-  _globals['_DELETEITEMSRESPONSE']._serialized_start=1020
-  _globals['_DELETEITEMSRESPONSE']._serialized_end=1104
-  _globals['_GETINDEXINFOREQUEST']._serialized_start=1106
-  _globals['_GETINDEXINFOREQUEST']._serialized_end=1127
-  _globals['_GETINDEXINFORESPONSE']._serialized_start=1130
-  _globals['_GETINDEXINFORESPONSE']._serialized_end=1348
-  _globals['_RETRIEVALSERVICE']._serialized_start=1351
-  _globals['_RETRIEVALSERVICE']._serialized_end=1738
+  _globals['_SEARCHREQUEST']._serialized_end=293
+  _globals['_SEARCHHIT']._serialized_start=296
+  _globals['_SEARCHHIT']._serialized_end=506
+  _globals['_SEARCHRESPONSE']._serialized_start=508
+  _globals['_SEARCHRESPONSE']._serialized_end=618
+  _globals['_GETITEMSREQUEST']._serialized_start=620
+  _globals['_GETITEMSREQUEST']._serialized_end=704
+  _globals['_ITEMRECORD']._serialized_start=706
+  _globals['_ITEMRECORD']._serialized_end=779
+  _globals['_GETITEMSRESPONSE']._serialized_start=781
+  _globals['_GETITEMSRESPONSE']._serialized_end=887
+  _globals['_UPSERTITEMSREQUEST']._serialized_start=889
+  _globals['_UPSERTITEMSREQUEST']._serialized_end=941
+  _globals['_UPSERTITEMSRESPONSE']._serialized_start=943
+  _globals['_UPSERTITEMSRESPONSE']._serialized_end=1002
+  _globals['_DELETEITEMSREQUEST']._serialized_start=1004
+  _globals['_DELETEITEMSREQUEST']._serialized_end=1042
+  _globals['_DELETEITEMSRESPONSE']._serialized_start=1044
+  _globals['_DELETEITEMSRESPONSE']._serialized_end=1128
+  _globals['_GETINDEXINFOREQUEST']._serialized_start=1130
+  _globals['_GETINDEXINFOREQUEST']._serialized_end=1151
+  _globals['_GETINDEXINFORESPONSE']._serialized_start=1154
+  _globals['_GETINDEXINFORESPONSE']._serialized_end=1372
+  _globals['_RETRIEVALSERVICE']._serialized_start=1375
+  _globals['_RETRIEVALSERVICE']._serialized_end=1762
 # @@protoc_insertion_point(module_scope)

@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query_text", "query_vector", "history_item_ids", "top_k", "filter", "include_text", "include_vectors", "bundle_version")
+    __slots__ = ("query_text", "query_vector", "history_item_ids", "top_k", "filter", "include_text", "include_vectors", "bundle_version", "new_items_only")
     QUERY_TEXT_FIELD_NUMBER: _ClassVar[int]
     QUERY_VECTOR_FIELD_NUMBER: _ClassVar[int]
     HISTORY_ITEM_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class SearchRequest(_message.Message):
     INCLUDE_TEXT_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_VECTORS_FIELD_NUMBER: _ClassVar[int]
     BUNDLE_VERSION_FIELD_NUMBER: _ClassVar[int]
+    NEW_ITEMS_ONLY_FIELD_NUMBER: _ClassVar[int]
     query_text: str
     query_vector: _containers.RepeatedScalarFieldContainer[float]
     history_item_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -25,7 +26,8 @@ class SearchRequest(_message.Message):
     include_text: bool
     include_vectors: bool
     bundle_version: str
-    def __init__(self, query_text: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., include_text: _Optional[bool] = ..., include_vectors: _Optional[bool] = ..., bundle_version: _Optional[str] = ...) -> None: ...
+    new_items_only: bool
+    def __init__(self, query_text: _Optional[str] = ..., query_vector: _Optional[_Iterable[float]] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ..., include_text: _Optional[bool] = ..., include_vectors: _Optional[bool] = ..., bundle_version: _Optional[str] = ..., new_items_only: _Optional[bool] = ...) -> None: ...
 
 class SearchHit(_message.Message):
     __slots__ = ("item_id", "score", "item", "text", "vector", "dense_score", "lexical_score", "found_by")

@@ -52,8 +52,10 @@ class TinyRetriever:
         self,
         catalog: Iterable[Item] = CATALOG,
         max_ids: int | None = None,
+        new: frozenset[str] = frozenset(),
     ) -> None:
         self.items = {item.item_id: item for item in catalog}
+        self.new = new  # the products a new_items_only search ranks
         self.vectors = {item_id: embed(item.text()) for item_id, item in self.items.items()}
         self.max_ids = max_ids
         self.queries: list[SearchQuery] = []
@@ -74,10 +76,12 @@ class TinyRetriever:
                 float(vector @ v / np.linalg.norm(vector)),
                 self.items[item_id] if query.include_text else None,
                 v.copy() if query.include_vectors else None,
+                found_by=("new",) if query.new_items_only else ("dense",),
             )
             for item_id, v in self.vectors.items()
             if item_id not in query.exclude_item_ids
             and (not query.categories or self.items[item_id].category in query.categories)
+            and (not query.new_items_only or item_id in self.new)
         ]
         hits.sort(key=lambda h: -h.score)
         unknown = [i for i in query.history_item_ids if i not in self.items]

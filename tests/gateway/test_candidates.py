@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.candidates import CandidatePool, PoolPolicy, gather_candidates
+from gateway.candidates import CandidatePool, PoolPolicy, gather_candidates, with_new_item
 from gateway.pipeline import RecommendPipeline
 from gateway.protocol import RecommendRequest
 from ranking_service.cf import CFModel
@@ -222,3 +222,45 @@ def test_a_user_id_alone_is_answered_from_cf_only() -> None:
     assert [p.item_id for p in pool.items] == list(CF_ORDER[:5])
     assert all(p.retrieval_score is None for p in pool.items)
     assert pool.retrieved == 0 and pool.history == ()
+
+
+# -- the new product's place -------------------------------------------------------------------
+
+
+def test_a_recommendation_asks_for_the_new_product_nearest_the_latest_item_and_keeps_its_slot() -> (
+    None
+):
+    retriever = TinyRetriever(new=frozenset({"t2", "r4"}))
+    policy = PoolPolicy(new_item_slot=2)
+    pool = gather(
+        request(history_item_ids=("t1", "r1"), candidate_pool=4), retriever, policy=policy
+    )
+    lane = [q for q in retriever.queries if q.new_items_only]
+    assert len(lane) == 1 and lane[0].top_k == 1
+    assert lane[0].history_item_ids == ("t1",)  # the most recent item alone
+    assert lane[0].exclude_item_ids == {"t1", "r1"}
+    assert pool.new_item == "t2"  # the camping tent is nearer the tent than the shoes are
+    assert "t2" in [p.item_id for p in pool.items]
+    # Moved up to the slot when ranked lower; left where it is when ranked higher.
+    assert with_new_item(["a", "b", "c", "t2"], str, pool, 2) == ["a", "t2", "b", "c"]
+    assert with_new_item(["t2", "a", "b"], str, pool, 2) == ["t2", "a", "b"]
+    assert with_new_item(["a", "b", "c", "t2"], str, pool, 0) == ["a", "b", "c", "t2"]
+    answer = asyncio.run(
+        RecommendPipeline(
+            LocalRetrievalStage(retriever),
+            LocalRankingStage(OverlapRanker()),
+            Settings.built_in(new_item_slot=2),
+        ).recommend(request(history_item_ids=("t1", "r1"), candidate_pool=4, k=3), DEADLINE_S)
+    )
+    assert "t2" in [i.item_id for i in answer.items[:2]]
+
+
+def test_searches_and_a_slot_of_0_ask_for_no_new_product() -> None:
+    for policy, fields in (
+        (PoolPolicy(new_item_slot=2), {"query": "camping tent", "history_item_ids": ("t1",)}),
+        (PoolPolicy(new_item_slot=0), {"history_item_ids": ("t1",)}),
+    ):
+        retriever = TinyRetriever(new=frozenset({"t2"}))
+        pool = gather(request(**fields), retriever, policy=policy)
+        assert not any(q.new_items_only for q in retriever.queries)
+        assert pool.new_item is None

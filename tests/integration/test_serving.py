@@ -25,6 +25,7 @@ from ranking_service.fusion import load_fusion, plan_for
 from ranking_service.ranker import CROSS_ENCODER_SKIPPED
 from recsys.app.sample import sample_paths
 from recsys.core.bundle import FUSION, Bundle
+from recsys.core.settings import default
 from recsys.rpc.launcher import FULL_NAMES, SERVICES, Launcher
 from recsys.v1 import (
     common_pb2,
@@ -202,8 +203,8 @@ def test_upsert_then_search_finds_it_first_also_after_restart(
 def test_a_product_upserted_after_the_build_is_recommended_from_its_text(
     own_stack: Callable[..., Launcher], user_history: tuple[str, list[str]]
 ) -> None:
-    """No interaction, no rebuild: retrieval finds it near the history, and ranking places it
-    by what its text says, as fusion learned on products the build treated as new."""
+    """No interaction, no rebuild: retrieval's new-items search finds it nearest the latest
+    item, ranking scores it by what its text says, and the answer keeps it a slot."""
     stack = own_stack()
     _, history = user_history  # headphones and a headphone case, most recent first
     new = common_pb2.Item(
@@ -217,11 +218,19 @@ def test_a_product_upserted_after_the_build_is_recommended_from_its_text(
     with grpc.insecure_channel(stack.address("retrieval")) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
         stub.UpsertItems(retrieval_pb2.UpsertItemsRequest(items=[new]), timeout=30)
+        # The products no interaction of the build had: the new one nearest the history.
+        newest = stub.Search(
+            retrieval_pb2.SearchRequest(history_item_ids=history[:1], top_k=1, new_items_only=True),
+            timeout=30,
+        )
+    assert [(h.item_id, list(h.found_by)) for h in newest.hits] == [("NEW-CASE", ["new"])]
     after = recommend(stack, history_item_ids=history, k=10)
     assert not after.degraded, after.degraded_reasons
     assert "NEW-CASE" not in [item.item_id for item in before.items]
+    ids = [item.item_id for item in after.items]
+    # At the latest in the slot kept for a new product.
+    assert "NEW-CASE" in ids[: default("new_item_slot")], [item.title for item in after.items]
     found = {item.item_id: item for item in after.items}
-    assert "NEW-CASE" in found, [item.title for item in after.items]
     scores = found["NEW-CASE"].scores
     # Only its text scored it: CF never saw it; the dense retriever read it.
     assert not scores.HasField("cf") and scores.HasField("retrieval")

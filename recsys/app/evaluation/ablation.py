@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.candidates import CandidatePool
+from gateway.candidates import CandidatePool, with_new_item
 from ranking_service import plan
 from ranking_service.cross_encoder import context_text
 from ranking_service.features import StageScores
@@ -123,7 +123,9 @@ def answers(models: EvalModels, stage: Stage, pool: int, progress: bool) -> Stag
     for variant in VARIANTS:
         gathered = pools[variant.cf_share, "item_item" in variant.drops]
         inputs = _inputs(stage.ranker, gathered, variant)
-        ranked = _rank_inputs(models, stage.ranker, inputs, variant, progress)
+        ranked = _answers(
+            models, gathered, _rank_inputs(models, stage.ranker, inputs, variant, progress)
+        )
         out.served[variant.name] = {u: ranked[i] for i, u in enumerate(users)}
         out.lists[variant.name] = {
             u: (scores, [c.item_id for c in cands])
@@ -152,13 +154,24 @@ def rank_top(
     progress: bool,
 ) -> list[list[str]]:
     """The top 10 of Ranker.combine's two passes over each pool, with the variant's component
-    dropped (the serving cross-encoder scores each head where the plan runs it)."""
-    return _rank_inputs(models, ranker, _inputs(ranker, pools, variant), variant, progress)
+    dropped (the serving cross-encoder scores each head where the plan runs it), and the
+    pool's new product placed as the gateway places it."""
+    orders = _rank_inputs(models, ranker, _inputs(ranker, pools, variant), variant, progress)
+    return _answers(models, pools, orders)
+
+
+def _answers(
+    models: EvalModels, pools: Sequence[CandidatePool], orders: list[list[str]]
+) -> list[list[str]]:
+    """The top 10 the gateway answers with, from ranking's whole order of each pool."""
+    slot = models.policy.new_item_slot
+    return [with_new_item(o, str, p, slot)[:K] for p, o in zip(pools, orders, strict=True)]
 
 
 def _rank_inputs(
     models: EvalModels, ranker: Ranker, inputs: Inputs, variant: Variant, progress: bool
 ) -> list[list[str]]:
+    """Each pool's candidate ids in the order of Ranker.combine's two passes."""
     two_pass = ranker.plan(False)
     reranks = "cross_encoder" not in variant.drops
     firsts = [
@@ -178,7 +191,7 @@ def _rank_inputs(
     out = []
     for (_, cands, scores), first, ce in zip(inputs, firsts, scored, strict=True):
         fused = plan.final(two_pass, scores, first, ce)
-        out.append([cands[i].item_id for i in plan.order(fused)[:K]])
+        out.append([cands[i].item_id for i in plan.order(fused)])
     return out
 
 
