@@ -159,15 +159,15 @@ def merge(hits: Sequence[Hit], recalled: Sequence[Recalled]) -> list[PoolItem]:
 
 
 def with_new_item(
-    order: Sequence[T], item_id: Callable[[T], str], pool: CandidatePool, slot: int
+    order: Sequence[T], item_id: Callable[[T], str], new_item: str | None, slot: int
 ) -> list[T]:
-    """`order` (best first) with the pool's new product moved up to position `slot` (from 1)
-    when it is lower; unchanged when slot is 0 or the product is not in `order`."""
+    """`order` (best first) with the pool's new product (`CandidatePool.new_item`) moved up to
+    position `slot` (from 1) when it is lower; unchanged when slot is 0 or it is not in `order`."""
     out = list(order)
     ids = [item_id(x) for x in out]
-    if not slot or pool.new_item not in ids:
+    if not slot or new_item not in ids:
         return out
-    at = ids.index(pool.new_item)
+    at = ids.index(new_item)
     if at >= slot:
         out.insert(slot - 1, out.pop(at))
     return out

@@ -242,9 +242,9 @@ def test_a_recommendation_asks_for_the_new_product_nearest_the_latest_item_and_k
     assert pool.new_item == "t2"  # the camping tent is nearer the tent than the shoes are
     assert "t2" in [p.item_id for p in pool.items]
     # Moved up to the slot when ranked lower; left where it is when ranked higher.
-    assert with_new_item(["a", "b", "c", "t2"], str, pool, 2) == ["a", "t2", "b", "c"]
-    assert with_new_item(["t2", "a", "b"], str, pool, 2) == ["t2", "a", "b"]
-    assert with_new_item(["a", "b", "c", "t2"], str, pool, 0) == ["a", "b", "c", "t2"]
+    assert with_new_item(["a", "b", "c", "t2"], str, pool.new_item, 2) == ["a", "t2", "b", "c"]
+    assert with_new_item(["t2", "a", "b"], str, pool.new_item, 2) == ["t2", "a", "b"]
+    assert with_new_item(["a", "b", "c", "t2"], str, pool.new_item, 0) == ["a", "b", "c", "t2"]
     answer = asyncio.run(
         RecommendPipeline(
             LocalRetrievalStage(retriever),

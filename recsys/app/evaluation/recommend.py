@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from gateway.candidates import CandidatePool
+from gateway.candidates import CandidatePool, with_new_item
 from ranking_service.ranker import Ranker
 from recsys.app.evaluation.baselines import NAMES as BASELINES
 from recsys.app.evaluation.baselines import Baseline, run_baselines
@@ -65,7 +65,7 @@ def run_recommend(
     pool: int,
     progress: bool = True,
     baselines: Mapping[str, Baseline] | None = None,
-) -> tuple[dict[str, Run], list[RecommendCase], list[list[Scored]]]:
+) -> tuple[dict[str, Run], list[RecommendCase], list[Ranked]]:
     """Top-10 answers of the pipeline's methods and the given (fitted) `baselines` per user,
     plus `full`'s ranked pools (for diversity sweeps).
 
@@ -95,14 +95,28 @@ def run_recommend(
         contexts.append(f.context() if f else RankContext())
         dense_pools.append(d.candidates() if d else [])
         full_pools.append(f.candidates() if f else [])
-    ranked: list[list[Scored]] = []
+    ranked: list[Ranked] = []
     answers = rerank(models, contexts, dense_pools, full_pools, "recommend", progress)
     for case, answer in zip(users, answers, strict=True):
         runs["dense+ce"][case.user_id] = answer.dense_ce
         runs["dense+ce_base"][case.user_id] = answer.dense_ce_base
-        runs["full"][case.user_id] = [s.item_id for s in answer.full[:K]]
-        ranked.append(answer.full)
+        gathered = full.get(case.user_id)
+        ranked.append(Ranked(answer.full, gathered.new_item if gathered else None))
+        order = [s.item_id for s in answer.full]
+        runs["full"][case.user_id] = ranked[-1].answer(order, models.policy.new_item_slot)
     return runs, users, ranked
+
+
+@dataclass(frozen=True)
+class Ranked:
+    """`full`'s ranking of one user's pool, and the pool's new product (gateway.candidates)."""
+
+    scored: list[Scored]
+    new_item: str | None
+
+    def answer(self, order: list[str], slot: int) -> list[str]:
+        """The top 10 the gateway answers with from `order` (ranking's, or diversity's)."""
+        return with_new_item(order, str, self.new_item, slot)[:K]
 
 
 def cf_top(ranker: Ranker, case: RecommendCase) -> list[str]:

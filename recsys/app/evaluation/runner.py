@@ -227,15 +227,19 @@ def evaluate_recommend(
     sweep = []
     for setting in DIVERSITY_SETTINGS:
         answers: dict[str, list[str]] = {}
-        for case, scored in zip(cases, pools, strict=True):
-            ids = [s.item_id for s in scored if models.vector(s.item_id) is not None]
+        for case, ranked in zip(cases, pools, strict=True):
+            ids = [s.item_id for s in ranked.scored if models.vector(s.item_id) is not None]
             if not ids:
                 answers[case.user_id] = []
                 continue
             vectors = np.stack([models.vector(i) for i in ids])  # type: ignore[misc]
-            fused = {s.item_id: s.scores.fused for s in scored}
+            fused = {s.item_id: s.scores.fused for s in ranked.scored}
             rel = np.array([fused[i] for i in ids], dtype=np.float32)
-            answers[case.user_id] = [ids[i] for i in mmr(rel, vectors, 10, setting)]
+            picks = [ids[i] for i in mmr(rel, vectors, 10, setting)]
+            # As the gateway: the new product's slot after diversity, over the whole order.
+            chosen = set(picks)
+            order = picks + [i for i in ids if i not in chosen]
+            answers[case.user_id] = ranked.answer(order, models.policy.new_item_slot)
         sweep.append(
             {
                 "diversity": setting,
