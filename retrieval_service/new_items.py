@@ -3,7 +3,7 @@
 CF cannot propose them, and the pool's dense half rarely reaches them among the products CF
 knows, so a recommendation asks retrieval for the nearest of them on their own
 (`SearchQuery.new_items_only`) and the gateway gives the best one a place in its answer
-(gateway.candidates.place_new_item). Searched exactly, over their vectors held here: they are
+(gateway.candidates.with_new_item). Searched exactly, over their vectors held here: they are
 few next to the catalog until the next build learns them.
 """
 
@@ -28,9 +28,6 @@ class NewItems:
         self._ids = set() if interacted is None else set(catalog_ids) - interacted
         self._held: tuple[list[Item], np.ndarray] | None = None
         self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._ids)
 
     def added(self, item_ids: Sequence[str]) -> None:
         """Items stored (new, or replaced with a new text and vector)."""

@@ -228,17 +228,7 @@ class Retriever:
             else []
         )
         if not lexical:
-            hits = [
-                Hit(
-                    item.item_id,
-                    score,
-                    item if query.include_text else None,
-                    found_vector if query.include_vectors else None,
-                    dense_score=score,
-                    lexical_score=None,
-                )
-                for item, score, found_vector in dense
-            ]
+            hits = _dense_hits(query, dense, ("dense",))
             if lexical_text:
                 hits = self._with_lexical_scores(lexical_text, hits)
             return hits, unknown
@@ -253,17 +243,7 @@ class Retriever:
             query.categories,
             query.include_vectors,
         )
-        return [
-            Hit(
-                item.item_id,
-                score,
-                item if query.include_text else None,
-                found_vector,
-                dense_score=score,
-                found_by=("new",),
-            )
-            for item, score, found_vector in found
-        ]
+        return _dense_hits(query, found, ("new",))
 
     def _fused(
         self,
@@ -421,6 +401,22 @@ class Retriever:
         """The live items with their vectors, as upserts (for a snapshot; called under the lock)."""
         found, _ = self.catalog.get(item_ids)
         return [Change(item.item_id, item, vector, self.encoder_id) for item, vector in found]
+
+
+def _dense_hits(query: SearchQuery, found: Found, found_by: tuple[str, ...]) -> list[Hit]:
+    """Hits of one dense list, in its order (its cosine both orders and scores them)."""
+    return [
+        Hit(
+            item.item_id,
+            score,
+            item if query.include_text else None,
+            vector if query.include_vectors else None,
+            dense_score=score,
+            lexical_score=None,
+            found_by=found_by,
+        )
+        for item, score, vector in found
+    ]
 
 
 def _normalise(vector: np.ndarray) -> np.ndarray:
