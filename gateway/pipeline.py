@@ -118,7 +118,7 @@ class RecommendPipeline:
             entries = await asyncio.to_thread(_diversify, entries, request.k, request.diversity)
             timings["diversity"] = time.perf_counter() - t0
         entries = with_new_item(entries, _entry_id, pool.new_item, self.policy.new_item_slot)
-        items = [_item(e) for e in entries[: request.k]]
+        items = [_item(e, pool.new_item) for e in entries[: request.k]]
         timings["total"] = time.perf_counter() - started
 
         metrics.CANDIDATES.labels(stage="returned").observe(len(items))
@@ -246,7 +246,7 @@ def _diversify(entries: list[_Entry], k: int, diversity: float) -> list[_Entry]:
     return [entries[i] for i in picks]
 
 
-def _item(entry: _Entry) -> RecommendedItem:
+def _item(entry: _Entry, new_item: str | None) -> RecommendedItem:
     item = entry.candidate.item
     return RecommendedItem(
         item_id=entry.candidate.item_id,
@@ -255,4 +255,5 @@ def _item(entry: _Entry) -> RecommendedItem:
         score=entry.scores.fused,
         scores=entry.scores,
         vector=entry.candidate.vector,
+        new_product=entry.candidate.item_id == new_item,
     )

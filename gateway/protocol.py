@@ -33,6 +33,7 @@ class RecommendedItem:
     score: float
     scores: Scores
     vector: np.ndarray | None = None
+    new_product: bool = False  # the pool's new product (CandidatePool.new_item)
 
 
 @dataclass(frozen=True)

@@ -88,6 +88,7 @@ def to_proto(answer: Recommendation) -> gateway_pb2.RecommendResponse:
                 category=i.category,
                 score=i.score,
                 scores=convert.scores_to_proto(i.scores),
+                new_product=i.new_product,
             )
             for i in answer.items
         ],

@@ -126,7 +126,9 @@ def cross_encoder_line(
     moved = [
         f"{item.item_id} {item.scores.first_pass_rank}→{rank}"
         for rank, item in enumerate(reply.items, start=1)
-        if item.scores.HasField("first_pass_rank") and item.scores.first_pass_rank != rank
+        if item.scores.HasField("first_pass_rank")
+        and item.scores.first_pass_rank != rank
+        and not item.new_product  # the gateway's slot placed it, not the cross-encoder
     ]
     change = ", ".join(moved) if moved else "the first pass's order kept"
     return f"   cross-encoder: ran ({verdict}); moved: {change}"
@@ -136,7 +138,8 @@ def format_reply(
     call: DemoCall, reply: gateway_pb2.RecommendResponse, verdicts: dict[bool, str]
 ) -> str:
     """A table of items with their score breakdown (`1st`: position in the first pass, before
-    the cross-encoder and diversity), whether the cross-encoder ran, timings and versions."""
+    the cross-encoder, diversity and the new-product slot; `[new]`: a product the build never
+    saw bought), whether the cross-encoder ran, timings and versions."""
     lines = [f"\n== {call.title}"]
     if reply.degraded:
         lines.append(f"   DEGRADED: {', '.join(reply.degraded_reasons)}")
@@ -147,8 +150,9 @@ def format_reply(
     for rank, item in enumerate(reply.items, start=1):
         s = item.scores
         first = str(s.first_pass_rank) if s.HasField("first_pass_rank") else "-"
+        title = ("[new] " if item.new_product else "") + item.title
         lines.append(
-            f"   {rank:>2} {first:>3}  {item.item_id:<8} {item.title[:42]:<42} {item.score:7.3f} "
+            f"   {rank:>2} {first:>3}  {item.item_id:<8} {title[:42]:<42} {item.score:7.3f} "
             f"{_fmt(s, 'cross_encoder')} {_fmt(s, 'cf')} {_fmt(s, 'retrieval')} "
             f"{_fmt(s, 'lexical')}"
         )

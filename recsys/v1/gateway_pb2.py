@@ -25,23 +25,23 @@ _sym_db = _symbol_database.Default()
 from recsys.v1 import common_pb2 as recsys_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/gateway.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xa5\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\x0e\x63\x61ndidate_pool\x18\x05 \x01(\r\x12\x11\n\tdiversity\x18\x06 \x01(\x02\x12!\n\x06\x66ilter\x18\x07 \x01(\x0b\x32\x11.recsys.v1.Filter\"}\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\x06scores\x18\x04 \x01(\x0b\x32\x19.recsys.v1.ScoreBreakdown\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\"?\n\x0bStageTiming\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.recsys.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xbf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x03 \x03(\t\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.recsys.v1.StageTiming\x12*\n\x08versions\x18\x05 \x01(\x0b\x32\x18.recsys.v1.ModelVersions*l\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTAGE_RETRIEVAL\x10\x01\x12\x11\n\rSTAGE_RANKING\x10\x02\x12\x13\n\x0fSTAGE_DIVERSITY\x10\x03\x12\x0f\n\x0bSTAGE_TOTAL\x10\x04\x32X\n\x0eGatewayService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/gateway.proto\x12\trecsys.v1\x1a\x16recsys/v1/common.proto\"\xa5\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\r\n\x05query\x18\x02 \x01(\t\x12\x18\n\x10history_item_ids\x18\x03 \x03(\t\x12\t\n\x01k\x18\x04 \x01(\r\x12\x16\n\x0e\x63\x61ndidate_pool\x18\x05 \x01(\r\x12\x11\n\tdiversity\x18\x06 \x01(\x02\x12!\n\x06\x66ilter\x18\x07 \x01(\x0b\x32\x11.recsys.v1.Filter\"\x92\x01\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12)\n\x06scores\x18\x04 \x01(\x0b\x32\x19.recsys.v1.ScoreBreakdown\x12\x10\n\x08\x63\x61tegory\x18\x05 \x01(\t\x12\x13\n\x0bnew_product\x18\x06 \x01(\x08\"?\n\x0bStageTiming\x12\x1f\n\x05stage\x18\x01 \x01(\x0e\x32\x10.recsys.v1.Stage\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"\xbf\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsys.v1.RecommendedItem\x12\x10\n\x08\x64\x65graded\x18\x02 \x01(\x08\x12\x18\n\x10\x64\x65graded_reasons\x18\x03 \x03(\t\x12\'\n\x07timings\x18\x04 \x03(\x0b\x32\x16.recsys.v1.StageTiming\x12*\n\x08versions\x18\x05 \x01(\x0b\x32\x18.recsys.v1.ModelVersions*l\n\x05Stage\x12\x15\n\x11STAGE_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTAGE_RETRIEVAL\x10\x01\x12\x11\n\rSTAGE_RANKING\x10\x02\x12\x13\n\x0fSTAGE_DIVERSITY\x10\x03\x12\x0f\n\x0bSTAGE_TOTAL\x10\x04\x32X\n\x0eGatewayService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.gateway_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_STAGE']._serialized_start=616
-  _globals['_STAGE']._serialized_end=724
+  _globals['_STAGE']._serialized_start=638
+  _globals['_STAGE']._serialized_end=746
   _globals['_RECOMMENDREQUEST']._serialized_start=63
   _globals['_RECOMMENDREQUEST']._serialized_end=228
-  _globals['_RECOMMENDEDITEM']._serialized_start=230
-  _globals['_RECOMMENDEDITEM']._serialized_end=355
-  _globals['_STAGETIMING']._serialized_start=357
-  _globals['_STAGETIMING']._serialized_end=420
-  _globals['_RECOMMENDRESPONSE']._serialized_start=423
-  _globals['_RECOMMENDRESPONSE']._serialized_end=614
-  _globals['_GATEWAYSERVICE']._serialized_start=726
-  _globals['_GATEWAYSERVICE']._serialized_end=814
+  _globals['_RECOMMENDEDITEM']._serialized_start=231
+  _globals['_RECOMMENDEDITEM']._serialized_end=377
+  _globals['_STAGETIMING']._serialized_start=379
+  _globals['_STAGETIMING']._serialized_end=442
+  _globals['_RECOMMENDRESPONSE']._serialized_start=445
+  _globals['_RECOMMENDRESPONSE']._serialized_end=636
+  _globals['_GATEWAYSERVICE']._serialized_start=748
+  _globals['_GATEWAYSERVICE']._serialized_end=836
 # @@protoc_insertion_point(module_scope)

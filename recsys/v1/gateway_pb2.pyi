@@ -40,18 +40,20 @@ class RecommendRequest(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., query: _Optional[str] = ..., history_item_ids: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., candidate_pool: _Optional[int] = ..., diversity: _Optional[float] = ..., filter: _Optional[_Union[_common_pb2.Filter, _Mapping]] = ...) -> None: ...
 
 class RecommendedItem(_message.Message):
-    __slots__ = ("item_id", "title", "score", "scores", "category")
+    __slots__ = ("item_id", "title", "score", "scores", "category", "new_product")
     ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     TITLE_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     SCORES_FIELD_NUMBER: _ClassVar[int]
     CATEGORY_FIELD_NUMBER: _ClassVar[int]
+    NEW_PRODUCT_FIELD_NUMBER: _ClassVar[int]
     item_id: str
     title: str
     score: float
     scores: _common_pb2.ScoreBreakdown
     category: str
-    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., score: _Optional[float] = ..., scores: _Optional[_Union[_common_pb2.ScoreBreakdown, _Mapping]] = ..., category: _Optional[str] = ...) -> None: ...
+    new_product: bool
+    def __init__(self, item_id: _Optional[str] = ..., title: _Optional[str] = ..., score: _Optional[float] = ..., scores: _Optional[_Union[_common_pb2.ScoreBreakdown, _Mapping]] = ..., category: _Optional[str] = ..., new_product: _Optional[bool] = ...) -> None: ...
 
 class StageTiming(_message.Message):
     __slots__ = ("stage", "seconds")

@@ -235,6 +235,8 @@ def test_a_product_upserted_after_the_build_is_recommended_from_its_text(
     # Only its text scored it: CF never saw it; the dense retriever read it.
     assert not scores.HasField("cf") and scores.HasField("retrieval")
     assert found["NEW-CASE"].title == new.title
+    # The answer says which product the slot is for, and only that one.
+    assert [item.item_id for item in after.items if item.new_product] == ["NEW-CASE"]
 
 
 def has_lexical(stack: Launcher) -> bool:
@@ -450,8 +452,11 @@ def test_the_demo_says_whether_the_cross_encoder_ran_and_what_it_moved(
             assert line.startswith(
                 "   cross-encoder: skipped (" + verdicts[bool(call.request.query)]
             )
-            if not call.request.diversity:  # nothing reordered the first pass
-                assert ranks == list(range(1, len(ranks) + 1))
+            if not call.request.diversity:  # only the new-product slot reorders the first pass
+                kept = [
+                    r for r, item in zip(ranks, reply.items, strict=True) if not item.new_product
+                ]
+                assert kept == list(range(1, len(kept) + 1))
         else:
             ran += 1
             assert line.startswith("   cross-encoder: ran (")
@@ -460,7 +465,7 @@ def test_the_demo_says_whether_the_cross_encoder_ran_and_what_it_moved(
                 for position, (item, first) in enumerate(
                     zip(reply.items, ranks, strict=True), start=1
                 )
-                if first != position
+                if first != position and not item.new_product
             ]
             assert line.endswith(", ".join(moved) if moved else "the first pass's order kept")
     if rerank_kinds == "all":  # forced on, it runs for every demo call (each has text to read)
