@@ -171,6 +171,7 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             fusion_lists=40,
             device="cpu",
             cf_search=True,  # off by default; built here so the search's path is tested
+            always_copies=True,  # the copies' path, whether or not the cross-encoder pays here
         )
     )
     return root

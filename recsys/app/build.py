@@ -45,6 +45,9 @@ class BuildOptions:
     ranker: RankerTrainConfig | None = field(default_factory=RankerTrainConfig)
     # The smaller cross-encoder distilled from the fine-tuned one (None: none, --no-student).
     student: DistillConfig | None = field(default_factory=DistillConfig)
+    # The int8 copies and the student even where fusion found the cross-encoder pays for no
+    # kind of request (by default made only where it pays: serving would not run them).
+    always_copies: bool = False
     device: str = "auto"
     strict: bool = False
     # ALS's hyper-parameters (ranking_service.cf.ALSParams); with cf_search, where the

@@ -1,6 +1,7 @@
 """The steps of `recsys build` (recsys.app.build.build_bundle runs them in order): retrieval,
-the CF search, CF, the cross-encoder and its copies, fusion, CF refitted on everything. Each
-returns the manifest sections it adds (None: skipped), and `BuildState` carries what they share.
+the CF search, CF, the cross-encoder, fusion's passes, the cross-encoder's cheaper copies where
+it pays, fusion as it serves, CF refitted on everything. Each returns the manifest sections it
+adds (None: skipped), and `BuildState` carries what they share.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from recsys.core import bundle as bundle_files
 if TYPE_CHECKING:
     from ranking_service.cf import ALSParams
     from recsys.app.build import BuildInputs, BuildOptions
+    from recsys.offline.fitting import FittedPasses, FittingSettings
     from recsys.offline.local import Pools
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class BuildState:
     cf_params: ALSParams | None = None
     cf_search: dict[str, Any] | None = None
     item_item_search: Any = None  # recsys.offline.cf_search.ItemItemSearch
-    fusion: Any = None  # ranking_service.fusion.Fusion, once fitted
+    fitted: FittedPasses | None = None  # both kinds' passes, before the serving copy is chosen
+    fusion: Any = None  # ranking_service.fusion.Fusion, as it serves
     pools: Pools | None = None
     ranker_section: dict[str, Any] | None = None
 
@@ -157,13 +160,39 @@ def _ranker_step(build: BuildState) -> dict[str, Any] | None:
     return {"cross_encoder": build.ranker_section}
 
 
+def _fusion_step(build: BuildState) -> dict[str, Any]:
+    """Both kinds' two passes fitted on the held-out lists."""
+    from recsys.app.build_ranker import logged_queries
+    from recsys.offline.fitting import fit_fusion, validation_queries
+    from recsys.offline.heldout import HeldOut
+
+    options = build.options
+    assert build.pools is not None
+    build.fitted = fit_fusion(
+        _fitting_settings(options),
+        build.pools,
+        build.stage,
+        HeldOut.of(build.train, build.validation, options.relevant_min_weight),
+        build.fusion_queries + validation_queries(build.validation),
+        # The cross-encoder reads a search only where it was fine-tuned on some.
+        searched=bool(build.train_queries) or bool(logged_queries(build.train)),
+        tuned_queries=build.train_queries,
+    )
+    return {}
+
+
 def _copies_step(build: BuildState) -> dict[str, Any] | None:
-    """The student and the int8 copies, from training-side pairs."""
+    """The student and the int8 copies, from training-side pairs: only where fusion found the
+    cross-encoder pays for some kind of request, unless the options ask for them always."""
     from recsys.app.build_ranker import cheaper_copies, train_side_contexts, train_side_pairs
 
     if build.ranker_section is None:
         return None
-    assert build.pools is not None
+    assert build.pools is not None and build.fitted is not None
+    if not (build.fitted.cross_encoder_pays or build.options.always_copies):
+        build.ranker_section["copies"] = COPIES_SKIPPED
+        log.info("no cheaper cross-encoder copies: %s", COPIES_SKIPPED)
+        return None
     contexts = train_side_contexts(build.options)
     pairs = train_side_pairs(
         build.options, build.fitting, build.pools, build.train_queries, contexts
@@ -172,34 +201,23 @@ def _copies_step(build: BuildState) -> dict[str, Any] | None:
     return {"cross_encoder": build.ranker_section}
 
 
-def _fusion_step(build: BuildState) -> dict[str, Any]:
-    """Both fusions fitted on the held-out lists, and which cross-encoder copy serves."""
-    from ranking_service.fusion import save_fusion
-    from recsys.app.build_ranker import logged_queries
-    from recsys.offline.fitting import FittingSettings, fit_fusion, validation_queries
-    from recsys.offline.heldout import HeldOut
+COPIES_SKIPPED = (
+    "skipped: the cross-encoder pays for no kind of request; forced on (RECSYS_RERANK_KINDS=all)"
+    " the fine-tuned model serves"
+)
 
-    options = build.options
-    assert build.pools is not None
-    fitting = FittingSettings(
-        seed=options.seed,
-        fusion_alpha=options.fusion_alpha,
-        fusion_lists=options.fusion_lists,
-        rerank_budget_ms=options.rerank_budget_ms,
-        relevant_min_weight=options.relevant_min_weight,
-        device=options.device,
-        max_length=None if options.ranker is None else options.ranker.max_length,
-    )
+
+def _serving_fusion_step(build: BuildState) -> dict[str, Any]:
+    """The fusion saved as it serves: which cross-encoder copy, rerank depths within budget."""
+    from ranking_service.fusion import save_fusion
+    from recsys.offline.fitting import with_serving_copy
+
+    assert build.fitted is not None
     student = (build.ranker_section or {}).get("student", {})
-    fusion, parity = fit_fusion(
-        fitting,
-        build.pools,
+    fusion, parity = with_serving_copy(
+        _fitting_settings(build.options),
         build.stage,
-        HeldOut.of(build.train, build.validation, options.relevant_min_weight),
-        build.fusion_queries + validation_queries(build.validation),
-        # The cross-encoder reads a search only where it was fine-tuned on some.
-        searched=bool(build.train_queries) or bool(logged_queries(build.train)),
-        tuned_queries=build.train_queries,
+        build.fitted,
         student_agreement=student.get("held_out", {}).get("spearman"),
     )
     save_fusion(fusion, build.stage / bundle_files.FUSION)
@@ -208,6 +226,20 @@ def _fusion_step(build: BuildState) -> dict[str, Any]:
     if build.ranker_section is not None:
         section["cross_encoder"] = build.ranker_section | parity
     return section
+
+
+def _fitting_settings(options: BuildOptions) -> FittingSettings:
+    from recsys.offline.fitting import FittingSettings
+
+    return FittingSettings(
+        seed=options.seed,
+        fusion_alpha=options.fusion_alpha,
+        fusion_lists=options.fusion_lists,
+        rerank_budget_ms=options.rerank_budget_ms,
+        relevant_min_weight=options.relevant_min_weight,
+        device=options.device,
+        max_length=None if options.ranker is None else options.ranker.max_length,
+    )
 
 
 def _cf_refit_step(build: BuildState) -> dict[str, Any]:
@@ -255,8 +287,9 @@ STEPS: list[tuple[str, Callable[[BuildState], dict[str, Any] | None]]] = [
     ("cf_search", _cf_search_step),
     ("cf", _cf_step),
     ("ranker", _ranker_step),
-    ("copies", _copies_step),
     ("fusion", _fusion_step),
+    ("copies", _copies_step),
+    ("fusion", _serving_fusion_step),
     ("cf", _cf_refit_step),
 ]
 

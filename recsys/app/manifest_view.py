@@ -78,6 +78,8 @@ def format_manifest(m: dict[str, Any], path: Path) -> str:
             f"{before.get('ndcg@10', float('nan')):.4f} → {after.get('ndcg@10', float('nan')):.4f}, "
             f"mrr@10 {before.get('mrr@10', float('nan')):.4f} → {after.get('mrr@10', float('nan')):.4f}"
         )
+        if ce.get("copies"):  # the build made no cheaper copy, and why
+            lines.append(f"copies        {ce['copies']}")
         if ce.get("serving_copy"):
             lines.append(f"serving copy  {ce['serving_copy']} (of the validated copies)")
     else:

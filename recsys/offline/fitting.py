@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,24 @@ def validation_queries(validation: pd.DataFrame) -> list[tuple[str, Sequence[str
     ]
 
 
+@dataclass
+class FittedPasses:
+    """Both request kinds' two passes as fitted, with what choosing the serving copy reads: the
+    fine-tuned model's scores of the pairs the sweep scored, and each kind's sweep sample."""
+
+    passes: dict[str, TwoPassFusion]
+    score_pairs: _Remembered | None = None  # None: the build has no cross-encoder
+    samples: dict[str, list[FusionList]] = field(default_factory=dict)
+
+    @property
+    def cross_encoder_pays(self) -> bool:
+        """Whether the second pass raised validation NDCG@10 for some kind of request."""
+        return any(p.cross_encoder_pays for p in self.passes.values())
+
+    def fusion(self) -> ContextFusion:
+        return ContextFusion(**self.passes)
+
+
 def fit_fusion(
     fitting: FittingSettings,
     pools: Pools,
@@ -83,14 +101,12 @@ def fit_fusion(
     queries: Queries,
     searched: bool,
     tuned_queries: Queries = (),
-    student_agreement: float | None = None,
-) -> tuple[ContextFusion, dict[str, Any]]:
+) -> FittedPasses:
     """Two passes for recommendations (the `held_out` users) and two for searches (held-out
-    `queries`); with a cross-encoder under `stage`, also the record of which of its copies
-    serves, and rerank depths cut to its time budget. Searches never use a cross-encoder that
-    was not fine-tuned on any (`searched`); their first pass, which never reads it, is fitted
-    on the `tuned_queries` it was fine-tuned on as well: held-out queries alone are too few
-    for a stable fit."""
+    `queries`), the second read from the cross-encoder under `stage` where the build has one.
+    Searches never use a cross-encoder that was not fine-tuned on any (`searched`); their first
+    pass, which never reads it, is fitted on the `tuned_queries` it was fine-tuned on as well:
+    held-out queries alone are too few for a stable fit."""
     convex = ConvexFusion(alpha=fitting.fusion_alpha)
     history_lists = user_lists(pools, held_out, fitting.seed)
     query_lists = search_lists(pools, queries, fitting.seed)
@@ -108,7 +124,7 @@ def fit_fusion(
         # With no second pass, searches keep the first pass (the fallback: retrieval's order).
         query_meta["cross_encoder"] = "skipped: never fine-tuned on a query"
         log.warning("fusion for searches: the data has no queries; the cross-encoder is skipped")
-    fitted = {
+    passes = {
         "history": fit_two_pass(
             history_lists,
             score_pairs,
@@ -127,18 +143,33 @@ def fit_fusion(
             **query_meta,
         ),
     }
-    if score_pairs is None or fitting.max_length is None:
-        return ContextFusion(**fitted), {}
     samples = {
         "history": sweep_sample(history_lists, fitting.fusion_lists),
         "query": sweep_sample(query_lists, fitting.fusion_lists),
     }
-    chosen = choose_copy(stage, fitting.max_length, score_pairs, fitted, samples, student_agreement)
-    fitted = {
-        kind: _within_budget(fitting, kind, two_pass, samples[kind], score_pairs, chosen)
-        for kind, two_pass in fitted.items()
+    return FittedPasses(passes, score_pairs, samples)
+
+
+def with_serving_copy(
+    fitting: FittingSettings,
+    stage: Path,
+    fitted: FittedPasses,
+    student_agreement: float | None = None,
+) -> tuple[ContextFusion, dict[str, Any]]:
+    """The fusion to serve and the record of which cross-encoder copy under `stage` serves it
+    (the fine-tuned model itself where the build made no other), with each kind's rerank depth
+    cut to the time budget at that copy's speed. Without a cross-encoder: the passes as fitted."""
+    if fitted.score_pairs is None or fitting.max_length is None:
+        return fitted.fusion(), {}
+    score_pairs = fitted.score_pairs
+    chosen = choose_copy(
+        stage, fitting.max_length, score_pairs, fitted.passes, fitted.samples, student_agreement
+    )
+    passes = {
+        kind: _within_budget(fitting, kind, two_pass, fitted.samples[kind], score_pairs, chosen)
+        for kind, two_pass in fitted.passes.items()
     }
-    return ContextFusion(**fitted), chosen
+    return ContextFusion(**passes), chosen
 
 
 def _within_budget(

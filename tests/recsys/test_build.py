@@ -17,12 +17,14 @@ import pandas as pd
 import pytest
 
 from ranking_service.cf import WEIGHTINGS, ALSParams, CFModel
+from ranking_service.copies import DIRS
 from ranking_service.copy_choice import INT8_TOLERANCE, STUDENT_KEEPS, STUDENT_MIN_SPEARMAN
 from ranking_service.fusion import load_fusion, reads
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from ranking_service.item_item import ItemItem
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions, build_bundle
+from recsys.app.build_steps import COPIES_SKIPPED
 from recsys.app.ingest import load_interactions
 from recsys.app.sample import sample_paths
 from recsys.core import bundle as bundle_files
@@ -221,6 +223,12 @@ def test_without_queries_searches_never_use_the_cross_encoder(tmp_path: Path) ->
     assert query["fitted_on"]["cross_encoder"].startswith("skipped")
     # Recommendations still have their cross-encoder to weigh.
     assert bundle.manifest["fusion"]["history"]["second"] is not None
+    # Its int8 copy is made only where fusion found it pays for some kind of request.
+    pays = bundle.manifest["fusion"]["history"]["cross_encoder_pays"]
+    section = bundle.manifest["cross_encoder"]
+    assert ("int8" in section) == (bundle.path / DIRS["int8"]).is_dir() == pays
+    assert (section.get("copies") == COPIES_SKIPPED) == (not pays)
+    assert section["serving_copy"] == "fp32" or pays
 
 
 def test_a_build_from_the_change_log_folds_its_changes_and_records_where_it_read_to(

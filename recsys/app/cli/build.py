@@ -77,6 +77,13 @@ def add_build(sub: Any) -> None:
         "fine-tuned model and its int8 copy)",
     )
     p.add_argument(
+        "--always-copies",
+        action="store_true",
+        help="make the int8 copies and the student even where fusion finds the cross-encoder "
+        "pays for no kind of request (by default they are made only where it pays; for "
+        "serving with the cross-encoder forced on, RECSYS_RERANK_KINDS=all)",
+    )
+    p.add_argument(
         "--device",
         choices=("auto", "cpu", "cuda"),
         default="auto",
@@ -163,6 +170,7 @@ def run_build(args: argparse.Namespace) -> int:
             device=args.device,
             strict=args.strict,
             student=None if args.no_student else DistillConfig(),
+            always_copies=args.always_copies,
             holdout_per_user=args.holdout_per_user,
             relevant_min_weight=args.relevant_min_weight,
             cf_search=args.cf_search,
