@@ -248,10 +248,11 @@ async def gather_candidates(
     if result is not None:
         answered.add(result.bundle_version)
     hits = result.hits if result is not None else []
+    newest_hits = [h for h in new.hits if "new" in h.found_by] if new is not None else []
     if new is not None:
         answered.add(new.bundle_version)
         seen = {h.item_id for h in hits}
-        hits = hits + [h for h in new.hits if "new" in h.found_by and h.item_id not in seen]
+        hits = hits + [h for h in newest_hits if h.item_id not in seen]
     versions = {"bundle_version": result.bundle_version, **result.versions} if result else {}
     # Unknown history ids are simply not in the context.
     history = tuple(
@@ -268,7 +269,7 @@ async def gather_candidates(
         recalled=len(recalled),
         max_text_chars=policy.max_text_chars,
         bundle_versions=frozenset(answered - {""}),
-        new_item=next((h.item_id for h in new.hits if "new" in h.found_by), None) if new else None,
+        new_item=newest_hits[0].item_id if newest_hits else None,
     )
 
 
