@@ -14,8 +14,9 @@ request's history and exclusions (CF also leaves out what a known user had at tr
 New products: neither source reaches a product no interaction of the bundle had (CF cannot
 know it; among the products CF knows, the dense half rarely ranks it high enough). So a
 recommendation (a history, no query) also asks retrieval for the nearest such product, which
-joins the pool, and `with_new_item` keeps the policy's `new_item_slot` in the answer for it when
-ranking placed it lower.
+joins the pool, and `with_new_item` keeps a position in the answer for it when ranking placed it
+lower: the first one when it is very near the most recent item (`new_item_lead_similarity`),
+`new_item_slot` when near (`new_item_min_similarity`), none when farther.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ class PoolPolicy:
     max_text_chars: int = default("max_text_chars")  # longer item texts are cut, never refused
     max_ids_per_call: int = default("max_k")  # retrieval refuses larger GetItems calls
     new_item_slot: int = default("new_item_slot")
+    new_item_min_similarity: float = default("new_item_min_similarity")
+    new_item_lead_similarity: float = default("new_item_lead_similarity")
 
     @classmethod
     def from_settings(cls, settings: Settings) -> PoolPolicy:
@@ -64,6 +67,8 @@ class PoolPolicy:
             settings.max_text_chars,
             settings.max_k,
             settings.new_item_slot,
+            settings.new_item_min_similarity,
+            settings.new_item_lead_similarity,
         )
 
 
@@ -107,8 +112,9 @@ class CandidatePool:
     # unless a service switched versions meanwhile.
     bundle_versions: frozenset[str] = frozenset()
     # The new product nearest the history (retrieval's new-items search), when one was asked for
-    # and found: the one `with_new_item` gives a place.
+    # and found, and the position `with_new_item` keeps for it (0: none, by its similarity).
     new_item: str | None = None
+    new_item_slot: int = 0
 
     def context(self) -> RankContext:
         """What ranking is told about the request."""
@@ -270,7 +276,16 @@ async def gather_candidates(
         max_text_chars=policy.max_text_chars,
         bundle_versions=frozenset(answered - {""}),
         new_item=newest_hits[0].item_id if newest_hits else None,
+        new_item_slot=_slot(newest_hits[0], policy) if newest_hits else 0,
     )
+
+
+def _slot(newest: Hit, policy: PoolPolicy) -> int:
+    """The position kept for the new product: by how near it is to the most recent item (the
+    new-items hit's score is their cosine), the nearer the higher; none when it is far."""
+    if newest.score >= policy.new_item_lead_similarity:
+        return 1
+    return policy.new_item_slot if newest.score >= policy.new_item_min_similarity else 0
 
 
 async def _get_items(

@@ -117,7 +117,7 @@ class RecommendPipeline:
             # MMR is quadratic in the pool: off the event loop, like all heavy work.
             entries = await asyncio.to_thread(_diversify, entries, request.k, request.diversity)
             timings["diversity"] = time.perf_counter() - t0
-        entries = with_new_item(entries, _entry_id, pool.new_item, self.policy.new_item_slot)
+        entries = with_new_item(entries, _entry_id, pool.new_item, pool.new_item_slot)
         items = [_item(e, pool.new_item) for e in entries[: request.k]]
         timings["total"] = time.perf_counter() - started
 

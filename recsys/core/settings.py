@@ -230,8 +230,22 @@ class Settings(BaseSettings):
         5,
         ge=0,
         description="Position (from 1) in a recommendation's answer (a history, no query) kept "
-        "for the new product nearest the history, one no interaction of the bundle had, when "
-        "ranking placed none higher; 0: off.",
+        "for the new product nearest the history's most recent item, one no interaction of the "
+        "bundle had, when ranking placed it lower and their cosine is at least "
+        "new_item_min_similarity; 0: never asked for.",
+    )
+    new_item_min_similarity: float = Field(
+        0.75,
+        ge=-1,
+        le=1,
+        description="Cosine to the most recent item below which the new product keeps no "
+        "position (it may still rank on its own scores).",
+    )
+    new_item_lead_similarity: float = Field(
+        0.88,
+        ge=-1,
+        description="Cosine to the most recent item from which the new product leads the "
+        "answer (position 1) instead; above 1: never.",
     )
 
     log_level: str = "INFO"

@@ -19,7 +19,7 @@ from gateway.protocol import RecommendRequest
 from ranking_service.cf import CFModel
 from ranking_service.fusion import ConvexFusion
 from ranking_service.ranker import Ranker
-from recsys.core.domain import Candidate, Item, RankContext
+from recsys.core.domain import Candidate, Item, RankContext, SearchQuery
 from recsys.core.errors import InvalidInput
 from recsys.core.settings import Settings
 from recsys.offline.local import LocalRankingStage, LocalRetrievalStage
@@ -240,6 +240,7 @@ def test_a_recommendation_asks_for_the_new_product_nearest_the_latest_item_and_k
     assert lane[0].history_item_ids == ("t1",)  # the most recent item alone
     assert lane[0].exclude_item_ids == {"t1", "r1"}
     assert pool.new_item == "t2"  # the camping tent is nearer the tent than the shoes are
+    assert pool.new_item_slot in (1, 2)
     assert "t2" in [p.item_id for p in pool.items]
     # Moved up to the slot when ranked lower; left where it is when ranked higher.
     assert with_new_item(["a", "b", "c", "t2"], str, pool.new_item, 2) == ["a", "t2", "b", "c"]
@@ -255,6 +256,23 @@ def test_a_recommendation_asks_for_the_new_product_nearest_the_latest_item_and_k
     assert "t2" in [i.item_id for i in answer.items[:2]]
 
 
+def test_the_new_products_position_follows_its_cosine_to_the_latest_item() -> None:
+    retriever = TinyRetriever(new=frozenset({"t2"}))
+    (hit,), _ = retriever.search(
+        SearchQuery(top_k=1, history_item_ids=("t1",), new_items_only=True)
+    )
+    above = float(np.nextafter(hit.score, 2.0))
+    for lead, near, slot in ((hit.score, -1.0, 1), (above, hit.score, 2), (above, above, 0)):
+        policy = PoolPolicy(
+            new_item_slot=2, new_item_min_similarity=near, new_item_lead_similarity=lead
+        )
+        pool = gather(
+            request(history_item_ids=("t1", "r1"), candidate_pool=4), retriever, policy=policy
+        )
+        assert (pool.new_item, pool.new_item_slot) == ("t2", slot)
+        assert "t2" in [p.item_id for p in pool.items]  # ranking scores it, slot or not
+
+
 def test_searches_and_a_slot_of_0_ask_for_no_new_product() -> None:
     for policy, fields in (
         (PoolPolicy(new_item_slot=2), {"query": "camping tent", "history_item_ids": ("t1",)}),
@@ -263,4 +281,4 @@ def test_searches_and_a_slot_of_0_ask_for_no_new_product() -> None:
         retriever = TinyRetriever(new=frozenset({"t2"}))
         pool = gather(request(**fields), retriever, policy=policy)
         assert not any(q.new_items_only for q in retriever.queries)
-        assert pool.new_item is None
+        assert (pool.new_item, pool.new_item_slot) == (None, 0)

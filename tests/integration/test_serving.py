@@ -224,6 +224,8 @@ def test_a_product_upserted_after_the_build_is_recommended_from_its_text(
             timeout=30,
         )
     assert [(h.item_id, list(h.found_by)) for h in newest.hits] == [("NEW-CASE", ["new"])]
+    # Near enough to the latest item (their cosine) to keep the slot.
+    assert newest.hits[0].score >= default("new_item_min_similarity")
     after = recommend(stack, history_item_ids=history, k=10)
     assert not after.degraded, after.degraded_reasons
     assert "NEW-CASE" not in [item.item_id for item in before.items]

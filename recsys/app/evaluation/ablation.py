@@ -164,8 +164,10 @@ def _answers(
     models: EvalModels, pools: Sequence[CandidatePool], orders: list[list[str]]
 ) -> list[list[str]]:
     """The top 10 the gateway answers with, from ranking's whole order of each pool."""
-    slot = models.policy.new_item_slot
-    return [with_new_item(o, str, p.new_item, slot)[:K] for p, o in zip(pools, orders, strict=True)]
+    return [
+        with_new_item(o, str, p.new_item, p.new_item_slot)[:K]
+        for p, o in zip(pools, orders, strict=True)
+    ]
 
 
 def _rank_inputs(

@@ -101,22 +101,25 @@ def run_recommend(
         runs["dense+ce"][case.user_id] = answer.dense_ce
         runs["dense+ce_base"][case.user_id] = answer.dense_ce_base
         gathered = full.get(case.user_id)
-        ranked.append(Ranked(answer.full, gathered.new_item if gathered else None))
+        slotted = (gathered.new_item, gathered.new_item_slot) if gathered else (None, 0)
+        ranked.append(Ranked(answer.full, *slotted))
         order = [s.item_id for s in answer.full]
-        runs["full"][case.user_id] = ranked[-1].answer(order, models.policy.new_item_slot)
+        runs["full"][case.user_id] = ranked[-1].answer(order)
     return runs, users, ranked
 
 
 @dataclass(frozen=True)
 class Ranked:
-    """`full`'s ranking of one user's pool, and the pool's new product (gateway.candidates)."""
+    """`full`'s ranking of one user's pool, and the pool's new product and the position kept
+    for it (gateway.candidates)."""
 
     scored: list[Scored]
     new_item: str | None
+    new_item_slot: int
 
-    def answer(self, order: list[str], slot: int) -> list[str]:
+    def answer(self, order: list[str]) -> list[str]:
         """The top 10 the gateway answers with from `order` (ranking's, or diversity's)."""
-        return with_new_item(order, str, self.new_item, slot)[:K]
+        return with_new_item(order, str, self.new_item, self.new_item_slot)[:K]
 
 
 def cf_top(ranker: Ranker, case: RecommendCase) -> list[str]:

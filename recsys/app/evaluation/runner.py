@@ -239,7 +239,7 @@ def evaluate_recommend(
             # As the gateway: the new product's slot after diversity, over the whole order.
             chosen = set(picks)
             order = picks + [i for i in ids if i not in chosen]
-            answers[case.user_id] = ranked.answer(order, models.policy.new_item_slot)
+            answers[case.user_id] = ranked.answer(order)
         sweep.append(
             {
                 "diversity": setting,
