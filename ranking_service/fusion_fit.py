@@ -38,6 +38,10 @@ MIN_GAIN = 0.01
 GAIN_Z = 1.64
 # The chosen depth is the smallest whose NDCG@10 is within this share of the sweep's best.
 DEPTH_TOLERANCE = 0.01
+# At most how many times faster than the fine-tuned model the cheapest copy the build can make
+# (the student's int8 copy) scores pairs: depths that copy could not score within the rerank
+# budget even this fast are not swept (docs/architecture.md, "Fine-tuning's time budget").
+COPY_SPEEDUP = 8.0
 # Components the build keeps only where cross-fitted validation says they pay, and the key of
 # their verdict in fusion.json's `fitted_on`.
 GATED = {"content": "content_similarity", "item_item": "item_to_item"}
@@ -79,6 +83,7 @@ def fit_two_pass(
     depths: Sequence[int] = DEPTHS,
     sweep_lists: int | None = None,
     first_lists: Sequence[FusionList] | None = None,
+    budget_ms: float | None = None,
     **meta: Any,
 ) -> TwoPassFusion:
     """The two passes for one kind of request (their `fitted_on` records the sweep): the first
@@ -88,7 +93,8 @@ def fit_two_pass(
 
     `first_lists` (default `lists`) fit the first pass: it never reads the cross-encoder, so
     it may also learn from requests the cross-encoder was fine-tuned on, which the second
-    pass must not."""
+    pass must not. With `budget_ms`, depths that no copy could rerank within it
+    (`servable_depths`) are not swept."""
     lists = [f for f in lists if f.labels.any()]
     record: dict[str, Any] = {"requests": requests, "lists": len(lists), **meta}
     if first_lists is not None:
@@ -126,8 +132,20 @@ def fit_two_pass(
     firsts = [first.fuse(f.scores) for f in sample]
     per_list = _ndcgs(sample, [order(s) for s in firsts])
     first_ndcg = float(per_list.mean())
-    heads = [head(s, max(depths)) for s in firsts]
-    ce, pairs_per_s = _score_heads(sample, heads, score_pairs)
+    # The smallest depth's pairs first: their speed says how deep the sweep need go.
+    shallow = min(depths)
+    top, pairs_per_s = _score_heads(sample, [head(s, shallow) for s in firsts], score_pairs)
+    if budget_ms is not None:
+        servable = servable_depths(depths, pairs_per_s, budget_ms)
+        if len(servable) < len(depths):
+            record["not_swept"] = {
+                "depths": sorted(set(depths) - set(servable)),
+                "why": f"beyond {budget_ms:g} ms even at {COPY_SPEEDUP:g}x "
+                f"{pairs_per_s:.0f} pairs/s",
+            }
+        depths = servable
+    rest, _ = _score_heads(sample, [head(s, max(depths))[shallow:] for s in firsts], score_pairs)
+    ce = [np.concatenate([a, b]) for a, b in zip(top, rest, strict=True)]
     sweep = [
         _depth_row(first, sample, firsts, ce, depth, pairs_per_s, per_list)
         for depth in sorted(depths)
@@ -154,6 +172,14 @@ def fit_two_pass(
         "used" if pays else f"skipped (no gain of {MIN_GAIN:.0%} and {GAIN_Z} standard errors)",
     )
     return TwoPassFusion(first, second, depth, pays, record)
+
+
+def servable_depths(depths: Sequence[int], pairs_per_s: float, budget_ms: float) -> list[int]:
+    """The `depths` (the smallest always) that a copy COPY_SPEEDUP times faster than
+    `pairs_per_s` could score within `budget_ms`."""
+    fastest = pairs_per_s * COPY_SPEEDUP
+    smallest = min(depths)
+    return sorted(d for d in depths if d == smallest or 1000 * d / fastest <= budget_ms)
 
 
 def group_verdict(lists: Sequence[FusionList], group: str) -> dict[str, Any]:
@@ -285,7 +311,7 @@ def _score_heads(
     """Cross-encoder scores of every list's head in one call, and the pairs/s it ran at."""
     pairs = [(f.context, f.texts[i]) for f, rows in zip(lists, heads, strict=True) for i in rows]
     started = time.perf_counter()
-    flat = score_pairs(pairs)
+    flat = score_pairs(pairs) if pairs else np.zeros(0, np.float32)
     pairs_per_s = len(pairs) / max(time.perf_counter() - started, 1e-9)
     out, offset = [], 0
     for rows in heads:

@@ -13,7 +13,7 @@ import random
 import tempfile
 import time
 from collections.abc import Callable, Container, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ranking_service.cross_encoder import DEFAULT_MAX_LENGTH, HISTORY_IN_CONTEXT, build_context
+from ranking_service.train_plan import VALIDATIONS, autocast, native_bf16, plan_steps, step_seconds
 from recsys.core.devices import resolve_device
 from recsys.core.domain import item_text
 from recsys.core.errors import InvalidInput
@@ -48,6 +49,10 @@ class RankerTrainConfig:
     validation_users: int = 100
     validation_candidates: int = 20  # the positive among retrieved hard negatives
     query_share: float = 0.5  # of training contexts, when there are search queries to train on
+    # Wall-clock budget of fine-tuning, validation passes included: the steps are planned to
+    # fit it at the speed measured on this machine, `steps` at most (None: `steps`, however
+    # long they take).
+    seconds: float | None = 300.0
     seed: int = 0
     device: str = "auto"
 
@@ -65,6 +70,8 @@ class RankerTrainConfig:
                 raise InvalidInput(f"ranker {name}={getattr(self, name)}: must be >= {least}")
         if not 0.0 <= self.query_share <= 1.0:
             raise InvalidInput(f"ranker query_share={self.query_share}: must be within [0, 1]")
+        if self.seconds is not None and not self.seconds > 0:
+            raise InvalidInput(f"ranker seconds={self.seconds}: must be > 0")
 
 
 @dataclass(frozen=True)
@@ -225,7 +232,8 @@ def train_cross_encoder(
             "(need users with 2+ interactions or queries, and a catalog larger than a user's history)"
         )
     dataset = _train_dataset([train[k] for k in keep], [train_negs[k] for k in keep], text)
-    evaluator = _evaluator(validation, val_negs, text) if validation else None
+    bf16 = native_bf16(device)
+    evaluator = _evaluator(validation, val_negs, text, device, bf16) if validation else None
     log.info("cross-encoder: %d training contexts, %d validation", len(keep), len(validation))
 
     torch.manual_seed(config.seed)  # the fresh 1-logit head, so "before" is reproducible
@@ -238,14 +246,32 @@ def train_cross_encoder(
         device=device,
         local_files_only=True,
     )
+    t0 = time.perf_counter()
     before = _validation_scores(evaluator(model)) if evaluator else None
+    validation_seconds = time.perf_counter() - t0 if evaluator else 0.0
     log.info("cross-encoder validation before fine-tuning: %s", before)
+    loss = LambdaLoss(model)
+    plan = plan_steps(
+        config,
+        spent=time.perf_counter() - started,
+        validation_seconds=validation_seconds,
+        step_seconds=None
+        if config.seconds is None
+        else step_seconds(loss, dataset, config.batch_size, device, bf16),
+    )
+    log.info("cross-encoder: %s", plan.describe())
     with tempfile.TemporaryDirectory(prefix="ce-train-") as work:
         trainer = CrossEncoderTrainer(
             model=model,
-            args=_training_args(config, device, Path(work), evaluate=evaluator is not None),
+            args=_training_args(
+                replace(config, steps=plan.steps),
+                device,
+                Path(work),
+                evaluate=evaluator is not None,
+                bf16=bf16,
+            ),
             train_dataset=dataset,
-            loss=LambdaLoss(model),
+            loss=loss,
             evaluator=evaluator,
             callbacks=[
                 StepProgress(),
@@ -266,6 +292,8 @@ def train_cross_encoder(
         "warm_start": None if warm_start is None else str(warm_start),
         "steps": steps_done,
         "max_steps": config.steps,
+        "plan": plan.record(),
+        "precision": "bf16 mixed" if bf16 else "fp32",
         "batch_size": config.batch_size,
         "max_length": config.max_length,
         "loss": f"LambdaLoss over [positive + {config.negatives_per_positive} hard negatives]",
@@ -301,28 +329,37 @@ def _train_dataset(
 
 
 def _evaluator(
-    validation: Sequence[Example], negs: Sequence[Sequence[str]], text: dict[str, str]
+    validation: Sequence[Example],
+    negs: Sequence[Sequence[str]],
+    text: dict[str, str],
+    device: str,
+    bf16: bool,
 ) -> Any:
-    """MRR@10 and NDCG@10 of each held-out positive among its retrieved hard negatives."""
+    """MRR@10 and NDCG@10 of each held-out positive among its retrieved hard negatives, scored
+    in the precision fine-tuning trains in."""
     from sentence_transformers.cross_encoder.evaluation import CrossEncoderRerankingEvaluator
+
+    class Reranking(CrossEncoderRerankingEvaluator):  # type: ignore[misc]
+        def __call__(self, *args: Any, **kwargs: Any) -> Any:
+            with autocast(device, bf16):
+                return super().__call__(*args, **kwargs)
 
     samples: list[dict[str, str | list[str]]] = [
         {"query": e.context, "positive": [text[e.positive]], "negative": [text[i] for i in n]}
         for e, n in zip(validation, negs, strict=True)
     ]
-    return CrossEncoderRerankingEvaluator(
-        samples=samples, at_k=10, name="validation", batch_size=64, write_csv=False
-    )
+    return Reranking(samples=samples, at_k=10, name="validation", batch_size=64, write_csv=False)
 
 
-def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate: bool) -> Any:
+def _training_args(
+    config: RankerTrainConfig, device: str, work: Path, evaluate: bool, bf16: bool
+) -> Any:
     """Trainer arguments: seeded, no reporting, no dataloader workers, best checkpoint kept."""
-    import torch
     from sentence_transformers.cross_encoder import CrossEncoderTrainingArguments
 
-    # Three checkpoints to choose from (each validation pass costs as much as ~8 steps); rounded
-    # up, because the trainer also validates at the last step.
-    every = max(-(-config.steps // 3), 1)
+    # VALIDATIONS checkpoints to choose from; rounded up, because the trainer also validates at
+    # the last step.
+    every = max(-(-config.steps // VALIDATIONS), 1)
     return CrossEncoderTrainingArguments(
         output_dir=str(work),
         max_steps=config.steps,
@@ -345,7 +382,7 @@ def _training_args(config: RankerTrainConfig, device: str, work: Path, evaluate:
         seed=config.seed,
         data_seed=config.seed,
         use_cpu=device == "cpu",
-        bf16=device == "cuda" and torch.cuda.is_bf16_supported(),
+        bf16=bf16,
     )
 
 

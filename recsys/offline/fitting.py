@@ -131,6 +131,7 @@ def fit_fusion(
             convex,
             requests="validation users",
             sweep_lists=fitting.fusion_lists,
+            budget_ms=fitting.rerank_budget_ms,
             **meta,
         ),
         "query": fit_two_pass(
@@ -140,6 +141,7 @@ def fit_fusion(
             requests="held-out queries",
             sweep_lists=fitting.fusion_lists,
             first_lists=query_lists + tuned_lists,
+            budget_ms=fitting.rerank_budget_ms,
             **query_meta,
         ),
     }

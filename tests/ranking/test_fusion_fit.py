@@ -11,12 +11,14 @@ import numpy as np
 from ranking_service.features import FEATURES, StageScores
 from ranking_service.fusion import ConvexFusion, TwoPassFusion
 from ranking_service.fusion_fit import (
+    COPY_SPEEDUP,
     MIN_LISTS,
     FusionList,
     choose_depth,
     first_pass_features,
     fit_two_pass,
     group_verdict,
+    servable_depths,
     sweep_sample,
     within_budget,
 )
@@ -210,3 +212,22 @@ def test_the_first_pass_may_learn_from_more_lists_than_the_cross_encoder_sees() 
         held[: MIN_LISTS - 1], scorer, ConvexFusion(), "queries", first_lists=held + tuned
     )
     assert few.first.fitted_on["lists"] == 70 and few.second is None
+
+
+def test_depths_no_copy_could_serve_in_budget_are_not_swept() -> None:
+    # 100 pairs/s: the fastest copy scores at most 100 * COPY_SPEEDUP pairs/s.
+    fastest = 100 * COPY_SPEEDUP
+    assert servable_depths((10, 20, 50), 100, budget_ms=1000 * 20 / fastest) == [10, 20]
+    # The smallest depth is always swept: the budget's verdict on it comes from the copy's speed.
+    assert servable_depths((10, 20, 50), 100, budget_ms=1e-6) == [10]
+    lists = synthetic_lists(40, ce_signal=0.9)
+    scorer = CountingScorer()
+    cut = fit_two_pass(lists, scorer, ConvexFusion(), "users", depths=(5, 10, 20), budget_ms=1e-6)
+    assert [row["depth"] for row in cut.fitted_on["sweep"]] == [5]
+    assert cut.fitted_on["not_swept"]["depths"] == [10, 20]
+    assert scorer.pairs == 40 * 5  # the deeper heads were never scored
+    scorer = CountingScorer()
+    whole = fit_two_pass(lists, scorer, ConvexFusion(), "users", depths=(5, 10, 20), budget_ms=1e9)
+    assert [row["depth"] for row in whole.fitted_on["sweep"]] == [5, 10, 20]
+    assert "not_swept" not in whole.fitted_on
+    assert scorer.pairs == 40 * 20  # each pair once, the shallow head's included

@@ -88,10 +88,31 @@ def test_fine_tune_writes_a_loadable_model_and_manifest(
     assert (out / "tokenizer.json").is_file() or (out / "vocab.txt").is_file()
     assert 1 <= section["steps"] <= 12
     assert section["pairs"] > 0 and section["train_seconds"] > 0
+    assert section["plan"]["budget_seconds"] == RankerTrainConfig().seconds
+    assert section["plan"]["step_seconds"] > 0
     assert section["validation"]["examples"] == 16
     scorer = CrossEncoderScorer.load(out, device="cpu")
     scores = scorer.score([("espresso", "Burr coffee grinder. Coffee"), ("tent", "Chef knife")])
     assert scores.shape == (2,) and np.isfinite(scores).all()
+
+
+def test_fine_tuning_takes_the_steps_its_time_budget_leaves(
+    base_model_dir: Path,
+    shop_catalog: pd.DataFrame,
+    shop_interactions: pd.DataFrame,
+    shop_retrieval: EmbeddingRetrieval,
+    tmp_path: Path,
+) -> None:
+    # Spent before the first step: one step, so that a model still comes out.
+    config = RankerTrainConfig(
+        steps=12, batch_size=8, max_length=48, validation_users=8, seconds=1e-3, device="cpu"
+    )
+    out = tmp_path / "cross_encoder"
+    section = train_cross_encoder(
+        base_model_dir, shop_catalog, shop_interactions, by_context(shop_retrieval), out, config
+    )
+    assert section["steps"] == 1 and section["max_steps"] == 12
+    assert (out / "config.json").is_file()
 
 
 def test_fine_tune_learns_the_shop(trained: tuple[Path, dict[str, Any]]) -> None:

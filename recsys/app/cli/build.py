@@ -63,12 +63,21 @@ def add_build(sub: Any) -> None:
         type=int,
         default=Deferred(_ranker_steps),
         metavar="N",
-        help="cross-encoder fine-tuning steps (default %(default)s: ~10 min on 2 CPU cores for MovieLens)",
+        help="cross-encoder fine-tuning steps, at most (default %(default)s; see --ranker-seconds)",
     )
     ranker.add_argument(
         "--no-ranker",
         action="store_true",
         help="skip the cross-encoder (ranking uses CF + retrieval)",
+    )
+    p.add_argument(
+        "--ranker-seconds",
+        type=float,
+        default=Deferred(_ranker_seconds),
+        metavar="S",
+        help="fine-tuning's time budget, its validation passes included: the steps are planned "
+        "to fit it at the speed measured on the first batch, --ranker-steps at most (default "
+        "%(default)s; 0: no budget, --ranker-steps however long they take)",
     )
     p.add_argument(
         "--no-student",
@@ -138,6 +147,13 @@ def _ranker_steps() -> int:
     return RankerTrainConfig().steps
 
 
+def _ranker_seconds() -> float:
+    """`recsys build`'s fine-tuning time budget: RankerTrainConfig's default."""
+    from ranking_service.train import RankerTrainConfig
+
+    return RankerTrainConfig().seconds or 0.0
+
+
 def _rerank_budget_ms() -> float:
     """`recsys build`'s cross-encoder time budget: BuildOptions' default."""
     from recsys.app.build import BuildOptions
@@ -153,6 +169,9 @@ def run_build(args: argparse.Namespace) -> int:
     steps = resolve(args.ranker_steps)
     if steps < 1:
         raise InvalidInput("--ranker-steps must be >= 1 (or use --no-ranker)")
+    seconds = resolve(args.ranker_seconds)
+    if seconds < 0:
+        raise InvalidInput(f"--ranker-seconds {seconds}: must be >= 0 (0: no budget)")
     if args.holdout_per_user < 0:
         raise InvalidInput(f"--holdout-per-user {args.holdout_per_user}: must be >= 0")
     budget = resolve(args.rerank_budget_ms)
@@ -166,7 +185,9 @@ def run_build(args: argparse.Namespace) -> int:
             encoder=args.encoder,
             pooling=args.pooling,
             index_factory=args.index_factory,
-            ranker=None if args.no_ranker else RankerTrainConfig(steps=steps),
+            ranker=None
+            if args.no_ranker
+            else RankerTrainConfig(steps=steps, seconds=seconds or None),
             device=args.device,
             strict=args.strict,
             student=None if args.no_student else DistillConfig(),
