@@ -169,6 +169,9 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             ranker=RankerTrainConfig(steps=8, batch_size=8, max_length=64, validation_users=24),
             student=DistillConfig(steps=20, batch_size=16),
             fusion_lists=40,
+            # No depth is over this budget at any machine's speed: the sweep and the depths it
+            # chooses are then the same everywhere, as the golden figures need.
+            rerank_budget_ms=1e6,
             device="cpu",
             cf_search=True,  # off by default; built here so the search's path is tested
             always_copies=True,  # the copies' path, whether or not the cross-encoder pays here

@@ -123,7 +123,10 @@ def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
     assert history["fitted_on"]["lists"] >= MIN_LISTS
     assert history["first"]["kind"] == history["second"]["kind"] == "logistic"
     sweep = history["fitted_on"]["sweep"]
-    assert [row["depth"] for row in sweep] == sorted(DEPTHS)
+    # Depths no copy could serve within the budget at the speed measured here are not swept.
+    not_swept = history["fitted_on"].get("not_swept", {}).get("depths", [])
+    assert sorted([row["depth"] for row in sweep] + not_swept) == sorted(DEPTHS)
+    assert min(DEPTHS) not in not_swept
     assert history["rerank_depth"] in DEPTHS
     assert all(row["ms_per_request"] > 0 for row in sweep)
     # CF serves every interaction, the held-out ones included: it is refitted after fusion.

@@ -360,7 +360,9 @@ def test_ranker_steps_defaults_have_one_home(
 def test_fine_tuning_shows_one_bar_not_the_trainers_metric_dicts(tmp_path: Path) -> None:
     from ranking_service.train import RankerTrainConfig, StepProgress, _training_args
 
-    assert _training_args(RankerTrainConfig(steps=4), "cpu", tmp_path, evaluate=True).disable_tqdm
+    assert _training_args(
+        RankerTrainConfig(steps=4), "cpu", tmp_path, evaluate=True, bf16=False
+    ).disable_tqdm
     progress = StepProgress()
     args: Any = None
     state: Any = SimpleNamespace(max_steps=4, global_step=0)

@@ -41,7 +41,8 @@ def add_evaluate(sub: Any) -> None:
         type=int,
         default=Deferred(_ranker_steps),
         metavar="N",
-        help="fine-tuning steps when building (default %(default)s)",
+        help="fine-tuning steps when building, at most: fine-tuning keeps to `recsys build`'s "
+        "default time budget (--ranker-seconds) (default %(default)s)",
     )
     p.add_argument(
         "--index-factory", default="Flat", help="FAISS factory string when building (default Flat)"
