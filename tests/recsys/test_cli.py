@@ -93,6 +93,7 @@ def test_bad_catalogs_exit_2_with_one_line_and_keep_current(
         (["--queries", str(queries)], f"{queries} line 2"),
         (["--queries", str(tmp_path / "absent.jsonl")], "absent.jsonl"),
         (["--rerank-budget-ms", "0"], "--rerank-budget-ms 0"),
+        (["--ranker-seconds", "-5"], "--ranker-seconds -5.0"),
     ]:
         assert build(tmp_path, root_with_bundle, *args) == 2
         assert expected in error_line(capsys.readouterr().err)
