@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ranking_service.text_sequence import TextSequence
 from recsys.core import bundle as bundle_files
 from recsys.core.encoder import TextEncoder
 
@@ -35,34 +36,53 @@ EMBEDDED_ITEMS = 10_000
 
 @dataclass(frozen=True)
 class ContentScores:
-    """Per candidate; NaN where the bundle's catalog lacks the candidate (added online)."""
+    """Per candidate; NaN where the bundle's catalog lacks the candidate (added online) or,
+    for `sequence`, where the bundle has no text sequence model."""
 
     nearest: np.ndarray
     recent: np.ndarray
+    # The text sequence model's score of the candidate as what follows the history.
+    sequence: np.ndarray
 
 
 class ItemVectors:
     """The bundle's unit-length item embeddings by item id (memory-mapped: the retrieval service
     on the same volume shares the pages), and, with the bundle's encoder, those of items the
-    catalog lacks, embedded from their text."""
+    catalog lacks, embedded from their text; with the bundle's text sequence model."""
 
     def __init__(
-        self, item_ids: Sequence[str], vectors: np.ndarray, encoder: TextEncoder | None = None
+        self,
+        item_ids: Sequence[str],
+        vectors: np.ndarray,
+        encoder: TextEncoder | None = None,
+        sequence: TextSequence | None = None,
     ) -> None:
         if len(item_ids) != len(vectors):
             raise ValueError(f"{len(item_ids)} item ids for {len(vectors)} vectors")
         self._row = {item_id: row for row, item_id in enumerate(item_ids)}
         self._vectors = vectors
         self.encoder = encoder
+        self.sequence = sequence
         self._embedded: OrderedDict[tuple[str, str], np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # ranking computes stage scores in several threads
 
     @classmethod
     def load(cls, version_dir: Path, encoder: TextEncoder | None = None) -> ItemVectors:
-        """From a bundle version's (or a build's staging) catalog and embeddings."""
+        """From a bundle version's (or a build's staging) catalog, embeddings and text
+        sequence model."""
         catalog = pd.read_parquet(version_dir / bundle_files.CATALOG, columns=["item_id"])
         vectors = np.load(version_dir / bundle_files.EMBEDDINGS, mmap_mode="r")
-        return cls([str(i) for i in catalog["item_id"]], vectors, encoder)
+        ids = [str(i) for i in catalog["item_id"]]
+        return cls(ids, vectors, encoder, TextSequence.load(version_dir))
+
+    @property
+    def matrix(self) -> np.ndarray:
+        """The catalog's vectors, in its rows' order."""
+        return np.asarray(self._vectors)
+
+    def rows(self, item_ids: Sequence[str]) -> list[int | None]:
+        """Each item's row in `matrix`; None for items the catalog lacks."""
+        return [self._row.get(i) for i in item_ids]
 
     def scores(
         self,
@@ -79,15 +99,17 @@ class ItemVectors:
             return None
         found = self.vectors(candidates, texts)
         known = [(k, v) for k, v in enumerate(found) if v is not None]
-        nearest = np.full(len(candidates), np.nan, np.float32)
-        recent = np.full(len(candidates), np.nan, np.float32)
+        out = ContentScores(*(np.full(len(candidates), np.nan, np.float32) for _ in range(3)))
         if known:
-            sims = np.stack([v for _, v in known]) @ np.stack(past).T
+            found_matrix = np.stack([v for _, v in known])
+            sims = found_matrix @ np.stack(past).T
             positions = [k for k, _ in known]
             top = min(NEAREST_OF, sims.shape[1])
-            nearest[positions] = np.sort(sims, axis=1)[:, -top:].mean(axis=1)
-            recent[positions] = sims[:, :RECENT_OF].mean(axis=1)
-        return ContentScores(nearest, recent)
+            out.nearest[positions] = np.sort(sims, axis=1)[:, -top:].mean(axis=1)
+            out.recent[positions] = sims[:, :RECENT_OF].mean(axis=1)
+            if self.sequence is not None:
+                out.sequence[positions] = self.sequence.scores(np.stack(past), found_matrix)
+        return out
 
     def vectors(self, item_ids: Sequence[str], texts: Mapping[str, str]) -> list[np.ndarray | None]:
         """Each item's vector: the catalog's, else (with an encoder) one embedded from its text

@@ -47,6 +47,9 @@ class StageScores:
     # recent items (ranking_service.content); None without a history the catalog knows.
     content_nearest: np.ndarray | None = field(default=None, metadata={GROUP: "content"})
     content_recent: np.ndarray | None = field(default=None, metadata={GROUP: "content"})
+    # ... and the text sequence model's score of what follows the history
+    # (ranking_service.text_sequence): order, read from the items' text.
+    content_sequence: np.ndarray | None = field(default=None, metadata={GROUP: "content"})
     # Item-to-item CF from the history alone (ranking_service.item_item): EASE's weights summed
     # over the history, and how often candidates were had next to the most recent items.
     item_item: np.ndarray | None = field(default=None, metadata={GROUP: "item_item"})
@@ -130,6 +133,7 @@ REGISTRY = (
     Feature("item_item", "item_item"),
     Feature("item_item_missing", "item_item", "missing"),
     Feature("transitions", "transitions"),
+    Feature("content_sequence", "content_sequence"),
 )
 FEATURES = tuple(f.name for f in REGISTRY)
 

@@ -291,12 +291,13 @@ class Ranker:
         )
         stages = StageScores(
             cf=cf,
-            retrieval=None if np.isnan(retrieval).all() else retrieval,
-            lexical=None if np.isnan(lexical).all() else lexical,
+            retrieval=_present(retrieval),
+            lexical=_present(lexical),
             popularity=self.cf.popularity(ids),
             cf_recent=None if recent is None else self.cf.scores(recent, ids),
             content_nearest=None if content is None else content.nearest,
             content_recent=None if content is None else content.recent,
+            content_sequence=None if content is None else _present(content.sequence),
             item_item=None if neighbours is None else neighbours.weights,
             transitions=None if neighbours is None else neighbours.transitions,
             has_query=bool(context.query.strip()),
@@ -342,6 +343,11 @@ class Ranker:
         if user is None:
             return np.full(len(candidates), np.nan, np.float32), False
         return self.cf.scores(user, [c.item_id for c in candidates]), folded
+
+
+def _present(scores: np.ndarray) -> np.ndarray | None:
+    """The scores, or None where no candidate has one (the stage did not run)."""
+    return None if np.isnan(scores).all() else scores
 
 
 def _content(bundle: Bundle, fusion: Fusion, settings: Settings) -> ItemVectors | None:

@@ -1,7 +1,8 @@
 """The steps of `recsys build` (recsys.app.build.build_bundle runs them in order): retrieval,
-the CF search, CF, the cross-encoder, fusion's passes, the cross-encoder's cheaper copies where
-it pays, fusion as it serves, CF refitted on everything. Each returns the manifest sections it
-adds (None: skipped), and `BuildState` carries what they share.
+the CF search, CF and the text sequence model, the cross-encoder, fusion's passes, the
+cross-encoder's cheaper copies where it pays, fusion as it serves, CF refitted on everything.
+Each returns the manifest sections it adds (None: skipped), and `BuildState` carries what they
+share.
 """
 
 from __future__ import annotations
@@ -125,6 +126,7 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     assert params is not None
     log.info("training CF (ALS) on %d interactions before the validation ones", len(build.train))
     cf = CFModel.train(build.train, seed=options.seed, **params.kwargs())
+    text_sequence = _text_sequence(build)
     # Without a cross-encoder: CF recall and scores, content similarities, item-to-item.
     ranker = Ranker(
         cf,
@@ -139,7 +141,35 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     # and fusion learns new products from the ones fitting.user_lists treats as new.
     policy = PoolPolicy(cf_share=options.cf_candidate_share, new_item_slot=0)
     build.pools = Pools(retriever, ranker, options.candidate_pool, policy)
-    return {}
+    return {"text_sequence": text_sequence}
+
+
+def _text_sequence(build: BuildState) -> dict[str, Any]:
+    """The text sequence model trained on the training side's sequences (its epochs stopped on
+    the validation items), saved into the version; returns the manifest's record. It is not
+    refitted with the validation items: fusion learned its weight for this one."""
+    from ranking_service import text_sequence
+    from ranking_service.content import ItemVectors
+    from recsys.offline.heldout import HeldOut
+    from recsys.offline.splits import histories
+
+    store = ItemVectors.load(build.stage)
+
+    def known(items: list[str]) -> list[int]:
+        return [r for r in store.rows(items) if r is not None]
+
+    sequences = [known(items[::-1]) for items in histories(build.train).values()]
+    held = HeldOut.of(build.train, build.validation, build.options.relevant_min_weight)
+    held_out = [
+        (known(held.histories[user]), row)
+        for user, items in sorted(held.relevant.items())
+        for row in known(sorted(items))
+    ]
+    log.info("training the text sequence model on %d sequences", len(sequences))
+    model, record = text_sequence.train(store.matrix, sequences, held_out, build.options.seed)
+    if model is not None:
+        model.save(build.stage)
+    return record
 
 
 def _ranker_step(build: BuildState) -> dict[str, Any] | None:

@@ -68,6 +68,7 @@ def format_manifest(m: dict[str, Any], path: Path) -> str:
         f"index         {idx['factory']} size={idx['size']:,}",
         f"cf            ALS factors={m['cf']['factors']} users={m['cf']['users']:,} items={m['cf']['items']:,}",
         f"              {_cf_values(m['cf'])}",
+        *_text_sequence_lines(m.get("text_sequence")),
     ]
     ce = m.get("cross_encoder")
     if ce:
@@ -86,6 +87,18 @@ def format_manifest(m: dict[str, Any], path: Path) -> str:
         lines.append("cross-encoder none (built with --no-ranker)")
     lines.extend(_fusion_lines(m["fusion"]))
     return "\n".join(lines)
+
+
+def _text_sequence_lines(record: dict[str, Any] | None) -> list[str]:
+    """The text sequence model's line; none for bundles from before it."""
+    if record is None:
+        return []
+    if "skipped" in record:
+        return [f"text sequence none ({record['skipped']})"]
+    return [
+        f"text sequence {record['epochs']} epochs over {record['steps']:,} steps in "
+        f"{record['seconds']:.0f} s; held-out loss {record['held_out_loss']}"
+    ]
 
 
 def _cf_values(cf: dict[str, Any]) -> str:

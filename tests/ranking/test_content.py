@@ -116,6 +116,8 @@ def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
     # An item is its own nearest neighbour.
     assert stages.content_nearest[0] == pytest.approx(1.0, abs=1e-5)
     assert stages.content_nearest[1] < stages.content_nearest[0]
+    # The bundle's text sequence model scores what follows the history.
+    assert stages.content_sequence is not None and not np.isnan(stages.content_sequence).any()
     # A product added after the build is read from the text the request carries.
     reading = Ranker(
         served.cf,
@@ -128,11 +130,12 @@ def test_the_ranker_scores_content_from_the_bundle_when_its_fusion_reads_it(
     added = [Candidate("ADDED", title), Candidate("ADDED-ELSEWHERE", "Garden hose, 25 m")]
     new, _ = reading.stage_scores(context, added)
     assert new.content_nearest is not None and not np.isnan(new.content_nearest).any()
+    assert new.content_sequence is not None and not np.isnan(new.content_sequence).any()
     assert new.content_nearest[0] > new.content_nearest[1]
     assert np.isnan(new.cf).all()  # CF never saw them
     # A search without history has no content scores.
     query, _ = ranker.stage_scores(RankContext(query="x"), [Candidate(first, "")])
-    assert query.content_nearest is None
+    assert query.content_nearest is None and query.content_sequence is None
 
 
 def test_fusion_reads_content_only_where_a_pass_weighs_it() -> None:

@@ -22,6 +22,7 @@ from ranking_service.copy_choice import INT8_TOLERANCE, STUDENT_KEEPS, STUDENT_M
 from ranking_service.fusion import load_fusion, reads
 from ranking_service.fusion_fit import DEPTHS, MIN_LISTS
 from ranking_service.item_item import ItemItem
+from ranking_service.text_sequence import TextSequence
 from ranking_service.train import RankerTrainConfig
 from recsys.app.build import BuildOptions, build_bundle
 from recsys.app.build_steps import COPIES_SKIPPED
@@ -145,6 +146,12 @@ def test_every_build_fits_its_ranking_on_its_own_held_out_interactions(
     assert item_item["scores_weighed"] == reads(fusion, "item_item")
     if not history["fitted_on"]["item_to_item"]["pays"]:
         assert not reads(fusion.history, "item_item")
+    # The text sequence model: trained on the training side's sequences, its epochs stopped
+    # on the validation items, served from the version.
+    sequence = manifest["text_sequence"]
+    assert sequence["steps"] > 0 and sequence["held_out"] > 0
+    assert 1 <= sequence["epochs"] <= len(sequence["held_out_loss"])
+    assert TextSequence.load(bundle.path) is not None
 
 
 def tiny_log(tmp_path: Path) -> tuple[Path, Path]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,7 @@ def test_bundle_info_and_search(
     assert main(["bundle", "info", str(sample_bundle_root), "--verify"]) == 0
     out = capsys.readouterr().out
     assert "items         345" in out and "verified" in out
+    assert re.search(r"text sequence \d+ epochs over [\d,]+ steps", out)
     queries = tmp_path / "q.txt"
     queries.write_text("wireless headphones\ntrail running shoes\n")
     assert (

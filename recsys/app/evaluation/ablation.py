@@ -74,13 +74,15 @@ VARIANTS = (
         "without content similarity",
         None,
         ("content",),
-        "the embedding similarities to the history's items dropped as missing",
+        "the embedding similarities to the history's items and the text sequence model's "
+        "scores dropped as missing",
     ),
     Variant(
         "without language-model components",
         1.0,
         ("cross_encoder", "content"),
-        "no dense retrieval (pool from CF alone), content similarity or cross-encoder",
+        "no dense retrieval (pool from CF alone), content similarity, text sequence model or "
+        "cross-encoder",
     ),
 )
 
