@@ -101,14 +101,14 @@ class ItemVectors:
         known = [(k, v) for k, v in enumerate(found) if v is not None]
         out = ContentScores(*(np.full(len(candidates), np.nan, np.float32) for _ in range(3)))
         if known:
-            found_matrix = np.stack([v for _, v in known])
-            sims = found_matrix @ np.stack(past).T
+            found_matrix, history_matrix = np.stack([v for _, v in known]), np.stack(past)
+            sims = found_matrix @ history_matrix.T
             positions = [k for k, _ in known]
             top = min(NEAREST_OF, sims.shape[1])
             out.nearest[positions] = np.sort(sims, axis=1)[:, -top:].mean(axis=1)
             out.recent[positions] = sims[:, :RECENT_OF].mean(axis=1)
             if self.sequence is not None:
-                out.sequence[positions] = self.sequence.scores(np.stack(past), found_matrix)
+                out.sequence[positions] = self.sequence.scores(history_matrix, found_matrix)
         return out
 
     def vectors(self, item_ids: Sequence[str], texts: Mapping[str, str]) -> list[np.ndarray | None]:

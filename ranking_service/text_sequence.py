@@ -83,9 +83,10 @@ def train(
     seed: int = 0,
     seconds: float = DEFAULT_SECONDS,
 ) -> tuple[TextSequence | None, dict[str, Any]]:
-    """The model (its softmax's temperature learned alongside) fitted on every "history → next" step of `sequences` (rows of `vectors`, each
-    in time order), and the manifest's record; the epochs stop where the loss on `held_out`
-    ((history rows, most recent first; next row) pairs) is lowest. None without a step."""
+    """The model (its softmax's temperature learned alongside) fitted on every "history → next"
+    step of `sequences` (rows of `vectors`, each in time order), and the manifest's record; the
+    epochs stop where the loss on `held_out` ((history rows, most recent first; next row)
+    pairs) is lowest. None without a step."""
     import torch
 
     started = time.perf_counter()
@@ -135,7 +136,7 @@ def train(
             losses.append(round(current, 4))
         if current is None or best[0] is None or current < best[0]:
             best = (current, _state(context_adapter, item_adapter), epoch)
-        elif current is not None:
+        else:
             break  # the held-out loss rose: the best epoch is behind
     context_w, item_w = best[1]
     record = {

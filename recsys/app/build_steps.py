@@ -20,6 +20,8 @@ from recsys.core import bundle as bundle_files
 
 if TYPE_CHECKING:
     from ranking_service.cf import ALSParams
+    from ranking_service.content import ItemVectors
+    from ranking_service.text_sequence import TextSequence
     from recsys.app.build import BuildInputs, BuildOptions
     from recsys.offline.fitting import FittedPasses, FittingSettings
     from recsys.offline.local import Pools
@@ -126,14 +128,15 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     assert params is not None
     log.info("training CF (ALS) on %d interactions before the validation ones", len(build.train))
     cf = CFModel.train(build.train, seed=options.seed, **params.kwargs())
-    text_sequence = _text_sequence(build)
+    content = ItemVectors.load(build.stage)
+    content.sequence, text_sequence = _text_sequence(build, content)
     # Without a cross-encoder: CF recall and scores, content similarities, item-to-item.
     ranker = Ranker(
         cf,
         ConvexFusion(alpha=options.fusion_alpha),
         None,
         {},
-        content=ItemVectors.load(build.stage),
+        content=content,
         item_item=build.item_item_search.model,
     )
     retriever = _staged_retriever(build.fitting, build.retrieval, build.stage)
@@ -144,16 +147,15 @@ def _cf_step(build: BuildState) -> dict[str, Any]:
     return {"text_sequence": text_sequence}
 
 
-def _text_sequence(build: BuildState) -> dict[str, Any]:
-    """The text sequence model trained on the training side's sequences (its epochs stopped on
-    the validation items), saved into the version; returns the manifest's record. It is not
-    refitted with the validation items: fusion learned its weight for this one."""
+def _text_sequence(
+    build: BuildState, store: ItemVectors
+) -> tuple[TextSequence | None, dict[str, Any]]:
+    """The text sequence model trained on the training side's sequences of `store`'s items (its
+    epochs stopped on the validation items), saved into the version, and the manifest's record.
+    It is not refitted with the validation items: fusion learned its weight for this one."""
     from ranking_service import text_sequence
-    from ranking_service.content import ItemVectors
     from recsys.offline.heldout import HeldOut
     from recsys.offline.splits import histories
-
-    store = ItemVectors.load(build.stage)
 
     def known(items: list[str]) -> list[int]:
         return [r for r in store.rows(items) if r is not None]
@@ -169,7 +171,7 @@ def _text_sequence(build: BuildState) -> dict[str, Any]:
     model, record = text_sequence.train(store.matrix, sequences, held_out, build.options.seed)
     if model is not None:
         model.save(build.stage)
-    return record
+    return model, record
 
 
 def _ranker_step(build: BuildState) -> dict[str, Any] | None:
