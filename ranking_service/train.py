@@ -53,6 +53,9 @@ class RankerTrainConfig:
     # fit it at the speed measured on this machine, `steps` at most (None: `steps`, however
     # long they take).
     seconds: float | None = 300.0
+    # Mixed bf16 precision: None where the hardware computes bf16 natively (native_bf16). A
+    # build that must give the same model on any CPU pins it.
+    bf16: bool | None = None
     seed: int = 0
     device: str = "auto"
 
@@ -232,7 +235,7 @@ def train_cross_encoder(
             "(need users with 2+ interactions or queries, and a catalog larger than a user's history)"
         )
     dataset = _train_dataset([train[k] for k in keep], [train_negs[k] for k in keep], text)
-    bf16 = native_bf16(device)
+    bf16 = native_bf16(device) if config.bf16 is None else config.bf16
     evaluator = _evaluator(validation, val_negs, text, device, bf16) if validation else None
     log.info("cross-encoder: %d training contexts, %d validation", len(keep), len(validation))
 

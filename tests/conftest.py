@@ -166,7 +166,10 @@ def sample_bundle_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
             catalog=catalog,
             interactions=interactions,
             out=root,
-            ranker=RankerTrainConfig(steps=8, batch_size=8, max_length=64, validation_users=24),
+            # fp32 everywhere: a CPU with native bf16 would otherwise fine-tune another model.
+            ranker=RankerTrainConfig(
+                steps=8, batch_size=8, max_length=64, validation_users=24, bf16=False
+            ),
             student=DistillConfig(steps=20, batch_size=16),
             fusion_lists=40,
             # No depth is over this budget at any machine's speed: the sweep and the depths it
