@@ -51,7 +51,7 @@ HISTORY_USERS = ("U0001", "U0002", "U0003", "U0004", "U0005")
 class Loaded:
     bundle: Bundle
     retriever: Retriever
-    served: Ranker  # as the bundle's plan says
+    served: Ranker  # as the bundle's plan says, the fine-tuned fp32 model scoring
     rerank_all: Ranker  # with the cross-encoder's second pass for every kind of request
     inputs: build.BuildInputs
 

@@ -181,6 +181,11 @@ def test_too_little_data_to_fit_falls_back_to_the_convex_mix(tmp_path: Path) -> 
     assert bundle.manifest["validation"]["interactions"] == 3 * 2  # half of each user's four
 
 
+def test_a_pinned_precision_is_the_one_fine_tuning_ran_in(sample_bundle_root: Path) -> None:
+    # The sample build pins fp32 (RankerTrainConfig.bf16=False), also on a CPU with native bf16.
+    assert Bundle.open(sample_bundle_root).manifest["cross_encoder"]["precision"] == "fp32"
+
+
 def test_the_fastest_copy_that_keeps_the_teachers_ndcg_serves(sample_bundle_root: Path) -> None:
     section = Bundle.open(sample_bundle_root).manifest["cross_encoder"]
     assert section["int8"]["calibration_pairs"] > 0 and section["student"]["layers"] >= 1
