@@ -151,6 +151,9 @@ def test_search_protocol_is_refused_before_anything_is_built(
     argv = ["evaluate", "--data", str(data_dir), "--bundle", str(root), "--out", str(out)]
     assert main([*argv, "--protocol", "search"]) == 2
     assert "has no queries to search with" in capsys.readouterr().err
+    for flag in ("--users", "--ce-users"):
+        assert main([*argv, flag, "0"]) == 2
+        assert f"{flag} 0: must be >= 1" in capsys.readouterr().err
     assert not root.exists() and not out.exists()
 
 

@@ -30,6 +30,7 @@ from recsys.app.evaluation.runner import (
     SPLIT_MARK,
     load_data,
     run_evaluation,
+    sample_of,
     sampled_test_users,
     train_split_bundle,
 )
@@ -203,6 +204,23 @@ def test_a_sample_of_test_users_keeps_train_and_validation_whole(data_dir: Path)
     assert set(sampled_test_users(split, 7, seed=3).test["user_id"]) == set(sample.test["user_id"])
     assert sampled_test_users(split, users, seed=3) is split
     assert sampled_test_users(split, None, seed=3) is split
+
+
+def test_the_cross_encoder_baselines_answer_only_their_sample(
+    data_dir: Path, evaluated: tuple[Path, Path]
+) -> None:
+    root, _ = evaluated
+    split = load_data(data_dir).split
+    models = EvalModels.load(Bundle.open(root), device="cpu")
+    users = set(split.test["user_id"].astype(str))
+    sample = sample_of(users, 5, seed=0)
+    assert sample is not None and len(sample) == 5
+    runs, cases, _ = recommend.run_recommend(models, split, 20, False, None, sample)
+    answered = {c.user_id for c in cases if c.history}
+    for name in recommend.CROSS_ENCODER_BASELINES:
+        assert set(runs[name]) == sample & {c.user_id for c in cases}
+    assert answered - sample and all(len(runs["full"][u]) == 10 for u in answered)
+    assert sample_of(users, len(users), seed=0) is None
 
 
 def test_bundle_saw_only_the_train_split(data_dir: Path, evaluated: tuple[Path, Path]) -> None:

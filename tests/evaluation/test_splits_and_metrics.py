@@ -10,6 +10,7 @@ import pytest
 
 from recsys.app.evaluation.metrics import (
     accuracy,
+    bootstrap,
     coverage,
     paired_bootstrap_ratio,
     per_query_ndcg,
@@ -114,3 +115,21 @@ def test_paired_bootstrap_interval_matches_the_normal_approximation() -> None:
 def test_paired_bootstrap_refuses_unpaired_scores() -> None:
     with pytest.raises(ValueError, match="must be equal"):
         paired_bootstrap_ratio(np.ones(3), np.ones(4))
+
+
+def test_bootstrap_pairs_a_sampled_method_with_full_over_its_sample_only() -> None:
+    relevant = {f"u{i}": {"hit"} for i in range(6)}
+    full = {u: ["hit"] for u in relevant}  # NDCG 1 for everyone
+    # `sampled` answered u0..u2 only, better than `cf` did everyone (5 of 6 right).
+    runs = {
+        "cf": {u: ["hit"] if u != "u5" else ["miss"] for u in relevant},
+        "sampled": {"u0": ["hit"], "u1": ["hit"], "u2": ["miss", "hit"]},
+        "full": full,
+    }
+    out = bootstrap(relevant, runs, {"sampled": {"u0", "u1", "u2"}})
+    # Over its 3 users, not over 6 with three unanswered.
+    mean = (1.0 + 1.0 + 1 / math.log2(3)) / 3
+    assert out["full / each"]["sampled"]["ratio"] == pytest.approx(1.0 / mean)
+    assert out["full / each"]["cf"]["ratio"] == pytest.approx(6 / 5)
+    # The best other is chosen among the methods that answered everyone.
+    assert out["best_other"] == "cf"

@@ -71,6 +71,14 @@ def add_evaluate(sub: Any) -> None:
         "the cross-encoder methods cost ~100 pairs per user, hours on Amazon Scientific's "
         "8,442 on a CPU); the report says it sampled",
     )
+    p.add_argument(
+        "--ce-users",
+        type=int,
+        metavar="N",
+        help="score the cross-encoder baselines (dense+ce_base, dense+ce) on a seeded sample "
+        "of N of the scored test users, and every other method on all of them (default: all); "
+        "the report says it sampled and pairs full with them over the sample",
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     add_log_level(p)
     p.set_defaults(handler=run_evaluate)
@@ -101,10 +109,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     )
     if args.pool is not None and args.pool < 10:
         raise InvalidInput(f"--pool {args.pool}: must be >= 10 (metrics are at 10)")
-    if args.users is not None and args.users < 1:
-        raise InvalidInput(f"--users {args.users}: must be >= 1")
+    for flag, value in (("--users", args.users), ("--ce-users", args.ce_users)):
+        if value is not None and value < 1:
+            raise InvalidInput(f"{flag} {value}: must be >= 1")
     report = run_evaluation(
-        args.data, args.bundle, args.protocol, args.out, options, args.pool, users=args.users
+        args.data,
+        args.bundle,
+        args.protocol,
+        args.out,
+        options,
+        args.pool,
+        users=args.users,
+        ce_users=args.ce_users,
     )
     sections: dict[str, Any] = {
         p: report[p]["methods"] for p in ("recommend", "search", "unseen") if p in report

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -79,18 +79,27 @@ def paired_bootstrap_ratio(
 
 
 def bootstrap(
-    relevant: dict[str, set[str]], runs: dict[str, dict[str, list[str]]]
+    relevant: dict[str, set[str]],
+    runs: dict[str, dict[str, list[str]]],
+    sampled: Mapping[str, Collection[str]] | None = None,
 ) -> dict[str, Any]:
     """`full`'s NDCG@10 over each other method's, and over the best other (chosen on the point
-    estimates), with 95% paired bootstrap intervals over the same users or queries."""
-    ndcg = {name: per_query_ndcg(relevant, run) for name, run in runs.items()}
-    others = {name: values for name, values in ndcg.items() if name != "full"}
-    best = max(others, key=lambda name: others[name].mean())
+    estimates of the methods that answered every query), with 95% paired bootstrap intervals
+    over the same users or queries: for a method in `sampled`, over the queries it answered."""
+    sampled = sampled or {}
+
+    def paired(name: str) -> dict[str, float]:
+        over = relevant
+        if name in sampled:
+            over = {q: items for q, items in relevant.items() if q in sampled[name]}
+        full, other = per_query_ndcg(over, runs["full"]), per_query_ndcg(over, runs[name])
+        return paired_bootstrap_ratio(full, other, BOOTSTRAP_DRAWS)
+
+    others = [name for name in runs if name != "full"]
+    whole = [name for name in others if name not in sampled]
+    best = max(whole, key=lambda name: per_query_ndcg(relevant, runs[name]).mean())
     return {
         "best_other": best,
-        "full / best other": paired_bootstrap_ratio(ndcg["full"], others[best], BOOTSTRAP_DRAWS),
-        "full / each": {
-            name: paired_bootstrap_ratio(ndcg["full"], values, BOOTSTRAP_DRAWS)
-            for name, values in others.items()
-        },
+        "full / best other": paired(best),
+        "full / each": {name: paired(name) for name in others},
     }

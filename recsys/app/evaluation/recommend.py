@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -21,7 +21,8 @@ from recsys.offline.splits import Split, histories, relevant_items
 
 # What run_recommend computes from the bundle; the tuned baselines (baselines.py) join the
 # report after `cf`.
-PIPELINE_METHODS = ("popular", "cf", "dense", "dense+ce_base", "dense+ce", "full")
+CROSS_ENCODER_BASELINES = ("dense+ce_base", "dense+ce")
+PIPELINE_METHODS = ("popular", "cf", "dense", *CROSS_ENCODER_BASELINES, "full")
 METHODS = ("popular", "cf", *BASELINES, "dense", "dense+ce_base", "dense+ce", "full")
 HISTORY_ITEMS = default("max_history_items")  # most recent history items a request carries
 
@@ -65,9 +66,11 @@ def run_recommend(
     pool: int,
     progress: bool = True,
     baselines: Mapping[str, Baseline] | None = None,
+    ce_users: Collection[str] | None = None,
 ) -> tuple[dict[str, Run], list[RecommendCase], list[Ranked]]:
     """Top-10 answers of the pipeline's methods and the given (fitted) `baselines` per user,
-    plus `full`'s ranked pools (for diversity sweeps).
+    plus `full`'s ranked pools (for diversity sweeps). The cross-encoder baselines answer only
+    `ce_users` (None: every user).
 
     Each user is a history-only Recommend (their visible history, everything seen excluded):
     `full` ranks the pool the gateway gathers for it (gateway.candidates); the dense baselines
@@ -93,13 +96,15 @@ def run_recommend(
         f, d = full.get(case.user_id), dense.get(case.user_id)
         runs["dense"][case.user_id] = [p.item_id for p in d.items[:K]] if d else []
         contexts.append(f.context() if f else RankContext())
-        dense_pools.append(d.candidates() if d else [])
+        sampled = ce_users is None or case.user_id in ce_users
+        dense_pools.append(d.candidates() if d and sampled else [])
         full_pools.append(f.candidates() if f else [])
     ranked: list[Ranked] = []
     answers = rerank(models, contexts, dense_pools, full_pools, "recommend", progress)
     for case, answer in zip(users, answers, strict=True):
-        runs["dense+ce"][case.user_id] = answer.dense_ce
-        runs["dense+ce_base"][case.user_id] = answer.dense_ce_base
+        if ce_users is None or case.user_id in ce_users:
+            runs["dense+ce"][case.user_id] = answer.dense_ce
+            runs["dense+ce_base"][case.user_id] = answer.dense_ce_base
         gathered = full.get(case.user_id)
         slotted = (gathered.new_item, gathered.new_item_slot) if gathered else (None, 0)
         ranked.append(Ranked(answer.full, *slotted))

@@ -183,6 +183,13 @@ def markdown(report: dict[str, Any]) -> str:
         rec = report["recommend"]
         sampled = f"; a seeded sample: {rec['sampled']}" if rec.get("sampled") else ""
         lines += [f"## Recommend ({rec['users']} users{sampled})", "", *table(rec["methods"]), ""]
+        if rec.get("cross_encoder_sampled"):
+            lines += [
+                f"The cross-encoder baselines on a seeded sample: {rec['cross_encoder_sampled']}"
+                " (their rows, and full over them, are over those users; every other row over"
+                " all).",
+                "",
+            ]
         if rec.get("published"):
             lines += _published(rec["published"])
         sweep = rec.get("diversity_sweep")

@@ -186,15 +186,21 @@ def train_split_bundle(data: EvalData, root: Path, options: BuildOptions) -> Bun
     return build_bundle(options, inputs=inputs, validation=data.split.validation)
 
 
+def sample_of(ids: set[str], size: int | None, seed: int) -> set[str] | None:
+    """A seeded sample of `size` of `ids` (None: `size` is None or covers them all)."""
+    import random
+
+    if size is None or size >= len(ids):
+        return None
+    return set(random.Random(seed).sample(sorted(ids), size))
+
+
 def sampled_test_users(split: Split, users: int | None, seed: int) -> Split:
     """The split with the test interactions of a seeded sample of `users` test users only (None,
     or at least as many as there are: all of them); train and validation stay whole."""
-    import random
-
-    ids = sorted(split.test["user_id"].astype(str).unique())
-    if users is None or users >= len(ids):
+    chosen = sample_of(set(split.test["user_id"].astype(str)), users, seed)
+    if chosen is None:
         return split
-    chosen = set(random.Random(seed).sample(ids, users))
     return replace(split, test=split.test[split.test["user_id"].astype(str).isin(chosen)])
 
 
@@ -205,22 +211,31 @@ def evaluate_recommend(
     progress: bool,
     grids: Grids = DEFAULT_GRIDS,
     users: int | None = None,
+    ce_users: int | None = None,
 ) -> dict[str, Any]:
-    """Every method on the test users (`users`: a seeded sample of that many, where scoring
-    every one would cost the cross-encoder methods hours)."""
+    """Every method on the test users (`users`: a seeded sample of that many), the cross-encoder
+    baselines on a seeded sample of `ce_users` of those (scoring every one would cost them
+    hours where the rest take minutes)."""
     from gateway.diversity import mmr
 
     test_users = split.test["user_id"].nunique()
     split = sampled_test_users(split, users, models.seed)
+    ce_sample = sample_of(set(split.test["user_id"].astype(str)), ce_users, models.seed)
     cf_params = models.cf_params
     text = ItemText.of_bundle(models.bundle.path)
     baselines, tuning = tuned_baselines(split, cf_params, grids, models.seed, progress, text)
-    runs, cases, pools = recommend.run_recommend(models, split, pool, progress, baselines)
+    runs, cases, pools = recommend.run_recommend(
+        models, split, pool, progress, baselines, ce_sample
+    )
     relevant = {c.user_id: c.relevant for c in cases}
+    sampled = (
+        {} if ce_sample is None else dict.fromkeys(recommend.CROSS_ENCODER_BASELINES, ce_sample)
+    )
     catalog_size = len(models.items)
     methods = {}
     for name in recommend.METHODS:
-        scores = accuracy(relevant, runs[name])
+        over = {u: r for u, r in relevant.items() if name not in sampled or u in sampled[name]}
+        scores = accuracy(over, runs[name])
         scores["coverage@10"] = coverage(runs[name], catalog_size)
         scores["diversity@10"] = mean_intra_list_diversity(runs[name], models.vector)
         methods[name] = scores
@@ -262,6 +277,9 @@ def evaluate_recommend(
         "sampled": None
         if users is None or users >= test_users
         else f"{split.test['user_id'].nunique()} of {test_users} test users (seed {models.seed})",
+        "cross_encoder_sampled": None
+        if ce_sample is None
+        else f"{', '.join(sampled)} on {len(ce_sample)} of them (seed {models.seed})",
         "diversity_sweep": sweep,
         "cf": {
             "params": cf_params,
@@ -273,7 +291,7 @@ def evaluate_recommend(
             ),
         },
         "baselines": tuning,
-        "bootstrap": bootstrap(relevant, {name: runs[name] for name in recommend.METHODS}),
+        "bootstrap": bootstrap(relevant, {name: runs[name] for name in recommend.METHODS}, sampled),
         "ablation": ablation,
     }
 
@@ -370,10 +388,12 @@ def run_evaluation(
     progress: bool = True,
     grids: Grids | None = None,
     users: int | None = None,
+    ce_users: int | None = None,
 ) -> dict[str, Any]:
     """The whole `recsys evaluate` job; returns the report it wrote. `pool` defaults to the
     candidate pool the bundle's fusion was fitted on; `grids` are the baselines' validation
-    searches (default: the data set's); `users` samples the recommend protocol's test users."""
+    searches (default: the data set's); `users` samples the recommend protocol's test users,
+    `ce_users` those of them the cross-encoder baselines score."""
     if dataset_of(data_dir) == "scifact":
         from recsys.app.evaluation.scifact import run_scifact
 
@@ -406,7 +426,7 @@ def run_evaluation(
     report: dict[str, Any] = {}
     if protocol in ("recommend", "all"):
         report["recommend"] = evaluate_recommend(
-            models, data.split, pool, progress, grids or data.grids, users
+            models, data.split, pool, progress, grids or data.grids, users, ce_users
         )
         if data.published:
             report["recommend"]["published"] = data.published
