@@ -23,7 +23,7 @@ from recsys.offline.splits import Split, histories, relevant_items
 # report after `cf`.
 CROSS_ENCODER_BASELINES = ("dense+ce_base", "dense+ce")
 PIPELINE_METHODS = ("popular", "cf", "dense", *CROSS_ENCODER_BASELINES, "full")
-METHODS = ("popular", "cf", *BASELINES, "dense", "dense+ce_base", "dense+ce", "full")
+METHODS = ("popular", "cf", *BASELINES, "dense", *CROSS_ENCODER_BASELINES, "full")
 HISTORY_ITEMS = default("max_history_items")  # most recent history items a request carries
 
 Run = dict[str, list[str]]
