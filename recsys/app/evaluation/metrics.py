@@ -86,18 +86,18 @@ def bootstrap(
     """`full`'s NDCG@10 over each other method's, and over the best other (chosen on the point
     estimates of the methods that answered every query), with 95% paired bootstrap intervals
     over the same users or queries: for a method in `sampled`, over the queries it answered."""
+    ndcg = {name: per_query_ndcg(relevant, run) for name, run in runs.items()}
     sampled = sampled or {}
 
     def paired(name: str) -> dict[str, float]:
-        over = relevant
+        full, other = ndcg["full"], ndcg[name]
         if name in sampled:
-            over = {q: items for q, items in relevant.items() if q in sampled[name]}
-        full, other = per_query_ndcg(over, runs["full"]), per_query_ndcg(over, runs[name])
+            answered = np.array([query in sampled[name] for query in relevant], dtype=bool)
+            full, other = full[answered], other[answered]
         return paired_bootstrap_ratio(full, other, BOOTSTRAP_DRAWS)
 
-    others = [name for name in runs if name != "full"]
-    whole = [name for name in others if name not in sampled]
-    best = max(whole, key=lambda name: per_query_ndcg(relevant, runs[name]).mean())
+    others = [name for name in ndcg if name != "full"]
+    best = max((name for name in others if name not in sampled), key=lambda n: ndcg[n].mean())
     return {
         "best_other": best,
         "full / best other": paired(best),
