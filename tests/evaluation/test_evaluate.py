@@ -172,7 +172,16 @@ def test_unseen_users_are_answered_without_ever_being_trained_on(
     chosen = report["recommend"]["baselines"]["cf_recent"]["chosen"]["window"]
     assert unseen["cf_recent_window"] == chosen
     assert "unseen users: full ndcg@10 >= 2 x popular" in report["goals"]
+    assert "unseen users: full ndcg@10 >= 1.5 x popular" in report["goals"]
+    # The reference: the same requests answered by the bundle trained with these users.
+    reference = unseen["reference"]
+    seen = reference["full, users seen at training"]["ndcg@10"]
+    ratio = reference["unseen / seen"]
+    assert 0.0 <= seen <= 1.0 and ratio["low"] <= ratio["ratio"] <= ratio["high"]
+    if seen > 0:
+        assert ratio["ratio"] == pytest.approx(unseen["methods"]["full"]["ndcg@10"] / seen, 1e-3)
     assert "## Unseen users" in (out / "report.md").read_text()
+    assert "Reference, not a competitor" in (out / "report.md").read_text()
     assert (out / "unseen.png").is_file()
     data = load_data(data_dir)
     visible = data.split.seen()

@@ -143,6 +143,16 @@ def _unseen(unseen: dict[str, Any]) -> list[str]:
         *table(unseen["methods"]),
         "",
     ]
+    reference = unseen.get("reference")
+    if reference:  # reports from before it was measured have none
+        seen = reference["full, users seen at training"]["ndcg@10"]
+        lines += [
+            "Reference, not a competitor: the bundle itself, whose models were trained with "
+            f"these users, answers the same requests with full ndcg@10 {seen:.4f}; full "
+            f"unseen / that: {interval(reference['unseen / seen'])} (what being unseen "
+            "costs; the rest of the gap to a goal is how these users are).",
+            "",
+        ]
     return lines + _bootstrap(unseen["bootstrap"], "users")
 
 

@@ -4,7 +4,9 @@ CF fold-in and short-term CF, each fitted without them too.
 
 CF is the only per-user model. The bundle's fusion weights and cross-encoder were fitted with
 every user's training interactions; the report says whether its plan runs the cross-encoder
-for recommendations at all.
+for recommendations at all. Beside them, a reference that is not a competitor: the same
+requests answered by the bundle itself, which was trained with these users, so the report
+separates what being unseen costs from how hard these users are.
 """
 
 from __future__ import annotations
@@ -14,9 +16,17 @@ from typing import Any
 
 import pandas as pd
 
+from ranking_service.ranker import Ranker
 from recsys.app.evaluation import recommend
 from recsys.app.evaluation.ablation import VARIANTS, rank_top
-from recsys.app.evaluation.metrics import K, accuracy, bootstrap
+from recsys.app.evaluation.metrics import (
+    BOOTSTRAP_DRAWS,
+    K,
+    accuracy,
+    bootstrap,
+    paired_bootstrap_ratio,
+    per_query_ndcg,
+)
 from recsys.app.evaluation.models import EvalModels
 from recsys.offline.cf_search import CFRecent
 from recsys.offline.local import gather_pools, pool_request
@@ -41,21 +51,8 @@ def run_unseen(
     and how many interactions the models were fitted on (everything visible, minus theirs)."""
     training = without_held_out(split.seen())
     ranker = models.ranker_refitted_on(training)
-    cases = [c for c in recommend.cases(split) if held_out(c.user_id)]
-    asked = [c for c in cases if c.history]
-    requests = [
-        pool_request(pool, history=c.history[: recommend.HISTORY_ITEMS], exclude=c.history)
-        for c in asked
-    ]
-    desc = "unseen users: candidates" if progress else None
-    pools = gather_pools(requests, models.retriever, ranker, models.policy, desc)
-    full = dict(
-        zip(
-            (c.user_id for c in asked),
-            rank_top(models, ranker, pools, VARIANTS[0], progress),
-            strict=True,
-        )
-    )
+    cases = held_out_cases(split)
+    full = full_answers(models, ranker, cases, pool, progress)
     recent = CFRecent(recent_window, models.cf_params, models.seed)
     recent.fit(training)
     popular = recommend.popularity_order(training)
@@ -71,6 +68,52 @@ def run_unseen(
     return runs, {c.user_id: c.relevant for c in cases}, len(training)
 
 
+def held_out_cases(split: Split) -> list[recommend.RecommendCase]:
+    return [c for c in recommend.cases(split) if held_out(c.user_id)]
+
+
+def full_answers(
+    models: EvalModels,
+    ranker: Ranker,
+    cases: list[recommend.RecommendCase],
+    pool: int,
+    progress: bool,
+) -> dict[str, list[str]]:
+    """The full pipeline's top 10 per case with a history, answered from the history alone by
+    `ranker` (pools gathered with it too)."""
+    asked = [c for c in cases if c.history]
+    requests = [
+        pool_request(pool, history=c.history[: recommend.HISTORY_ITEMS], exclude=c.history)
+        for c in asked
+    ]
+    desc = "unseen users: candidates" if progress else None
+    pools = gather_pools(requests, models.retriever, ranker, models.policy, desc)
+    ranked = rank_top(models, ranker, pools, VARIANTS[0], progress)
+    return dict(zip((c.user_id for c in asked), ranked, strict=True))
+
+
+def seen_reference(
+    models: EvalModels,
+    split: Split,
+    unseen_full: dict[str, list[str]],
+    pool: int,
+    progress: bool,
+) -> dict[str, Any]:
+    """The same users' requests answered by the bundle, whose models were trained with them,
+    and full-unseen over that, paired per user."""
+    cases = held_out_cases(split)
+    relevant = {c.user_id: c.relevant for c in cases}
+    seen = full_answers(models, models.ranker, cases, pool, progress)
+    return {
+        "full, users seen at training": accuracy(relevant, seen),
+        "unseen / seen": paired_bootstrap_ratio(
+            per_query_ndcg(relevant, unseen_full),
+            per_query_ndcg(relevant, seen),
+            BOOTSTRAP_DRAWS,
+        ),
+    }
+
+
 def evaluate_unseen(
     models: EvalModels, split: Split, pool: int, recent_window: int, progress: bool
 ) -> dict[str, Any]:
@@ -84,4 +127,5 @@ def evaluate_unseen(
         "cross_encoder_in_plan": models.ranker.plan(False).cross_encoder_pays,
         "methods": {name: accuracy(relevant, runs[name]) for name in METHODS},
         "bootstrap": bootstrap(relevant, runs),
+        "reference": seen_reference(models, split, runs["full"], pool, progress),
     }
