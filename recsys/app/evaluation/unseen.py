@@ -52,7 +52,7 @@ def run_unseen(
     training = without_held_out(split.seen())
     ranker = models.ranker_refitted_on(training)
     cases = held_out_cases(split)
-    full = full_answers(models, ranker, cases, pool, progress)
+    full = full_answers(models, ranker, cases, pool, "unseen users" if progress else None)
     recent = CFRecent(recent_window, models.cf_params, models.seed)
     recent.fit(training)
     popular = recommend.popularity_order(training)
@@ -77,18 +77,18 @@ def full_answers(
     ranker: Ranker,
     cases: list[recommend.RecommendCase],
     pool: int,
-    progress: bool,
+    progress: str | None,
 ) -> dict[str, list[str]]:
     """The full pipeline's top 10 per case with a history, answered from the history alone by
-    `ranker` (pools gathered with it too)."""
+    `ranker` (pools gathered with it too); `progress`: the progress bars' label, None for none."""
     asked = [c for c in cases if c.history]
     requests = [
         pool_request(pool, history=c.history[: recommend.HISTORY_ITEMS], exclude=c.history)
         for c in asked
     ]
-    desc = "unseen users: candidates" if progress else None
+    desc = f"{progress}: candidates" if progress else None
     pools = gather_pools(requests, models.retriever, ranker, models.policy, desc)
-    ranked = rank_top(models, ranker, pools, VARIANTS[0], progress)
+    ranked = rank_top(models, ranker, pools, VARIANTS[0], bool(progress))
     return dict(zip((c.user_id for c in asked), ranked, strict=True))
 
 
@@ -103,7 +103,8 @@ def seen_reference(
     and full-unseen over that, paired per user."""
     cases = held_out_cases(split)
     relevant = {c.user_id: c.relevant for c in cases}
-    seen = full_answers(models, models.ranker, cases, pool, progress)
+    label = "unseen users, seen reference" if progress else None
+    seen = full_answers(models, models.ranker, cases, pool, label)
     return {
         "full, users seen at training": accuracy(relevant, seen),
         "unseen / seen": paired_bootstrap_ratio(
